@@ -1,0 +1,9 @@
+"""codellama: a minimal, readable, fast PyTorch implementation of Meta's Code Llama models."""
+
+from .checkpoint import convert, load_model, open_checkpoint
+from .config import PRESETS, ModelArgs
+from .model import KVCache, Transformer
+from .tokenizer import Tokenizer
+
+__all__ = ["ModelArgs", "PRESETS", "Transformer", "KVCache", "Tokenizer", "load_model", "open_checkpoint", "convert"]
+__version__ = "0.1.0"

@@ -1,0 +1,407 @@
+"""Checkpoints: Meta (``params.json`` + ``consolidated.*.pth``) and Hugging Face (``config.json`` + safetensors).
+
+Both layouts are read into Meta's names and Meta's RoPE layout here, at the edge; the model only
+knows one format. Tensors are read lazily (``mmap``, safetensors slices) so loading holds about one
+copy of the weights. ``.pth`` files are loaded with ``weights_only=True``: a pickle that tries to build
+anything but tensors is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from .config import ModelArgs
+from .model import Transformer, default_device, default_dtype, parse_dtype
+
+# Meta's model-parallel layout: which dimension each weight is split along across shards
+# (None: replicated, every shard holds the whole tensor).
+_SHARD_DIM = {
+    "tok_embeddings": 1,  # Meta's ParallelEmbedding splits the embedding dimension
+    "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,  # column-parallel
+    "wo": 1, "w2": 1,  # row-parallel
+    "attention_norm": None, "ffn_norm": None, "norm": None,
+}
+# Keys real checkpoints carry that the model does not use; dropped by name, nothing else is.
+IGNORED_META_KEYS = ("rope.freqs",)
+_HF_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+_HF_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+}
+_HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+                 "lm_head.weight": "output.weight"}
+
+
+def shard_dim(key: str) -> Optional[int]:
+    """The dimension along which Meta's model-parallel shards split ``key`` (None: replicated)."""
+    name = key.split(".")[-2]
+    if name not in _SHARD_DIM:
+        raise ValueError(f"unknown parameter {key!r}: not a Llama weight")
+    return _SHARD_DIM[name]
+
+
+# ----------------------------------------------------------------------------- q/k permutation
+def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved-pair rows of ``wq``/``wk`` → Hugging Face's rotate-half rows."""
+    out_dim, in_dim = w.shape
+    hd = out_dim // n_heads
+    return w.view(n_heads, hd // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Hugging Face's rotate-half rows of ``q_proj``/``k_proj`` → Meta's interleaved pairs."""
+    out_dim, in_dim = w.shape
+    hd = out_dim // n_heads
+    return w.view(n_heads, 2, hd // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def _rope_heads(meta_name: str, args: ModelArgs) -> Optional[int]:
+    """The head count to (un)permute ``wq``/``wk`` rows with; None for every other weight."""
+    if meta_name.endswith("attention.wq.weight"):
+        return args.n_heads
+    if meta_name.endswith("attention.wk.weight"):
+        return args.kv_heads
+    return None
+
+
+def hf_to_meta_name(name: str) -> Optional[str]:
+    if name in _HF_TOP_NAMES:
+        return _HF_TOP_NAMES[name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    if m and m.group(2) in _HF_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.weight"
+    return None
+
+
+def meta_to_hf_name(name: str) -> str:
+    for hf, meta in _HF_TOP_NAMES.items():
+        if name == meta:
+            return hf
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
+    inverse = {v: k for k, v in _HF_LAYER_NAMES.items()}
+    if not m or m.group(2) not in inverse:
+        raise ValueError(f"unknown parameter {name!r}: not a Llama weight")
+    return f"model.layers.{m.group(1)}.{inverse[m.group(2)]}.weight"
+
+
+# ----------------------------------------------------------------------------- lazy tensor sources
+@dataclass
+class LazyTensor:
+    """A checkpoint tensor in Meta's layout, known by shape and dtype, read only when ``load()`` is called."""
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+
+@dataclass
+class CheckpointSource:
+    """What a checkpoint directory holds, with every tensor named and laid out as Meta's model expects."""
+    layout: str  # "meta" or "hf"
+    path: str
+    args: ModelArgs  # vocab_size resolved from the weights
+    tensors: Dict[str, LazyTensor]
+    num_shards: int = 1
+
+
+def detect_layout(ckpt_dir: str | os.PathLike) -> str:
+    """``"meta"`` or ``"hf"`` from the files in ``ckpt_dir``."""
+    ckpt_dir = os.fspath(ckpt_dir)
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
+    if os.path.isfile(os.path.join(ckpt_dir, "params.json")):
+        return "meta"
+    if os.path.isfile(os.path.join(ckpt_dir, "config.json")):
+        return "hf"
+    raise FileNotFoundError(
+        f"{ckpt_dir} is not a checkpoint: expected params.json + consolidated.*.pth (Meta) "
+        f"or config.json + model.safetensors (Hugging Face); found {sorted(os.listdir(ckpt_dir))}")
+
+
+def open_checkpoint(ckpt_dir: str | os.PathLike) -> CheckpointSource:
+    """Read a checkpoint's configuration and index its tensors (nothing large is read yet)."""
+    ckpt_dir = os.fspath(ckpt_dir)
+    return _open_meta(ckpt_dir) if detect_layout(ckpt_dir) == "meta" else _open_hf(ckpt_dir)
+
+
+def _meta_shard_paths(ckpt_dir: str) -> List[str]:
+    paths = glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth"))
+    numbered = []
+    for p in paths:
+        m = re.fullmatch(r"consolidated\.(\d+)\.pth", os.path.basename(p))
+        if m:
+            numbered.append((int(m.group(1)), p))
+    numbered.sort()
+    if not numbered:
+        raise FileNotFoundError(f"no consolidated.*.pth files in {ckpt_dir} (next to params.json)")
+    indices = [i for i, _ in numbered]
+    if indices != list(range(len(indices))):
+        raise FileNotFoundError(f"{ckpt_dir}: shard files are not numbered 0…{len(indices) - 1}: {indices}")
+    return [p for _, p in numbered]
+
+
+def load_pth(path: str) -> Dict[str, torch.Tensor]:
+    """A ``.pth`` state dict, memory-mapped, refusing any pickle payload that is not plain tensors."""
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError for a corrupt zip, …
+        raise ValueError(f"refusing to load {path}: not a weights-only PyTorch state dict ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} holds a {type(sd).__name__}, expected a dict of tensors")
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, expected a tensor")
+    return sd
+
+
+def _open_meta(ckpt_dir: str) -> CheckpointSource:
+    params = ModelArgs.from_params_json(os.path.join(ckpt_dir, "params.json"))
+    paths = _meta_shard_paths(ckpt_dir)
+    shards = [load_pth(p) for p in paths]
+    keys = [k for k in shards[0] if k not in IGNORED_META_KEYS]
+    for p, s in zip(paths[1:], shards[1:]):
+        diff = set(keys) ^ (set(s) - set(IGNORED_META_KEYS))
+        if diff:
+            raise ValueError(f"{p} and {paths[0]} hold different keys: {sorted(diff)[:10]}")
+
+    tensors: Dict[str, LazyTensor] = {}
+    for k in keys:
+        parts = [s[k] for s in shards]
+        dim = shard_dim(k) if len(parts) > 1 else None
+        if dim is None:
+            tensors[k] = LazyTensor(tuple(parts[0].shape), parts[0].dtype, (lambda t=parts[0]: t))
+        else:
+            if any(p.dim() <= dim for p in parts):
+                raise ValueError(f"{k}: shards have shapes {[tuple(p.shape) for p in parts]}, cannot concatenate along dim {dim}")
+            shape = list(parts[0].shape)
+            shape[dim] = sum(p.shape[dim] for p in parts)
+            tensors[k] = LazyTensor(tuple(shape), parts[0].dtype, (lambda ps=parts, d=dim: torch.cat(ps, dim=d)))
+    args = _resolve_vocab(params, tensors, ckpt_dir)
+    return CheckpointSource("meta", ckpt_dir, args, tensors, num_shards=len(paths))
+
+
+def _hf_files(ckpt_dir: str) -> Dict[str, str]:
+    """HF tensor name → safetensors file path."""
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    single = os.path.join(ckpt_dir, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index} is not a safetensors index (needs a 'weight_map'): {e}") from None
+        files = {name: os.path.join(ckpt_dir, fname) for name, fname in weight_map.items()}
+        for path in sorted(set(files.values())):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} is listed in {index} but missing")
+        return files
+    if os.path.isfile(single):
+        from safetensors import safe_open
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    found = sorted(os.listdir(ckpt_dir))
+    hint = " (.bin checkpoints are pickles: convert them to safetensors)" if any(f.endswith(".bin") for f in found) else ""
+    raise FileNotFoundError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json{hint}; found {found}")
+
+
+def _open_hf(ckpt_dir: str) -> CheckpointSource:
+    from safetensors import safe_open
+
+    config_path = os.path.join(ckpt_dir, "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    params = ModelArgs.from_hf_config(config)
+    files = _hf_files(ckpt_dir)
+    handles: Dict[str, object] = {}
+
+    def handle(path: str):
+        if path not in handles:
+            try:
+                handles[path] = safe_open(path, framework="pt", device="cpu")
+            except Exception as e:
+                raise ValueError(f"{path} is not a safetensors file: {e}") from None
+        return handles[path]
+
+    tensors: Dict[str, LazyTensor] = {}
+    unexpected = []
+    for name, path in files.items():
+        if _HF_IGNORED.match(name):
+            continue
+        meta_name = hf_to_meta_name(name)
+        if meta_name is None:
+            unexpected.append(name)
+            continue
+        sl = handle(path).get_slice(name)
+        shape = tuple(sl.get_shape())
+        dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {sl.get_dtype()}")
+        n = _rope_heads(meta_name, params)
+        if n is not None:
+            load = (lambda p=path, nm=name, n=n: permute_from_hf(handle(p).get_tensor(nm), n))
+        else:
+            load = (lambda p=path, nm=name: handle(p).get_tensor(nm))
+        tensors[meta_name] = LazyTensor(shape, dtype, load)
+    if unexpected:
+        raise ValueError(f"{ckpt_dir}: unexpected tensor(s) {sorted(unexpected)[:10]} (not Llama weights)")
+    if "output.weight" not in tensors and config.get("tie_word_embeddings") and "tok_embeddings.weight" in tensors:
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]
+    args = _resolve_vocab(params, tensors, ckpt_dir)
+    return CheckpointSource("hf", ckpt_dir, args, tensors)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _resolve_vocab(args: ModelArgs, tensors: Dict[str, LazyTensor], where: str) -> ModelArgs:
+    emb = tensors.get("tok_embeddings.weight")
+    if emb is None:
+        raise ValueError(f"{where}: missing key(s) ['tok_embeddings.weight']")
+    vocab = emb.shape[0]
+    if args.vocab_size not in (-1, vocab):
+        raise ValueError(f"{where}: vocab_size {args.vocab_size} in the config, but tok_embeddings.weight has {vocab} rows")
+    return replace(args, vocab_size=vocab)
+
+
+# ----------------------------------------------------------------------------- loading
+def check_tokenizer(args: ModelArgs, n_words: int, tokenizer_path: str = "the tokenizer") -> None:
+    """Refuse a tokenizer whose vocabulary differs from the model's."""
+    if n_words != args.vocab_size:
+        raise ValueError(f"{tokenizer_path} has {n_words} pieces but the model's vocab_size is {args.vocab_size}; "
+                         "they must match (is this the tokenizer that came with the checkpoint?)")
+
+
+def load_model(ckpt_dir: str | os.PathLike, *, device: torch.device | str | None = None,
+               dtype: torch.dtype | str | None = None) -> Transformer:
+    """Build a ``Transformer`` from a Meta or Hugging Face checkpoint directory.
+
+    The model is built on the ``meta`` device and each weight is read (memory-mapped), merged across
+    shards, converted and moved to ``device`` one at a time, so host memory peaks near one copy of the
+    weights. Loading is strict: missing or unexpected keys and shape mismatches raise ``ValueError``.
+    ``device`` defaults to CUDA, then MPS, then CPU; ``dtype`` to bf16 on CUDA (fp16 where bf16 is not
+    supported), fp16 on MPS and fp32 on CPU.
+    """
+    source = open_checkpoint(ckpt_dir)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = parse_dtype(dtype) or default_dtype(device)
+    with torch.device("meta"):
+        model = Transformer(source.args)
+    state = {}
+    for key, tensor in materialize(source, model.state_dict(), device=device, dtype=dtype):
+        state[key] = tensor
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def materialize(source: CheckpointSource, expected: Dict[str, torch.Tensor], *, device: torch.device,
+                dtype: torch.dtype) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Check ``source`` against the model's ``expected`` keys and shapes, then yield each tensor loaded."""
+    missing = sorted(set(expected) - set(source.tensors))
+    unexpected = sorted(set(source.tensors) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing key(s) {missing[:10]}{' …' if len(missing) > 10 else ''}")
+        if unexpected:
+            parts.append(f"unexpected key(s) {unexpected[:10]}{' …' if len(unexpected) > 10 else ''}")
+        raise ValueError(f"{source.path} does not match the model: " + "; ".join(parts))
+    for key, want in expected.items():
+        got = source.tensors[key].shape
+        if tuple(got) != tuple(want.shape):
+            raise ValueError(f"{source.path}: tensor {key} has shape {tuple(got)} in the checkpoint, "
+                             f"the model expects {tuple(want.shape)}")
+    for key in expected:
+        yield key, source.tensors[key].load().to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- writing / converting
+def split_for_shards(key: str, tensor: torch.Tensor, num_shards: int) -> List[torch.Tensor]:
+    """Meta's model-parallel pieces of one full tensor."""
+    dim = shard_dim(key)
+    if num_shards == 1 or dim is None:
+        return [tensor] * num_shards
+    if tensor.shape[dim] % num_shards:
+        raise ValueError(f"{key}: size {tensor.shape[dim]} along dim {dim} does not divide into {num_shards} shards")
+    return [t.clone() for t in tensor.chunk(num_shards, dim=dim)]
+
+
+def save_meta(state: Dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os.PathLike, num_shards: int = 1) -> None:
+    """Write ``params.json`` and ``consolidated.{00..}.pth`` split as Meta's model-parallel ranks are."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "params.json"), "w", encoding="utf-8") as f:
+        json.dump(args.to_params(), f, indent=2)
+    shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
+    for key, tensor in state.items():
+        for shard, piece in zip(shards, split_for_shards(key, tensor, num_shards)):
+            shard[key] = piece.contiguous()
+    for i, shard in enumerate(shards):
+        torch.save(shard, os.path.join(out_dir, f"consolidated.{i:02d}.pth"))
+
+
+def save_hf(state: Dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os.PathLike,
+            max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (sharded with an index past ``max_shard_bytes``)."""
+    from safetensors.torch import save_file
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = next(iter(state.values())).dtype
+    config = args.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."))
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    hf_state = {}
+    for key, tensor in state.items():
+        n = _rope_heads(key, args)
+        hf_state[meta_to_hf_name(key)] = (tensor if n is None else permute_to_hf(tensor, n)).contiguous()
+    groups: List[Dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in hf_state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = tensor
+        size += nbytes
+    if len(groups) == 1:
+        save_file(groups[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(group, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        for name, t in group.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, num_shards: int = 1,
+            dtype: torch.dtype | str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Convert a checkpoint directory to the ``"meta"`` or ``"hf"`` layout (exact unless ``dtype`` is given)."""
+    if to not in ("meta", "hf"):
+        raise ValueError(f"unknown target layout {to!r}; valid: 'meta', 'hf'")
+    source = open_checkpoint(src)
+    dtype = parse_dtype(dtype)
+    state = {k: (t.load() if dtype is None else t.load().to(dtype)) for k, t in source.tensors.items()}
+    if to == "meta":
+        save_meta(state, source.args, dst, num_shards=num_shards)
+    else:
+        save_hf(state, source.args, dst, max_shard_bytes=max_shard_bytes)
+    tok = os.path.join(os.fspath(src), "tokenizer.model")
+    if os.path.isfile(tok):
+        shutil.copyfile(tok, os.path.join(os.fspath(dst), "tokenizer.model"))

@@ -1,0 +1,89 @@
+"""SentencePiece tokenizer with Code Llama's fill-in-the-middle (FIM) pieces."""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+from sentencepiece import SentencePieceProcessor
+
+# The piece used to stop SentencePiece from adding its implicit leading space ("▁") to text that
+# continues mid-line: encode "☺" + s and drop the ids of "☺"; decode ["☺"] + ids and drop "☺".
+_MARKER = "☺"
+
+
+class Tokenizer:
+    """Meta's tokenizer surface: ``encode``/``decode`` plus the infilling helpers and FIM ids.
+
+    ``prefix_id, middle_id, suffix_id, eot_id, step_id`` are ``None`` when the model has no such piece
+    (Code Llama Python and 34B cannot infill; only 70B-Instruct has ``<step>``).
+    """
+
+    def __init__(self, model_path: str | os.PathLike):
+        model_path = os.fspath(model_path)
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"tokenizer model not found: {model_path}")
+        try:
+            self.sp_model = SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{model_path} is not a SentencePiece model: {e}") from None
+        self.model_path = model_path
+        self.n_words: int = self.sp_model.vocab_size()
+        self.bos_id: int = self.sp_model.bos_id()
+        self.eos_id: int = self.sp_model.eos_id()
+        self.pad_id: int = self.sp_model.pad_id()
+        self.prefix_id = self._piece_id("▁<PRE>")
+        self.middle_id = self._piece_id("▁<MID>")
+        self.suffix_id = self._piece_id("▁<SUF>")
+        self.eot_id = self._piece_id("▁<EOT>")
+        self.step_id = self._piece_id("<step>")
+        self._marker_ids = self.sp_model.encode(_MARKER)
+
+    def _piece_id(self, piece: str) -> Optional[int]:
+        # piece_to_id answers unk for an absent piece.
+        i = self.sp_model.piece_to_id(piece)
+        return None if i == self.sp_model.unk_id() else i
+
+    @property
+    def can_infill(self) -> bool:
+        return None not in (self.prefix_id, self.middle_id, self.suffix_id, self.eot_id)
+
+    def require_infilling(self) -> None:
+        """Raise a clear error when this tokenizer has no FIM pieces."""
+        missing = [name for name, i in (("▁<PRE>", self.prefix_id), ("▁<MID>", self.middle_id),
+                                        ("▁<SUF>", self.suffix_id), ("▁<EOT>", self.eot_id)) if i is None]
+        if missing:
+            raise ValueError(
+                f"this model cannot infill: its tokenizer ({self.model_path}) has no {', '.join(missing)} piece(s). "
+                "Code Llama Python and 34B variants were not trained for infilling; use a 7B/13B base or Instruct model."
+            )
+
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        if not isinstance(s, str):
+            raise ValueError(f"encode expects a str, got {type(s).__name__}")
+        t = self.sp_model.encode(s)
+        if bos:
+            t = [self.bos_id] + t
+        if eos:
+            t = t + [self.eos_id]
+        return t
+
+    def decode(self, t: List[int]) -> str:
+        return self.sp_model.decode(list(t))
+
+    def encode_infilling(self, s: str) -> List[int]:
+        """Encode text that continues mid-line: no implicit leading space."""
+        if not isinstance(s, str):
+            raise ValueError(f"encode_infilling expects a str, got {type(s).__name__}")
+        ids = self.sp_model.encode(_MARKER + s)
+        n = len(self._marker_ids)
+        if ids[:n] != self._marker_ids:  # the marker merged with what follows: cannot happen with a sane vocab
+            raise ValueError(f"cannot encode {s[:20]!r} without a leading space in this vocabulary")
+        return ids[n:]
+
+    def decode_infilling(self, t: List[int]) -> str:
+        """Decode ids that continue mid-line, keeping a leading space the generation starts with."""
+        return self.sp_model.decode(self._marker_ids + list(t))[len(_MARKER):]
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp_model.id_to_piece(i)

@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="codellama",
+    version="0.1.0",
+    description="A minimal, readable, fast PyTorch implementation of Meta's Code Llama models",
+    packages=find_packages(include=["codellama", "codellama.*", "kernels", "kernels.*"]),
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.5",
+        "sentencepiece>=0.1.99",
+        "numpy",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest>=7", "transformers>=4.40", "triton>=3.0"],
+    },
+)
