@@ -240,9 +240,12 @@ class Transformer(nn.Module):
         """Free the KV cache."""
         self.cache = None
 
-    def set_ops(self, ops) -> None:
-        """Choose the implementation of RMSNorm / RoPE / attention (``TorchOps`` or ``kernels.TritonOps``)."""
-        self.ops = ops
+    def set_attention(self, attention: str = "auto") -> None:
+        """Choose the kernels for RMSNorm, RoPE and attention: ``"torch"``, ``"triton"`` or ``"auto"``.
+
+        ``"auto"`` takes the Triton kernels on CUDA when Triton works, PyTorch otherwise.
+        """
+        self.ops = select_ops(attention, self.tok_embeddings.weight.device)
 
     # --------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, start_pos: StartPos = 0, *,
@@ -310,6 +313,29 @@ class Transformer(nn.Module):
         for i in range(0, T, step):
             logits = self(tokens[:, i:i + step], start_pos + i, logits_index=-1)
         return logits[:, -1]
+
+
+ATTENTION_CHOICES = ("auto", "torch", "triton")
+
+
+def select_ops(attention: str, device: torch.device | str):
+    """The ``Ops`` implementation for an ``attention=`` choice on ``device``."""
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"unknown attention implementation {attention!r}; valid: {', '.join(ATTENTION_CHOICES)}")
+    if attention == "torch" or (attention == "auto" and torch.device(device).type != "cuda"):
+        return TorchOps
+    try:
+        from kernels import TritonOps, triton_available
+    except ImportError as e:
+        if attention == "auto":
+            return TorchOps
+        raise ValueError(f"attention='triton' needs the kernels package and Triton: {e}") from None
+    ok, why = triton_available()
+    if ok:
+        return TritonOps
+    if attention == "auto":
+        return TorchOps
+    raise ValueError(f"attention='triton' is unavailable here: {why}")
 
 
 def default_device() -> torch.device:
