@@ -2,8 +2,9 @@
 
 from .checkpoint import convert, load_model, open_checkpoint
 from .config import PRESETS, ModelArgs
+from .generation import Llama, TextStream
 from .model import KVCache, Transformer
 from .tokenizer import Tokenizer
 
-__all__ = ["ModelArgs", "PRESETS", "Transformer", "KVCache", "Tokenizer", "load_model", "open_checkpoint", "convert"]
+__all__ = ["Llama", "TextStream", "ModelArgs", "PRESETS", "Transformer", "KVCache", "Tokenizer", "load_model", "open_checkpoint", "convert"]
 __version__ = "0.1.0"

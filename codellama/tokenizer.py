@@ -85,5 +85,5 @@ class Tokenizer:
         """Decode ids that continue mid-line, keeping a leading space the generation starts with."""
         return self.sp_model.decode(self._marker_ids + list(t))[len(_MARKER):]
 
-    def id_to_piece(self, i: int) -> str:
+    def token_piece(self, i: int) -> str:
         return self.sp_model.id_to_piece(i)

@@ -1,0 +1,363 @@
+"""The reference-compatible ``Llama`` API: completion, infilling, instruct chat, and their streaming forms.
+
+Differences from Meta's reference, all invisible in the results: it runs in a plain Python process
+(no ``torchrun``, no process group), prefills a ragged batch in one pass (right-padded, logits only at
+each row's last prompt token), keeps decoding each row at its own position, and drops finished rows
+from the batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .checkpoint import check_tokenizer, load_model
+from .model import Transformer, default_device, select_ops
+from .prompts import (UNSAFE_ERROR, Dialog, chat_prompt_tokens, has_special_tags, infilling_prompt_tokens,
+                      step_dialog_prompt_tokens, validate_dialog)
+from .sampling import check_sampling_args, sample, token_logprobs
+from .tokenizer import Tokenizer
+
+StopTokens = Union[None, int, Iterable[int]]
+Step = List[Tuple[int, int, Optional[float]]]  # (prompt index, token id, logprob) for each row that produced a token
+
+DEFAULT_CKPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
+
+
+class Llama:
+    """A model and its tokenizer, with the generation methods of Meta's ``Llama`` class."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int = 2048, max_batch_size: int = 4,
+                 seed: int = 1):
+        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_tokenizer(model.args, tokenizer.n_words, tokenizer.model_path)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.max_batch_size = max_batch_size
+        self.device = model.tok_embeddings.weight.device
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    @staticmethod
+    def build(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 2048,
+              max_batch_size: int = 4, model_parallel_size: Optional[int] = None, *,
+              device: Union[None, str, torch.device] = None, dtype: Union[None, str, torch.dtype] = None,
+              seed: int = 1, attention: str = "auto") -> "Llama":
+        """Load a checkpoint (Meta or Hugging Face layout) and its tokenizer.
+
+        Positional arguments are the reference's. ``ckpt_dir=None`` uses the tiny model bundled with the
+        package; ``tokenizer_path`` defaults to ``ckpt_dir/tokenizer.model``. Runs in a plain process on
+        CPU, CUDA or MPS; ``device``/``dtype`` default to CUDA/bf16 where available, else CPU/fp32.
+        ``attention`` picks the kernels: ``"auto"`` (Triton on CUDA), ``"torch"`` or ``"triton"``.
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if model_parallel_size not in (None, 1) or world > 1:
+            raise ValueError(f"model_parallel_size={model_parallel_size} with WORLD_SIZE={world}: tensor parallelism "
+                             "is not supported by this build; run one process (model_parallel_size=None or 1)")
+        if ckpt_dir is None:
+            ckpt_dir = DEFAULT_CKPT_DIR
+            print(f"codellama: no checkpoint given, using the bundled tiny model ({ckpt_dir})", file=sys.stderr)
+        ckpt_dir = os.fspath(ckpt_dir)
+        tokenizer_path = os.fspath(tokenizer_path) if tokenizer_path is not None else os.path.join(ckpt_dir, "tokenizer.model")
+        if not os.path.isfile(tokenizer_path):
+            raise FileNotFoundError(f"tokenizer not found: {tokenizer_path} (pass tokenizer_path=…)")
+        if device is None:
+            device = default_device()
+            if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: this rank's GPU
+                device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        select_ops(attention, device)  # reject a bad choice before the (slow) load
+        tokenizer = Tokenizer(tokenizer_path)
+        model = load_model(ckpt_dir, device=device, dtype=dtype)
+        model.set_attention(attention)
+        return Llama(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed)
+
+    # ------------------------------------------------------------------ token-level API
+    def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6, top_p: float = 0.9,
+                 logprobs: bool = False, echo: bool = False, stop_token: StopTokens = None, *,
+                 top_k: Optional[int] = None) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Generate from token prompts; returns ``(tokens, logprobs)`` per prompt as the reference does.
+
+        Each row stops at a stop token (default EOS; not included in the output), after ``max_gen_len``
+        tokens, or at ``max_seq_len`` positions. ``echo`` prepends the prompt (and, with ``logprobs``, its
+        token log-probabilities, 0.0 for the first token). ``stop_token`` may be an id or several ids.
+        """
+        prompt_logprobs = [[] for _ in prompt_tokens] if (logprobs and echo) else None
+        out = [[] for _ in prompt_tokens]
+        out_lp: List[List[float]] = [[] for _ in prompt_tokens]
+        for step in self._steps(prompt_tokens, max_gen_len, temperature, top_p, top_k, stop_token, logprobs,
+                                prompt_logprobs):
+            for i, token, lp in step:
+                out[i].append(token)
+                out_lp[i].append(lp)
+        if echo:
+            out = [list(p) + o for p, o in zip(prompt_tokens, out)]
+            if logprobs:
+                out_lp = [p + o for p, o in zip(prompt_logprobs, out_lp)]
+        return out, (out_lp if logprobs else None)
+
+    def _steps(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int], temperature: float, top_p: float,
+               top_k: Optional[int], stop_token: StopTokens, logprobs: bool,
+               prompt_logprobs: Optional[List[List[float]]] = None) -> Iterator[Step]:
+        """Decode a batch, yielding after every step the tokens produced by the rows still running."""
+        check_sampling_args(temperature, top_p, top_k)
+        self._check_prompts(prompt_tokens)
+        if max_gen_len is None:
+            max_gen_len = self.max_seq_len - 1
+        if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be a non-negative integer or None, got {max_gen_len!r}")
+        stop_ids = self._stop_ids(stop_token)
+        lens = [len(p) for p in prompt_tokens]
+        limits = [min(max_gen_len, self.max_seq_len - n) for n in lens]  # new tokens each row may produce
+        if max(limits) <= 0 and prompt_logprobs is None:
+            return
+        model, device = self.model, self.device
+        B, T = len(prompt_tokens), max(lens)
+        # The last generated token is never fed back, so a row needs len + limit - 1 cache positions.
+        self._ensure_cache(B, max(max(n + m - 1, n) for n, m in zip(lens, limits)))
+
+        with torch.inference_mode():
+            # Prefill every row in one pass, right-padded; a row's padding sits after its own tokens, so
+            # causal attention keeps it out of that row's results, and decoding overwrites it.
+            tokens = torch.zeros(B, T, dtype=torch.long)
+            for i, p in enumerate(prompt_tokens):
+                tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+            tokens = tokens.to(device)
+            last_idx = torch.tensor(lens, device=device) - 1
+            if prompt_logprobs is not None:
+                all_logits = model(tokens, 0)  # (B, T, V): the prompt's own log-probabilities are wanted
+                lp = token_logprobs(all_logits[:, :-1], tokens[:, 1:]).tolist()
+                for i, n in enumerate(lens):
+                    prompt_logprobs[i].extend([0.0] + lp[i][:n - 1])
+                logits = all_logits[torch.arange(B, device=device), last_idx]  # (B, V)
+            else:
+                index = -1 if len(set(lens)) == 1 else last_idx
+                logits = model(tokens, 0, logits_index=index)[:, 0]  # (B, V)
+
+            rows = list(range(B))  # prompt index of each cache row still decoding
+            pos = list(lens)  # position the row's next fed token goes to
+            count = [0] * B
+            while rows:
+                nxt = sample(logits, temperature, top_p, top_k, self.generator)  # (n,)
+                lps = token_logprobs(logits, nxt).tolist() if logprobs else [None] * len(rows)
+                step: Step = []
+                keep = []  # cache rows that go on
+                for j, (i, t) in enumerate(zip(rows, nxt.tolist())):
+                    if t in stop_ids or count[i] >= limits[i]:
+                        continue
+                    step.append((i, t, lps[j]))
+                    count[i] += 1
+                    if count[i] < limits[i]:
+                        keep.append(j)
+                yield step
+                if not keep:
+                    return
+                if len(keep) < len(rows):  # compact: finished rows leave the batch
+                    keep_t = torch.tensor(keep, device=device)
+                    model.cache.keep_rows(keep_t, max(pos[rows[j]] for j in keep))
+                    nxt = nxt[keep_t]
+                    rows = [rows[j] for j in keep]
+                starts = [pos[i] for i in rows]
+                start_pos = starts[0] if len(set(starts)) == 1 else torch.tensor(starts, device=device)
+                logits = model(nxt.view(-1, 1), start_pos)[:, 0]  # (n, V)
+                for i in rows:
+                    pos[i] += 1
+
+    def _check_prompts(self, prompt_tokens: List[List[int]]) -> None:
+        if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
+            raise ValueError("prompt_tokens must be a non-empty list of token-id lists")
+        if len(prompt_tokens) > self.max_batch_size:
+            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size={self.max_batch_size}; "
+                             "pass fewer prompts per call or build with a larger max_batch_size")
+        vocab = self.model.args.vocab_size
+        for i, p in enumerate(prompt_tokens):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty: it needs at least one token (e.g. BOS)")
+            if len(p) > self.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_seq_len={self.max_seq_len}")
+            bad = [t for t in p if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} holds token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+
+    def _stop_ids(self, stop_token: StopTokens) -> frozenset:
+        if stop_token is None:
+            return frozenset([self.tokenizer.eos_id])
+        if isinstance(stop_token, int):
+            return frozenset([stop_token])
+        return frozenset(stop_token)
+
+    def _ensure_cache(self, batch: int, length: int) -> None:
+        """A KV cache for at least ``batch`` rows of ``length`` positions (reallocated only when too small)."""
+        cache = self.model.cache
+        if cache is None or cache.max_batch_size < batch or cache.max_seq_len < length:
+            self.model.setup_cache(batch, length)
+
+    # ------------------------------------------------------------------ text-level API
+    def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False, *,
+                        top_k: Optional[int] = None) -> List[Dict]:
+        """Continue each prompt: ``[{"generation": str, "tokens"?: [str], "logprobs"?: [float]}]``."""
+        _check_strings(prompts, "prompts")
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, top_k=top_k)
+        return [self._result(self.tokenizer.decode(t), t, lps, i) for i, t in enumerate(tokens)]
+
+    def text_infilling(self, prefixes: List[str], suffixes: List[str], temperature: float = 0.6, top_p: float = 0.9,
+                       max_gen_len: Optional[int] = None, logprobs: bool = False, suffix_first: bool = False, *,
+                       top_k: Optional[int] = None) -> List[Dict]:
+        """Fill the middle between each prefix and suffix: ``[{"generation", "full_text", …}]``.
+
+        Stops at ``<EOT>`` (and EOS), neither of which appears in the text; ``full_text`` is
+        ``prefix + generation + suffix``. ``suffix_first`` uses the SPM prompt order.
+        """
+        _check_strings(prefixes, "prefixes")
+        _check_strings(suffixes, "suffixes")
+        if len(prefixes) != len(suffixes):
+            raise ValueError(f"{len(prefixes)} prefixes but {len(suffixes)} suffixes: they are paired one to one")
+        prompt_tokens = [infilling_prompt_tokens(self.tokenizer, p, s, suffix_first) for p, s in zip(prefixes, suffixes)]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
+                                    stop_token=self._infill_stops(), top_k=top_k)
+        results = []
+        for i, (t, prefix, suffix) in enumerate(zip(tokens, prefixes, suffixes)):
+            generation = self.tokenizer.decode_infilling(t)
+            results.append({**self._result(generation, t, lps, i), "full_text": prefix + generation + suffix})
+        return results
+
+    def chat_completion(self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: Optional[int] = None, logprobs: bool = False, *,
+                        top_k: Optional[int] = None) -> List[Dict]:
+        """Answer each dialog: ``[{"generation": {"role": "assistant", "content": str}, …}]``.
+
+        Uses the ``[INST]`` format, or the 70B-Instruct ``<step>`` format when the tokenizer has ``<step>``.
+        A dialog whose messages contain the format's special tags is not run; its answer is the
+        reference's error message.
+        """
+        if not isinstance(dialogs, (list, tuple)) or not dialogs:
+            raise ValueError("dialogs must be a non-empty list of dialogs (lists of messages)")
+        for i, d in enumerate(dialogs):
+            validate_dialog(d, i)
+        safe = [i for i, d in enumerate(dialogs) if not has_special_tags(d)]
+        tokens: List[List[int]] = [[] for _ in dialogs]
+        lps: List[List[float]] = [[] for _ in dialogs]
+        if safe:
+            prompts = [self._chat_prompt(dialogs[i]) for i in safe]
+            t, lp = self.generate(prompts, max_gen_len, temperature, top_p, logprobs, stop_token=self._chat_stop(),
+                                  top_k=top_k)
+            for k, i in enumerate(safe):
+                tokens[i] = t[k]
+                lps[i] = lp[k] if logprobs else []
+        results = []
+        for i, t in enumerate(tokens):
+            content = self.tokenizer.decode(t) if i in safe else UNSAFE_ERROR
+            message = {"role": "assistant", "content": content}
+            if self.tokenizer.step_id is not None:
+                message["destination"] = "user"
+            results.append({**self._result(content, t, lps if logprobs else None, i), "generation": message})
+        return results
+
+    # ------------------------------------------------------------------ streaming
+    def stream_completion(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9,
+                          max_gen_len: Optional[int] = None, *, top_k: Optional[int] = None) -> Iterator[str]:
+        """Yield the completion of one prompt as text pieces; joined, they equal ``text_completion``'s text."""
+        _check_strings([prompt], "prompt")
+        tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
+        yield from self._stream(tokens, self.tokenizer.decode, max_gen_len, temperature, top_p, top_k, None)
+
+    def stream_infilling(self, prefix: str, suffix: str, temperature: float = 0.6, top_p: float = 0.9,
+                         max_gen_len: Optional[int] = None, suffix_first: bool = False, *,
+                         top_k: Optional[int] = None) -> Iterator[str]:
+        """Yield the infilled middle as text pieces; joined, they equal ``text_infilling``'s generation."""
+        _check_strings([prefix, suffix], "prefix and suffix")
+        tokens = infilling_prompt_tokens(self.tokenizer, prefix, suffix, suffix_first)
+        yield from self._stream(tokens, self.tokenizer.decode_infilling, max_gen_len, temperature, top_p, top_k,
+                                self._infill_stops())
+
+    def stream_chat(self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9,
+                    max_gen_len: Optional[int] = None, *, top_k: Optional[int] = None) -> Iterator[str]:
+        """Yield the assistant's answer to one dialog as text pieces."""
+        validate_dialog(dialog)
+        if has_special_tags(dialog):
+            yield UNSAFE_ERROR
+            return
+        yield from self._stream(self._chat_prompt(dialog), self.tokenizer.decode, max_gen_len, temperature, top_p,
+                                top_k, self._chat_stop())
+
+    def _stream(self, prompt: List[int], decode, max_gen_len, temperature, top_p, top_k, stop_token) -> Iterator[str]:
+        text = TextStream(self.tokenizer, decode)
+        for step in self._steps([prompt], max_gen_len, temperature, top_p, top_k, stop_token, False):
+            for _, token, _ in step:
+                piece = text.push(token)
+                if piece:
+                    yield piece
+        rest = text.flush()
+        if rest:
+            yield rest
+
+    # ------------------------------------------------------------------ helpers
+    def _infill_stops(self) -> List[int]:
+        self.tokenizer.require_infilling()
+        return [self.tokenizer.eot_id, self.tokenizer.eos_id]
+
+    def _chat_prompt(self, dialog: Dialog) -> List[int]:
+        if self.tokenizer.step_id is not None:
+            return step_dialog_prompt_tokens(self.tokenizer, dialog)
+        return chat_prompt_tokens(self.tokenizer, dialog)
+
+    def _chat_stop(self) -> int:
+        return self.tokenizer.step_id if self.tokenizer.step_id is not None else self.tokenizer.eos_id
+
+    def _result(self, text: str, tokens: List[int], lps: Optional[List[List[float]]], i: int) -> Dict:
+        if lps is None:
+            return {"generation": text}
+        return {"generation": text, "tokens": [self.tokenizer.token_piece(x) for x in tokens], "logprobs": lps[i]}
+
+
+class TextStream:
+    """Incremental detokenizer: token ids in, text deltas out, joined exactly equal to decoding all ids at once.
+
+    Two traps: SentencePiece drops the leading space of the first piece it decodes, so a later window
+    is decoded behind an *anchor* token whose text is then cut off; and a multi-byte UTF-8 character
+    split over byte-fallback tokens reads as U+FFFD until its last byte arrives, so trailing U+FFFD is
+    held back.
+    """
+
+    WINDOW = 32  # re-anchor after this many tokens so each push decodes a bounded window
+
+    def __init__(self, tokenizer: Tokenizer, decode=None):
+        self._decode_first = decode or tokenizer.decode  # how the whole text is decoded (e.g. decode_infilling)
+        self._decode = tokenizer.decode
+        self.ids: List[int] = []
+        self._start = 0  # first token of the current window
+        self._emitted = 0  # characters of the window's text already returned
+
+    def _window_text(self) -> str:
+        window = self.ids[self._start:]
+        if self._start == 0:
+            return self._decode_first(window)
+        anchor = self.ids[self._start - 1]
+        return self._decode([anchor] + window)[len(self._decode([anchor])):]
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self._window_text()
+        stable = text.rstrip("\ufffd")
+        delta = stable[self._emitted:]
+        self._emitted = max(self._emitted, len(stable))
+        if len(self.ids) - self._start >= self.WINDOW and len(stable) == len(text):
+            self._start, self._emitted = len(self.ids), 0
+        return delta
+
+    def flush(self) -> str:
+        text = self._window_text()
+        delta = text[self._emitted:]
+        self._emitted = len(text)
+        return delta
+
+
+def _check_strings(items: Sequence, what: str) -> None:
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+        raise ValueError(f"{what} must be a list of str, got {items!r:.80}")

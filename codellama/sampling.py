@@ -1,0 +1,58 @@
+"""Choosing the next token from logits: pure functions, tested on their own."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def check_sampling_args(temperature: float, top_p: float, top_k: Optional[int]) -> None:
+    """Raise ``ValueError`` naming the value when a sampling argument is out of range."""
+    if not isinstance(temperature, (int, float)) or temperature < 0 or temperature != temperature:
+        raise ValueError(f"temperature must be ≥ 0 (0 means greedy), got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Nucleus sampling as in Meta's reference: probs (B, V) → token ids (B,).
+
+    Sort descending and drop every token whose *preceding* cumulative mass already exceeds ``p``
+    (so the most likely token always stays), renormalise, draw one.
+    """
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    preceding = torch.cumsum(probs_sort, dim=-1) - probs_sort
+    probs_sort = probs_sort.masked_fill(preceding > p, 0.0)
+    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
+    choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (B, 1) index into sorted
+    return torch.gather(probs_idx, -1, choice).squeeze(-1)
+
+
+def restrict_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits (B, V) with everything below the k-th largest value set to -inf."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9, top_k: Optional[int] = None,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids (B,) from float logits (B, V): greedy at ``temperature == 0``, else temperature, top-k, top-p."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = restrict_top_k(logits, top_k)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return sample_top_p(probs, top_p, generator)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (…,) of ``tokens`` (…,) under the raw (untempered) ``logits`` (…, V), as the reference reports them."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
