@@ -114,8 +114,7 @@ class ModelArgs:
         model_type = cfg.get("model_type", "llama")
         if model_type != "llama":
             raise ValueError(f"{where}: model_type {model_type!r} is not supported; only 'llama'")
-        if cfg.get("rope_scaling") not in (None, {}):
-            raise ValueError(f"{where}: rope_scaling={cfg['rope_scaling']!r} is not supported (Code Llama uses none)")
+        rope_theta = _hf_rope_theta(cfg, where)
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported; only 'silu'")
         for flag in ("attention_bias", "mlp_bias"):
@@ -126,6 +125,7 @@ class ModelArgs:
             raise ValueError(f"{where}: head_dim={cfg['head_dim']} differs from hidden_size / num_attention_heads = {dim // n_heads}")
         multiple_of, multiplier = _ffn_params_for(dim, cfg["intermediate_size"])
         n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+        n_kv_heads = None if n_kv_heads == n_heads else n_kv_heads  # as Meta writes params.json without GQA
         return cls(
             dim=dim,
             n_layers=cfg["num_hidden_layers"],
@@ -135,7 +135,7 @@ class ModelArgs:
             multiple_of=multiple_of,
             ffn_dim_multiplier=multiplier,
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
         )
 
     # ----------------------------------------------------------------- serialisation
@@ -168,6 +168,28 @@ class ModelArgs:
             "eos_token_id": 2,
             "torch_dtype": torch_dtype,
         }
+
+
+def _hf_rope_theta(cfg: Dict[str, Any], where: str) -> float:
+    """RoPE base from a HF config: top-level ``rope_theta`` (transformers 4) or ``rope_parameters`` (5).
+
+    Only plain RoPE is accepted: a scaled variant silently read as plain would give garbage.
+    """
+    theta = cfg.get("rope_theta")
+    for key in ("rope_parameters", "rope_scaling"):
+        params = cfg.get(key)
+        if not params:
+            continue
+        if not isinstance(params, dict):
+            raise ValueError(f"{where}: {key} must be an object, got {params!r}")
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"{where}: {key} has rope_type {kind!r}; only plain RoPE ('default') is supported")
+        if "rope_theta" in params:
+            if theta is not None and float(theta) != float(params["rope_theta"]):
+                raise ValueError(f"{where}: rope_theta {theta} disagrees with {key}.rope_theta {params['rope_theta']}")
+            theta = params["rope_theta"]
+    return float(theta) if theta is not None else 10000.0
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
