@@ -1,0 +1,48 @@
+"""What the example scripts share: the reference's flags, building a ``Llama`` from them, clean errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from .generation import Llama
+from .model import ATTENTION_CHOICES, DTYPES
+
+
+def example_parser(description: str, *, temperature: float, top_p: float, max_seq_len: int, max_batch_size: int,
+                   max_gen_len: int | None) -> argparse.ArgumentParser:
+    """The flags of Meta's example scripts (with their defaults per script) plus ``--device`` and ``--dtype``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--ckpt_dir", default=None, help="checkpoint directory, Meta or Hugging Face layout "
+                                                    "(default: the tiny model bundled with the package)")
+    p.add_argument("--tokenizer_path", default=None, help="tokenizer.model (default: CKPT_DIR/tokenizer.model)")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 is greedy")
+    p.add_argument("--top_p", type=float, default=top_p)
+    p.add_argument("--max_seq_len", type=int, default=max_seq_len)
+    p.add_argument("--max_batch_size", type=int, default=max_batch_size)
+    p.add_argument("--max_gen_len", type=int, default=max_gen_len)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
+    return p
+
+
+def build(args: argparse.Namespace) -> Llama:
+    return Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size,
+                       device=args.device, dtype=args.dtype, attention=args.attention)
+
+
+def is_main_process() -> bool:
+    """Rank 0 prints; the other ranks of a ``torchrun`` job stay quiet."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run an example's ``main``, turning the library's input errors into one line and exit status 2."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

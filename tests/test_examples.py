@@ -1,0 +1,75 @@
+"""The example scripts, run as a user runs them: subprocesses, with python and with torchrun."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from codellama import ModelArgs
+
+from conftest import ROOT
+from helpers import write_checkpoint
+
+
+def run(script, *args, launcher=None):
+    cmd = (launcher or [sys.executable]) + [str(ROOT / script), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+
+@pytest.fixture(scope="module")
+def code_ckpt(tmp_path_factory):
+    """A random model of Code Llama's vocabulary, saved with the Code Llama-like tokenizer."""
+    from conftest import shared_path
+    tok = shared_path("tokenizers", "codellama-like.model")
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32016, rope_theta=1e6)
+    return write_checkpoint(tmp_path_factory.mktemp("codellama_tiny"), args, "meta", tokenizer=str(tok))
+
+
+def test_completion_on_stories(stories_dir):
+    r = run("example_completion.py", "--ckpt_dir", str(stories_dir / "meta"), "--max_gen_len", "16")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") == 2 and "def fizzbuzz(n: int):" in r.stdout
+
+
+def test_completion_streams_on_the_hf_layout(stories_dir):
+    r = run("example_completion.py", "--ckpt_dir", str(stories_dir / "hf"), "--max_gen_len", "16", "--stream",
+            "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def fizzbuzz(n: int):\n> ") and len(r.stdout.split("> ", 1)[1].strip()) > 10
+
+
+def test_instruct_on_stories(stories_dir):
+    r = run("example_instruct.py", "--ckpt_dir", str(stories_dir / "meta"), "--max_gen_len", "8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> Assistant:") == 3
+
+
+def test_infill_on_a_model_that_cannot_infill(stories_dir):
+    r = run("example_infill.py", "--ckpt_dir", str(stories_dir / "meta"))
+    assert r.returncode == 2
+    assert "error: this model cannot infill" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("script, marker, count", [("example_completion.py", "> ", 2),
+                                                   ("example_infill.py", "Filled text", 4),
+                                                   ("example_instruct.py", "> Assistant:", 3)])
+def test_examples_on_a_code_llama_shaped_checkpoint(code_ckpt, script, marker, count):
+    r = run(script, "--ckpt_dir", code_ckpt, "--max_gen_len", "6", "--dtype", "fp32", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(marker) == count
+    if script == "example_infill.py":
+        assert 'def remove_non_ascii(s: str) -> str:\n    """ ' in r.stdout and "    return result\n" in r.stdout
+
+
+def test_completion_under_torchrun(stories_dir):
+    r = run("example_completion.py", "--ckpt_dir", str(stories_dir / "meta"), "--max_gen_len", "8",
+            launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") == 2
+
+
+def test_bad_checkpoint_dir_is_one_clear_line(tmp_path):
+    r = run("example_completion.py", "--ckpt_dir", str(tmp_path / "missing"))
+    assert r.returncode == 2 and r.stderr.startswith("error: tokenizer not found") and "Traceback" not in r.stderr
