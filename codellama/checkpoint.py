@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .config import ModelArgs
+from .cpu import optimize_for_cpu
 from .model import Transformer, default_device, default_dtype, parse_dtype
 
 # Meta's model-parallel layout: which dimension each weight is split along across shards
@@ -285,14 +286,15 @@ def check_tokenizer(args: ModelArgs, n_words: int, tokenizer_path: str = "the to
 
 
 def load_model(ckpt_dir: str | os.PathLike, *, device: torch.device | str | None = None,
-               dtype: torch.dtype | str | None = None) -> Transformer:
+               dtype: torch.dtype | str | None = None, optimize: bool = True) -> Transformer:
     """Build a ``Transformer`` from a Meta or Hugging Face checkpoint directory.
 
     The model is built on the ``meta`` device and each weight is read (memory-mapped), merged across
     shards, converted and moved to ``device`` one at a time, so host memory peaks near one copy of the
     weights. Loading is strict: missing or unexpected keys and shape mismatches raise ``ValueError``.
     ``device`` defaults to CUDA, then MPS, then CPU; ``dtype`` to bf16 on CUDA (fp16 where bf16 is not
-    supported), fp16 on MPS and fp32 on CPU.
+    supported), fp16 on MPS and fp32 on CPU. On CPU, ``optimize`` re-lays out the linear weights for
+    fast decoding (``codellama.cpu``); values, names and shapes stay those of the checkpoint.
     """
     source = open_checkpoint(ckpt_dir)
     device = torch.device(device) if device is not None else default_device()
@@ -303,6 +305,8 @@ def load_model(ckpt_dir: str | os.PathLike, *, device: torch.device | str | None
     for key, tensor in materialize(source, model.state_dict(), device=device, dtype=dtype):
         state[key] = tensor
     model.load_state_dict(state, strict=True, assign=True)
+    if optimize and device.type == "cpu":
+        optimize_for_cpu(model)
     return model.eval()
 
 
@@ -352,6 +356,15 @@ def save_meta(state: Dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os
         torch.save(shard, os.path.join(out_dir, f"consolidated.{i:02d}.pth"))
 
 
+def to_hf_state_dict(state: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
+    """Meta-named weights → Hugging Face names, with ``wq``/``wk`` rows permuted for rotate-half RoPE."""
+    hf_state = {}
+    for key, tensor in state.items():
+        n = _rope_heads(key, args)
+        hf_state[meta_to_hf_name(key)] = (tensor if n is None else permute_to_hf(tensor, n)).contiguous()
+    return hf_state
+
+
 def save_hf(state: Dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os.PathLike,
             max_shard_bytes: int = 5 * 2**30) -> None:
     """Write ``config.json`` and ``model.safetensors`` (sharded with an index past ``max_shard_bytes``)."""
@@ -363,10 +376,7 @@ def save_hf(state: Dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os.P
     config = args.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."))
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
-    hf_state = {}
-    for key, tensor in state.items():
-        n = _rope_heads(key, args)
-        hf_state[meta_to_hf_name(key)] = (tensor if n is None else permute_to_hf(tensor, n)).contiguous()
+    hf_state = to_hf_state_dict(state, args)
     groups: List[Dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in hf_state.items():

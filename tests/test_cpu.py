@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from codellama import load_model
+from codellama.cpu import PackedLinear, bf16_packing_supported, optimize_for_cpu
+
+from helpers import CONFIGS, random_model, random_state_dict, write_checkpoint
+
+ARGS = CONFIGS["gqa"]
+TOKENS = torch.randint(0, ARGS.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model):
+    model.clear_cache()
+    with torch.inference_mode():
+        return model(TOKENS)
+
+
+def test_fp32_column_major_weights_keep_names_shapes_and_results():
+    plain = random_model(ARGS, seed=1)
+    expected = logits(plain)
+    fast = optimize_for_cpu(random_model(ARGS, seed=1))
+    assert fast.layers[0].attention.wq.weight.stride() == (1, ARGS.dim)  # stored (in, out)
+    torch.testing.assert_close(logits(fast), expected, atol=1e-5, rtol=1e-5)
+    for k, v in random_state_dict(ARGS, seed=1).items():
+        assert torch.equal(fast.state_dict()[k], v), k
+
+
+@pytest.mark.skipif(not bf16_packing_supported(), reason="this CPU/torch build has no oneDNN bf16 support")
+def test_bf16_packed_weights_round_trip_and_compute_the_same(tmp_path):
+    plain = random_model(ARGS, seed=2, dtype=torch.bfloat16)
+    expected = logits(plain)
+    fast = optimize_for_cpu(random_model(ARGS, seed=2, dtype=torch.bfloat16))
+    assert isinstance(fast.layers[1].feed_forward.w2, PackedLinear) and isinstance(fast.output, PackedLinear)
+    got = logits(fast)
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()  # bf16 outputs, different kernels
+    assert got.argmax(-1).eq(expected.argmax(-1)).float().mean() > 0.9
+    state = fast.state_dict()
+    for k, v in random_state_dict(ARGS, seed=2, dtype=torch.bfloat16).items():
+        assert torch.equal(state[k], v), k  # packing is lossless: the checkpoint comes back bit for bit
+    fast.load_state_dict(random_state_dict(ARGS, seed=3, dtype=torch.bfloat16))
+    torch.testing.assert_close(logits(fast), logits(random_model(ARGS, seed=3, dtype=torch.bfloat16)), atol=0.5, rtol=0.05)
+
+
+def test_load_model_optimizes_on_cpu_unless_asked_not_to(tmp_path):
+    write_checkpoint(tmp_path, ARGS, "meta", seed=4)
+    assert load_model(tmp_path, device="cpu").output.weight.stride() == (1, ARGS.vocab_size)
+    assert load_model(tmp_path, device="cpu", optimize=False).output.weight.stride() == (ARGS.dim, 1)
