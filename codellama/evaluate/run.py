@@ -1,0 +1,339 @@
+"""The evaluation run: generate samples, execute them in the sandbox, report pass@k. Both steps resume.
+
+Files, all JSON Lines written one record per finished sample and flushed, so an interrupted run loses
+at most the batch in flight and resumes where it stopped:
+
+- samples (``{benchmark}.jsonl``): ``task_id, sample, completion, generation`` and the sampling settings.
+  ``completion`` is what runs after the task's prompt (HumanEval) or alone (MBPP); ``generation`` is
+  the model's raw text. A samples file from any source needs only ``task_id`` and ``completion``.
+- results (``{stem}_results.jsonl``): ``task_id, sample, completion, passed, reason, detail`` with
+  ``reason`` one of ``passed / failed / timed out / error``.
+- report (``{stem}_report.json``): pass@k for each k the sample count allows, counts by reason, the
+  sandbox's layers and limits, and the file names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from .data import Benchmark, load_benchmark
+from .passk import DEFAULT_KS, estimate
+from .progress import Progress
+from .prompts import Prompt, build_prompt, completion_from_generation
+from .sandbox import REASONS, Limits, active_layers, limits_dict, run_programs
+
+# sampler(prompts, temperature, top_p, max_gen_len) -> one raw generation per prompt
+Sampler = Callable[[List[Prompt], float, float, int], List[str]]
+SETTINGS = ("temperature", "top_p", "max_gen_len", "chat")  # sampling settings a resumed run must share
+
+
+# ----------------------------------------------------------------------------------------- JSONL files
+def read_jsonl(path: str, repair: bool = False) -> List[dict]:
+    """The records of a JSON Lines file.
+
+    With ``repair``, a torn last line (a write cut off by an interrupt: no final newline) is removed from
+    the file first, so appending goes on cleanly; any other malformed line is a ``ValueError``.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        if not repair:
+            raise ValueError(f"{path}: the last line is incomplete (an interrupted write?); "
+                             "the run that wrote it repairs it when resumed")
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    records = []
+    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number} is not valid JSON: {e}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def _append(f, record: dict) -> None:
+    f.write(json.dumps(record) + "\n")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    # Write beside the target and rename, so a reader (or a crash) never sees half a file.
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _order(bench: Benchmark) -> Dict[str, int]:
+    return {t.task_id: i for i, t in enumerate(bench.tasks)}
+
+
+def _check_task_ids(records: Sequence[dict], bench: Benchmark, path: str) -> None:
+    known = _order(bench)
+    unknown = sorted({r["task_id"] for r in records} - known.keys())
+    if unknown:
+        raise ValueError(f"{path} has task_id(s) {unknown[:5]}{' …' if len(unknown) > 5 else ''} that are not in "
+                         f"the {bench.name} selection ({len(bench.tasks)} tasks, {bench.tasks[0].task_id} … "
+                         f"{bench.tasks[-1].task_id}); wrong --benchmark or --limit?")
+
+
+# -------------------------------------------------------------------------------------------- generate
+def llama_sampler(llama, chat: bool = False) -> Sampler:
+    """A :data:`Sampler` over ``codellama.Llama``: ``text_completion`` for base models, ``chat_completion``
+    for Instruct models; prompts go in batches of the model's ``max_batch_size``."""
+
+    def sample(prompts: List[Prompt], temperature: float, top_p: float, max_gen_len: int) -> List[str]:
+        out = []
+        for i in range(0, len(prompts), llama.max_batch_size):
+            batch = prompts[i:i + llama.max_batch_size]
+            if chat:
+                results = llama.chat_completion(batch, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+                out += [r["generation"]["content"] for r in results]
+            else:
+                results = llama.text_completion(batch, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+                out += [r["generation"] for r in results]
+        return out
+
+    return sample
+
+
+def generate_samples(bench: Benchmark, sampler: Sampler, samples_path: str, *, n: int = 1,
+                     temperature: float = 0.0, top_p: float = 0.95, max_gen_len: int = 512, chat: bool = False,
+                     batch_size: int = 4, progress: bool = True) -> List[dict]:
+    """Generate ``n`` samples for each task into ``samples_path``; returns all its records in task order.
+
+    Samples already in the file are kept and not redone; the file must have been written with the same
+    sampling settings. ``temperature=0`` is greedy decoding, which gives one distinct sample: use ``n=1``.
+    """
+    for name, value in (("n", n), ("max_gen_len", max_gen_len), ("batch_size", batch_size)):
+        _positive_int(name, value)
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if temperature == 0 and n > 1:
+        raise ValueError(f"temperature=0 (greedy) makes all {n} samples identical; use n=1, or temperature>0 "
+                         "(the paper: T=0.8, top_p=0.95 for pass@10 and pass@100)")
+    settings = {"temperature": temperature, "top_p": top_p, "max_gen_len": max_gen_len, "chat": chat}
+    existing = read_jsonl(samples_path, repair=True) if os.path.exists(samples_path) else []
+    for number, r in enumerate(existing, 1):
+        if not isinstance(r.get("task_id"), str) or not isinstance(r.get("sample"), int):
+            raise ValueError(f"{samples_path}: record {number} lacks a str 'task_id' or an int 'sample'; "
+                             "resume only files this function wrote")
+    _check_task_ids(existing, bench, samples_path)
+    for r in existing:
+        differ = {k: r[k] for k in SETTINGS if k in r and r[k] != settings[k]}
+        if differ:
+            raise ValueError(f"{samples_path} holds samples made with {differ}, but this run asks for "
+                             f"{ {k: settings[k] for k in differ} }; resume with the same settings or write "
+                             "to another file")
+    done = {(r["task_id"], r["sample"]) for r in existing}
+    todo = [(t, s) for t in bench.tasks for s in range(n) if (t.task_id, s) not in done]
+    prompts = {t.task_id: build_prompt(bench, t, chat) for t, _ in todo}
+    # Similar lengths batch together (less padding); the longest first, so a too-long prompt fails early.
+    todo.sort(key=lambda ts: -len(json.dumps(prompts[ts[0].task_id])))
+    records = list(existing)
+    with open(samples_path, "a", encoding="utf-8") as f, \
+            Progress(len(todo), f"generate {bench.name}", enabled=progress and bool(todo)) as bar:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            generations = sampler([prompts[t.task_id] for t, _ in batch], temperature, top_p, max_gen_len)
+            if len(generations) != len(batch) or not all(isinstance(g, str) for g in generations):
+                raise ValueError(f"the sampler returned {len(generations)} generations for {len(batch)} prompts; "
+                                 "it must return one str per prompt")
+            for (task, s), generation in zip(batch, generations):
+                record = {"task_id": task.task_id, "sample": s,
+                          "completion": completion_from_generation(bench, task, generation, chat),
+                          "generation": generation, **settings}
+                _append(f, record)
+                records.append(record)
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+    order = _order(bench)
+    records.sort(key=lambda r: (order[r["task_id"]], r["sample"]))
+    if todo:  # finished: put the file in task order (it was written in batch order)
+        _write_atomic(samples_path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+# ----------------------------------------------------------------------------------------------- score
+def result_paths(samples_path: str) -> Tuple[str, str]:
+    """``(results, report)`` paths beside a samples file: ``x.jsonl`` → ``x_results.jsonl``, ``x_report.json``."""
+    stem = samples_path[:-len(".jsonl")] if samples_path.endswith(".jsonl") else samples_path
+    return stem + "_results.jsonl", stem + "_report.json"
+
+
+def _indexed_samples(records: List[dict], path: str) -> List[dict]:
+    # Other tools' files may lack "sample": number each task's samples in file order.
+    seen: Counter = Counter()
+    keys = set()
+    out = []
+    for number, r in enumerate(records, 1):
+        if not isinstance(r.get("task_id"), str) or not isinstance(r.get("completion"), str):
+            raise ValueError(f"{path}: record {number} needs a str 'task_id' and a str 'completion', got keys "
+                             f"{sorted(r)}")
+        s = r.get("sample", seen[r["task_id"]])
+        seen[r["task_id"]] += 1
+        if (r["task_id"], s) in keys:
+            raise ValueError(f"{path}: record {number} repeats sample {s} of {r['task_id']}")
+        keys.add((r["task_id"], s))
+        out.append({**r, "sample": s})
+    return out
+
+
+def score_samples(bench: Benchmark, samples_path: str, *, limits: Limits = Limits(), workers: Optional[int] = None,
+                  ks: Sequence[int] = DEFAULT_KS, progress: bool = True) -> dict:
+    """Execute every sample of ``samples_path`` in the sandbox and report pass@k; returns the report.
+
+    Writes the results and report beside the samples (:func:`result_paths`). Results already in the
+    results file for the same completion are reused, so an interrupted scoring resumes.
+    """
+    if not os.path.isfile(samples_path):
+        raise FileNotFoundError(f"samples file not found: {samples_path}")
+    samples = _indexed_samples(read_jsonl(samples_path), samples_path)
+    if not samples:
+        raise ValueError(f"{samples_path} holds no samples")
+    _check_task_ids(samples, bench, samples_path)
+    results_path, report_path = result_paths(samples_path)
+    known = {}
+    if os.path.exists(results_path):
+        for r in read_jsonl(results_path, repair=True):
+            known[(r.get("task_id"), r.get("sample"))] = r
+    results, todo = {}, []
+    for r in samples:
+        key = (r["task_id"], r["sample"])
+        old = known.get(key)
+        if old is not None and old.get("completion") == r["completion"] and old.get("reason") in REASONS:
+            results[key] = old
+        else:
+            todo.append(r)
+    by_id = {t.task_id: t for t in bench.tasks}
+    programs = [by_id[r["task_id"]].program(r["completion"]) for r in todo]
+    layers = active_layers(limits)
+    with open(results_path, "a", encoding="utf-8") as f, \
+            Progress(len(todo), f"execute {bench.name}", enabled=progress and bool(todo)) as bar:
+        passed = 0
+        for i, outcome in run_programs(programs, limits, workers=workers):
+            r = todo[i]
+            record = {"task_id": r["task_id"], "sample": r["sample"], "completion": r["completion"],
+                      "passed": outcome.passed, "reason": outcome.reason, "detail": outcome.detail}
+            _append(f, record)
+            f.flush()
+            results[(r["task_id"], r["sample"])] = record
+            passed += outcome.passed
+            bar.update(note=f"passed {passed}")
+    order = _order(bench)
+    ordered = sorted(results.values(), key=lambda r: (order[r["task_id"]], r["sample"]))
+    _write_atomic(results_path, "".join(json.dumps(r) + "\n" for r in ordered))
+    report = _report(bench, samples, ordered, ks, layers, limits, samples_path, results_path)
+    report["report_file"] = os.path.abspath(report_path)
+    _write_atomic(report_path, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _report(bench: Benchmark, samples: List[dict], results: List[dict], ks: Sequence[int], layers: List[str],
+            limits: Limits, samples_path: str, results_path: str) -> dict:
+    counts: Dict[str, List[int]] = {}
+    for r in results:
+        n_c = counts.setdefault(r["task_id"], [0, 0])
+        n_c[0] += 1
+        n_c[1] += bool(r["passed"])
+    ns = [n for n, _ in counts.values()]
+    report = {
+        "benchmark": bench.name,
+        "tasks": len(counts),
+        "tasks_without_samples": len(bench.tasks) - len(counts),
+        "samples_per_task": min(ns),
+        "samples": len(results),
+        **estimate({t: (n, c) for t, (n, c) in counts.items()}, ks),
+        "reasons": {reason: sum(r["reason"] == reason for r in results) for reason in REASONS},
+        "generation": {k: samples[0][k] for k in SETTINGS if k in samples[0]},
+        "sandbox": {"layers": layers, "limits": limits_dict(limits)},
+        "samples_file": os.path.abspath(samples_path),
+        "results_file": os.path.abspath(results_path),
+    }
+    if max(ns) != min(ns):
+        report["samples_per_task_max"] = max(ns)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A few human-readable lines: the pass@k numbers first."""
+    scores = "  ".join(f"{k} {100 * v:.1f}%" for k, v in report.items() if k.startswith("pass@"))
+    n = report["samples_per_task"]
+    lines = [f"{report['benchmark']}: {report['tasks']} tasks × {n} sample{'s' if n != 1 else ''}   {scores}",
+             "outcomes: " + ", ".join(f"{k} {v}" for k, v in report["reasons"].items()),
+             f"results: {report['results_file']}", f"report: {report['report_file']}"]
+    if report["tasks_without_samples"]:
+        lines.insert(1, f"warning: {report['tasks_without_samples']} tasks have no samples; pass@k covers the "
+                        f"{report['tasks']} that do")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ with a model
+def generate(ckpt_dir: str, benchmark: str = "humaneval", out_dir: str = "eval", *, data_path: Optional[str] = None,
+             limit: Optional[int] = None, n: int = 1, temperature: Optional[float] = None, top_p: float = 0.95,
+             max_gen_len: int = 512, chat: bool = False, tokenizer_path: Optional[str] = None,
+             max_seq_len: int = 2048, max_batch_size: int = 4, device: Optional[str] = None,
+             dtype: Optional[str] = None, seed: int = 1, progress: bool = True) -> str:
+    """Generate ``n`` samples per task with a checkpoint into ``out_dir/{benchmark}.jsonl``; returns its path.
+
+    ``temperature=None`` means greedy (0) for ``n=1`` and the paper's 0.8 otherwise. ``chat`` formats the
+    prompts for Instruct models. Re-running resumes.
+    """
+    from codellama import Llama  # torch and the model are needed here only, not for scoring
+
+    _positive_int("n", n)
+    if temperature is None:
+        temperature = 0.0 if n == 1 else 0.8
+    bench = load_benchmark(benchmark, data_path, limit)
+    os.makedirs(out_dir, exist_ok=True)
+    samples_path = os.path.join(out_dir, f"{benchmark}.jsonl")
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                        device=device, dtype=dtype, seed=seed)
+    generate_samples(bench, llama_sampler(llama, chat), samples_path, n=n, temperature=temperature, top_p=top_p,
+                     max_gen_len=max_gen_len, chat=chat, batch_size=max_batch_size, progress=progress)
+    return samples_path
+
+
+def evaluate(ckpt_dir: str, benchmark: str = "humaneval", out_dir: str = "eval", *, limits: Limits = Limits(),
+             workers: Optional[int] = None, progress: bool = True, **generation) -> dict:
+    """Generate, execute and report pass@k: what ``python -m codellama.evaluate run`` does.
+
+    ``generation`` takes :func:`generate`'s keyword arguments; returns the report (also written to
+    ``out_dir/{benchmark}_report.json``).
+    """
+    samples_path = generate(ckpt_dir, benchmark, out_dir, progress=progress, **generation)
+    bench = load_benchmark(benchmark, generation.get("data_path"), generation.get("limit"))
+    return score_samples(bench, samples_path, limits=limits, workers=workers, progress=progress)
+
+
+def infer_benchmark(samples_path: str) -> str:
+    """The benchmark a samples file belongs to, from its task ids (``HumanEval/…`` or ``MBPP/…``)."""
+    prefixes = {str(r.get("task_id", "")).split("/", 1)[0] for r in read_jsonl(samples_path)}
+    names = {"HumanEval": "humaneval", "MBPP": "mbpp"}
+    if len(prefixes) != 1 or next(iter(prefixes)) not in names:
+        raise ValueError(f"cannot tell the benchmark of {samples_path} from its task ids (prefixes "
+                         f"{sorted(prefixes)}); pass it explicitly: one of {sorted(names.values())}")
+    return names[prefixes.pop()]
