@@ -20,6 +20,7 @@ import torch
 
 from .config import ModelArgs
 from .cpu import optimize_for_cpu
+from .distributed import SINGLE, TensorParallel, shard_slices, slice_for
 from .model import Transformer, default_device, default_dtype, parse_dtype
 
 # Meta's model-parallel layout: which dimension each weight is split along across shards
@@ -96,12 +97,46 @@ def meta_to_hf_name(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- lazy tensor sources
+Block = Optional[Tuple[int, int, int]]  # (dim, start, stop) of a tensor, or None for all of it
+
+
 @dataclass
 class LazyTensor:
-    """A checkpoint tensor in Meta's layout, known by shape and dtype, read only when ``load()`` is called."""
+    """A checkpoint tensor in Meta's layout, known by shape and dtype, read only when asked.
+
+    ``read(block)`` returns the whole tensor (``block=None``) or one rank's ``(dim, start, stop)``
+    block of it, touching only the bytes that block needs.
+    """
     shape: Tuple[int, ...]
     dtype: torch.dtype
-    load: Callable[[], torch.Tensor]
+    read: Callable[[Block], torch.Tensor]
+
+    def load(self) -> torch.Tensor:
+        return self.read(None)
+
+    def block_shape(self, block: Block) -> Tuple[int, ...]:
+        if block is None:
+            return self.shape
+        dim, start, stop = block
+        return self.shape[:dim] + (stop - start,) + self.shape[dim + 1:]
+
+
+def _read_pieces(parts: List[torch.Tensor], piece_dim: Optional[int], block: Block) -> torch.Tensor:
+    """A block of the tensor Meta's shards ``parts`` make when joined along ``piece_dim`` (None: replicated)."""
+    if piece_dim is None:
+        return parts[0] if block is None else parts[0].narrow(block[0], block[1], block[2] - block[1])
+    if block is None or block[0] != piece_dim:
+        full = torch.cat(parts, dim=piece_dim)
+        return full if block is None else full.narrow(block[0], block[1], block[2] - block[1])
+    dim, start, stop = block
+    pieces, offset = [], 0
+    for part in parts:  # only the shards that overlap [start, stop) are touched
+        n = part.shape[dim]
+        a, b = max(start, offset), min(stop, offset + n)
+        if a < b:
+            pieces.append(part.narrow(dim, a - offset, b - a))
+        offset += n
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
 @dataclass
@@ -180,13 +215,15 @@ def _open_meta(ckpt_dir: str) -> CheckpointSource:
         parts = [s[k] for s in shards]
         dim = shard_dim(k) if len(parts) > 1 else None
         if dim is None:
-            tensors[k] = LazyTensor(tuple(parts[0].shape), parts[0].dtype, (lambda t=parts[0]: t))
+            tensors[k] = LazyTensor(tuple(parts[0].shape), parts[0].dtype,
+                                    (lambda block, ps=parts: _read_pieces(ps, None, block)))
         else:
             if any(p.dim() <= dim for p in parts):
                 raise ValueError(f"{k}: shards have shapes {[tuple(p.shape) for p in parts]}, cannot concatenate along dim {dim}")
             shape = list(parts[0].shape)
             shape[dim] = sum(p.shape[dim] for p in parts)
-            tensors[k] = LazyTensor(tuple(shape), parts[0].dtype, (lambda ps=parts, d=dim: torch.cat(ps, dim=d)))
+            tensors[k] = LazyTensor(tuple(shape), parts[0].dtype,
+                                    (lambda block, ps=parts, d=dim: _read_pieces(ps, d, block)))
     args = _resolve_vocab(params, tensors, ckpt_dir)
     return CheckpointSource("meta", ckpt_dir, args, tensors, num_shards=len(paths))
 
@@ -250,12 +287,20 @@ def _open_hf(ckpt_dir: str) -> CheckpointSource:
         dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
         if dtype is None:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {sl.get_dtype()}")
-        n = _rope_heads(meta_name, params)
-        if n is not None:
-            load = (lambda p=path, nm=name, n=n: permute_from_hf(handle(p).get_tensor(nm), n))
-        else:
-            load = (lambda p=path, nm=name: handle(p).get_tensor(nm))
-        tensors[meta_name] = LazyTensor(shape, dtype, load)
+        permuted = _rope_heads(meta_name, params) is not None
+
+        def read(block: Block, path=path, name=name, permuted=permuted) -> torch.Tensor:
+            f = handle(path)
+            if block is None:
+                t = f.get_tensor(name)
+            else:  # read only the rows / columns of this block
+                dim, start, stop = block
+                sl = f.get_slice(name)
+                t = sl[start:stop] if dim == 0 else sl[:, start:stop]
+            # HF permutes rows within each head, so a block of whole heads unpermutes on its own
+            return permute_from_hf(t, t.shape[0] // params.head_dim) if permuted else t
+
+        tensors[meta_name] = LazyTensor(shape, dtype, read)
     if unexpected:
         raise ValueError(f"{ckpt_dir}: unexpected tensor(s) {sorted(unexpected)[:10]} (not Llama weights)")
     if "output.weight" not in tensors and config.get("tie_word_embeddings") and "tok_embeddings.weight" in tensors:
@@ -285,8 +330,9 @@ def check_tokenizer(args: ModelArgs, n_words: int, tokenizer_path: str = "the to
                          "they must match (is this the tokenizer that came with the checkpoint?)")
 
 
-def load_model(ckpt_dir: str | os.PathLike, *, device: torch.device | str | None = None,
-               dtype: torch.dtype | str | None = None, optimize: bool = True) -> Transformer:
+def load_model(ckpt_dir: "str | os.PathLike | CheckpointSource", *, device: torch.device | str | None = None,
+               dtype: torch.dtype | str | None = None, optimize: bool = True,
+               tp: TensorParallel = SINGLE) -> Transformer:
     """Build a ``Transformer`` from a Meta or Hugging Face checkpoint directory.
 
     The model is built on the ``meta`` device and each weight is read (memory-mapped), merged across
@@ -294,15 +340,16 @@ def load_model(ckpt_dir: str | os.PathLike, *, device: torch.device | str | None
     weights. Loading is strict: missing or unexpected keys and shape mismatches raise ``ValueError``.
     ``device`` defaults to CUDA, then MPS, then CPU; ``dtype`` to bf16 on CUDA (fp16 where bf16 is not
     supported), fp16 on MPS and fp32 on CPU. On CPU, ``optimize`` re-lays out the linear weights for
-    fast decoding (``codellama.cpu``); values, names and shapes stay those of the checkpoint.
+    fast decoding (``codellama.cpu``); values, names and shapes stay those of the checkpoint. With
+    ``tp`` (a rank of a tensor-parallel group) the model holds, and the loader reads, this rank's slices.
     """
-    source = open_checkpoint(ckpt_dir)
+    source = ckpt_dir if isinstance(ckpt_dir, CheckpointSource) else open_checkpoint(ckpt_dir)
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) or default_dtype(device)
     with torch.device("meta"):
-        model = Transformer(source.args)
+        model = Transformer(source.args, tp)
     state = {}
-    for key, tensor in materialize(source, model.state_dict(), device=device, dtype=dtype):
+    for key, tensor in materialize(source, model.state_dict(), device=device, dtype=dtype, tp=tp):
         state[key] = tensor
     model.load_state_dict(state, strict=True, assign=True)
     if optimize and device.type == "cpu":
@@ -311,8 +358,11 @@ def load_model(ckpt_dir: str | os.PathLike, *, device: torch.device | str | None
 
 
 def materialize(source: CheckpointSource, expected: Dict[str, torch.Tensor], *, device: torch.device,
-                dtype: torch.dtype) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Check ``source`` against the model's ``expected`` keys and shapes, then yield each tensor loaded."""
+                dtype: torch.dtype, tp: TensorParallel = SINGLE) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Check ``source`` against the model's ``expected`` keys and shapes, then yield each tensor loaded.
+
+    Under tensor parallelism each tensor is this rank's block of the full one, read on its own.
+    """
     missing = sorted(set(expected) - set(source.tensors))
     unexpected = sorted(set(source.tensors) - set(expected))
     if missing or unexpected:
@@ -322,13 +372,18 @@ def materialize(source: CheckpointSource, expected: Dict[str, torch.Tensor], *, 
         if unexpected:
             parts.append(f"unexpected key(s) {unexpected[:10]}{' …' if len(unexpected) > 10 else ''}")
         raise ValueError(f"{source.path} does not match the model: " + "; ".join(parts))
+    slices = shard_slices(source.args, tp)
     for key, want in expected.items():
-        got = source.tensors[key].shape
+        got = source.tensors[key].block_shape(slice_for(key, slices))
         if tuple(got) != tuple(want.shape):
             raise ValueError(f"{source.path}: tensor {key} has shape {tuple(got)} in the checkpoint, "
                              f"the model expects {tuple(want.shape)}")
     for key in expected:
-        yield key, source.tensors[key].load().to(device=device, dtype=dtype)
+        block = slice_for(key, slices)
+        tensor = source.tensors[key].read(block)
+        if block is not None:
+            tensor = tensor.contiguous()  # this rank's block only, not a view pinning the whole tensor
+        yield key, tensor.to(device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- writing / converting

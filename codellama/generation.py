@@ -14,7 +14,8 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 
 import torch
 
-from .checkpoint import check_tokenizer, load_model
+from .checkpoint import check_tokenizer, load_model, open_checkpoint
+from .distributed import check_parallel, env_world, init_tensor_parallel
 from .model import Transformer, default_device, select_ops
 from .prompts import (UNSAFE_ERROR, Dialog, chat_prompt_tokens, has_special_tags, infilling_prompt_tokens,
                       step_dialog_prompt_tokens, validate_dialog)
@@ -55,10 +56,12 @@ class Llama:
         CPU, CUDA or MPS; ``device``/``dtype`` default to CUDA/bf16 where available, else CPU/fp32.
         ``attention`` picks the kernels: ``"auto"`` (Triton on CUDA), ``"torch"`` or ``"triton"``.
         """
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if model_parallel_size not in (None, 1) or world > 1:
-            raise ValueError(f"model_parallel_size={model_parallel_size} with WORLD_SIZE={world}: tensor parallelism "
-                             "is not supported by this build; run one process (model_parallel_size=None or 1)")
+        world, rank, local_rank = env_world()
+        if model_parallel_size is None:
+            model_parallel_size = world
+        if model_parallel_size != world:
+            raise ValueError(f"model_parallel_size={model_parallel_size} but this job has WORLD_SIZE={world}: launch "
+                             f"`torchrun --nproc_per_node {model_parallel_size} …` (or leave model_parallel_size=None)")
         if ckpt_dir is None:
             ckpt_dir = DEFAULT_CKPT_DIR
             print(f"codellama: no checkpoint given, using the bundled tiny model ({ckpt_dir})", file=sys.stderr)
@@ -66,13 +69,15 @@ class Llama:
         tokenizer_path = os.fspath(tokenizer_path) if tokenizer_path is not None else os.path.join(ckpt_dir, "tokenizer.model")
         if not os.path.isfile(tokenizer_path):
             raise FileNotFoundError(f"tokenizer not found: {tokenizer_path} (pass tokenizer_path=…)")
-        if device is None:
-            device = default_device()
-            if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: this rank's GPU
-                device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device(device) if device is not None else default_device()
+        if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", local_rank)  # under torchrun: this rank's GPU
         select_ops(attention, device)  # reject a bad choice before the (slow) load
         tokenizer = Tokenizer(tokenizer_path)
-        model = load_model(ckpt_dir, device=device, dtype=dtype)
+        source = open_checkpoint(ckpt_dir)
+        check_parallel(source.args, world)  # every rank fails alike, before any collective could hang
+        tp = init_tensor_parallel(world, rank, device)
+        model = load_model(source, device=device, dtype=dtype, tp=tp)
         model.set_attention(attention)
         return Llama(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed)
 
@@ -142,7 +147,7 @@ class Llama:
             pos = list(lens)  # position the row's next fed token goes to
             count = [0] * B
             while rows:
-                nxt = sample(logits, temperature, top_p, top_k, self.generator)  # (n,)
+                nxt = model.tp.broadcast(sample(logits, temperature, top_p, top_k, self.generator))  # (n,), same on every rank
                 lps = token_logprobs(logits, nxt).tolist() if logprobs else [None] * len(rows)
                 step: Step = []
                 keep = []  # cache rows that go on

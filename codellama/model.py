@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
+from .distributed import SINGLE, TensorParallel, check_parallel, local_heads
 
 StartPos = Union[int, torch.Tensor]  # one position for the whole batch, or a LongTensor[B] (one per row)
 
@@ -159,10 +160,11 @@ class _Step:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
+    def __init__(self, args: ModelArgs, layer_id: int, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.layer_id = layer_id
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.layer_id, self.tp = layer_id, tp
+        self.n_heads, self.n_kv_heads, _ = local_heads(args, tp)  # this rank's heads
+        self.head_dim = args.head_dim
         self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -178,25 +180,27 @@ class Attention(nn.Module):
         if step.cache is not None:
             k, v = step.cache.update(self.layer_id, k, v, step.start_pos, step.end)  # (B, Hkv, end, hd)
         out = step.ops.attention(q, k, v, step.start_pos)  # (B, H, T, hd)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return self.tp.all_reduce(self.wo(out.transpose(1, 2).reshape(B, T, -1)))  # row-parallel: sum the ranks
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, tp: TensorParallel = SINGLE):
         super().__init__()
+        self.tp = tp
+        hidden_dim //= tp.world  # column-parallel w1/w3, row-parallel w2
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.tp.all_reduce(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int):
+    def __init__(self, args: ModelArgs, layer_id: int, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.attention = Attention(args, layer_id)
-        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention = Attention(args, layer_id, tp)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim, tp)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -209,15 +213,17 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """Code Llama. ``forward(tokens, start_pos)`` has the semantics of Meta's reference model."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, tp: TensorParallel = SINGLE):
+        """``tp``: this rank's place when the model is split across processes (see ``codellama.distributed``)."""
         super().__init__()
         if args.vocab_size <= 0:
             raise ValueError("ModelArgs.vocab_size must be resolved (the loader takes it from the tokenizer) before building")
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        check_parallel(args, tp.world)
+        self.args, self.tp = args, tp
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim // tp.world)  # split along dim, as Meta does
+        self.layers = nn.ModuleList(TransformerBlock(args, i, tp) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = nn.Linear(args.dim, args.vocab_size // tp.world, bias=False)  # column-parallel, gathered
         self.cache: Optional[KVCache] = None
         self.ops = TorchOps
         self._inv_freq: Optional[torch.Tensor] = None
@@ -232,7 +238,7 @@ class Transformer(nn.Module):
             raise ValueError("the model's weights are still on the meta device: load a checkpoint before setup_cache")
         self.clear_cache()
         a = self.args
-        self.cache = KVCache(a.n_layers, max_batch_size, max_seq_len, a.kv_heads, a.head_dim,
+        self.cache = KVCache(a.n_layers, max_batch_size, max_seq_len, local_heads(a, self.tp)[1], a.head_dim,
                              dtype or ref.dtype, ref.device)
         return self.cache
 
@@ -294,7 +300,7 @@ class Transformer(nn.Module):
         cos, sin = rope_angles(positions, self._inv_freq)  # (B|1, T, hd/2)
         step = _Step(start_pos, end, cos, sin, cache, self.ops)
 
-        h = self.tok_embeddings(tokens)  # (B, T, D)
+        h = self.tp.all_gather(self.tok_embeddings(tokens))  # (B, T, D)
         for layer in self.layers:
             h = layer(h, step)
         if logits_index is not None:
@@ -302,7 +308,7 @@ class Transformer(nn.Module):
                 h = h[:, [logits_index]]
             else:
                 h = h[torch.arange(B, device=device), logits_index.to(device)].unsqueeze(1)  # (B, 1, D)
-        return self.output(self.norm(h, self.ops)).float()
+        return self.tp.all_gather(self.output(self.norm(h, self.ops))).float()
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, start_pos: int = 0, chunk_size: Optional[int] = None) -> torch.Tensor:
