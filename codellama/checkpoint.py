@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from .config import ModelArgs
+from .config import ModelArgs, read_json
 from .cpu import optimize_for_cpu
 from .distributed import SINGLE, TensorParallel, shard_slices, slice_for
 from .model import Transformer, default_device, default_dtype, parse_dtype
@@ -233,11 +233,9 @@ def _hf_files(ckpt_dir: str) -> Dict[str, str]:
     index = os.path.join(ckpt_dir, "model.safetensors.index.json")
     single = os.path.join(ckpt_dir, "model.safetensors")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            try:
-                weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{index} is not a safetensors index (needs a 'weight_map'): {e}") from None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} is not a safetensors index: it needs a 'weight_map' object")
         files = {name: os.path.join(ckpt_dir, fname) for name, fname in weight_map.items()}
         for path in sorted(set(files.values())):
             if not os.path.isfile(path):
@@ -255,12 +253,7 @@ def _hf_files(ckpt_dir: str) -> Dict[str, str]:
 def _open_hf(ckpt_dir: str) -> CheckpointSource:
     from safetensors import safe_open
 
-    config_path = os.path.join(ckpt_dir, "config.json")
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    config = read_json(os.path.join(ckpt_dir, "config.json"))
     params = ModelArgs.from_hf_config(config)
     files = _hf_files(ckpt_dir)
     handles: Dict[str, object] = {}

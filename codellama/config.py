@@ -100,12 +100,12 @@ class ModelArgs:
     @classmethod
     def from_params_json(cls, path: str | os.PathLike) -> "ModelArgs":
         """From Meta's ``params.json``."""
-        return cls.from_dict(_read_json(path))
+        return cls.from_dict(read_json(path))
 
     @classmethod
     def from_hf_config(cls, config: str | os.PathLike | Dict[str, Any]) -> "ModelArgs":
         """From a Hugging Face ``config.json`` (a path or the loaded dict) of a ``LlamaForCausalLM``."""
-        cfg = config if isinstance(config, dict) else _read_json(config)
+        cfg = config if isinstance(config, dict) else read_json(config)
         where = "config.json" if isinstance(config, dict) else str(config)
         required = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
         missing = [k for k in required if k not in cfg]
@@ -218,7 +218,8 @@ def _ffn_params_for(dim: int, hidden_dim: int) -> tuple[int, Optional[float]]:
     raise ValueError(f"cannot express intermediate_size={hidden_dim} for dim={dim} as Meta FFN parameters")
 
 
-def _read_json(path: str | os.PathLike) -> Dict[str, Any]:
+def read_json(path: str | os.PathLike) -> Dict[str, Any]:
+    """A JSON object from ``path``, with errors that name the file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
