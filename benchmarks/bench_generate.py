@@ -21,8 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from codellama import Llama, ModelArgs, load_model
+from codellama import Llama, ModelArgs, Transformer, load_model
 from codellama.checkpoint import to_hf_state_dict
+from codellama.cpu import optimize_for_cpu
 from codellama.model import parse_dtype
 
 SIZES = {  # Code Llama 7B's proportions, scaled down (vocab and head_dim kept)
@@ -82,15 +83,14 @@ def run(args) -> None:
         else:
             margs = ModelArgs(**SIZES[args.size])
             with torch.device("meta"):
-                from codellama import Transformer
                 model = Transformer(margs)
             sd = {k: (torch.randn(v.shape) / v.shape[-1] ** 0.5 if v.dim() > 1 else torch.ones(v.shape)).to(dtype)
                   for k, v in model.state_dict().items()}
             model.load_state_dict(sd, assign=True)
-            model.eval()
+            optimize_for_cpu(model.eval())  # what load_model does on CPU
         a = model.args
         hf = hf_model(model, dtype)
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = a.num_params()
         weight_bytes = (n_params - a.vocab_size * a.dim) * dtype.itemsize  # the embedding reads one row per token
         bw = matvec_bandwidth(dtype)
         print(f"\nmodel: {n_params / 1e6:.0f}M parameters (dim {a.dim}, {a.n_layers} layers, {a.n_heads}/{a.kv_heads} heads), "
