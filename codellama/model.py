@@ -331,12 +331,14 @@ def select_ops(attention: str, device: torch.device | str):
     if attention == "torch" or (attention == "auto" and torch.device(device).type != "cuda"):
         return TorchOps
     try:
-        from kernels import TritonOps, triton_available
+        from kernels import TritonOps, interpreting, triton_available
     except ImportError as e:
         if attention == "auto":
             return TorchOps
         raise ValueError(f"attention='triton' needs the kernels package and Triton: {e}") from None
     ok, why = triton_available()
+    if ok and torch.device(device).type == "cpu" and not interpreting():
+        ok, why = False, "the model is on the CPU; Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1)"
     if ok:
         return TritonOps
     if attention == "auto":
