@@ -55,6 +55,9 @@ class Llama:
         package; ``tokenizer_path`` defaults to ``ckpt_dir/tokenizer.model``. Runs in a plain process on
         CPU, CUDA or MPS; ``device``/``dtype`` default to CUDA/bf16 where available, else CPU/fp32.
         ``attention`` picks the kernels: ``"auto"`` (Triton on CUDA), ``"torch"`` or ``"triton"``.
+        Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is split across the ranks (tensor parallelism,
+        ``model_parallel_size`` defaulting to the world size): each rank joins the process group, takes
+        its GPU (``LOCAL_RANK``) and loads only its slices, whatever the checkpoint's shard count.
         """
         world, rank, local_rank = env_world()
         if model_parallel_size is None:
