@@ -6,6 +6,8 @@ single row ``x``. Two facts of torch's CPU kernels, measured by ``benchmarks/ben
 * fp32: BLAS streams a weight stored as (in, out) much faster than Meta's (out, in) when ``in`` is small
   (5× for the 32016 × 128 output layer of a small model, 10-30% for 7B's layers). We keep the Meta shape
   and names but store the data column-major: ``weight`` becomes a transposed view of an (in, out) tensor.
+* Fusing ``wq, wk, wv`` (and ``w1, w3``) into one matrix lets the hardware prefetcher run along one
+  long weight stream instead of three short ones (about 15% more bandwidth on a 1024-wide model).
 * bf16: ``F.linear`` re-lays out the weight on every call; oneDNN with the weight packed once reads it
   at close to bandwidth. ``PackedLinear`` holds only the packed copy and gives the dense weight back
   in ``state_dict`` so checkpoints and conversions see ordinary tensors.
@@ -59,7 +61,12 @@ class PackedLinear(nn.Module):
 
 
 def optimize_for_cpu(model: nn.Module) -> nn.Module:
-    """Re-lay out a CPU model's linear weights for fast decoding, in place (results are unchanged)."""
+    """Fuse a CPU model's input projections and re-lay out its linear weights for fast decoding, in place.
+
+    Results, parameter names and ``state_dict`` values are unchanged.
+    """
+    if hasattr(model, "fuse"):
+        model.fuse()  # wq|wk|wv and w1|w3 as one matmul each: longer weight streams, fewer calls
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear) or child.bias is not None or child.weight.device.type != "cpu":

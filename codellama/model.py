@@ -159,7 +159,58 @@ class _Step:
     ops: type
 
 
-class Attention(nn.Module):
+class FusableProjections(nn.Module):
+    """A module whose input projections (e.g. ``wq, wk, wv``) can be fused into one matmul.
+
+    ``fuse()`` replaces them by one ``nn.Linear`` over the concatenated rows: one pass over the input and
+    one longer weight stream, which matters for memory-bound decoding. ``state_dict`` and
+    ``load_state_dict`` keep speaking Meta's names, so a fused model saves and loads like any other.
+    """
+
+    FUSED: str  # name of the fused projection
+    PARTS: Tuple[str, ...]  # the projections it replaces, in order
+
+    def __init__(self):
+        super().__init__()
+        self.fused_sizes: Optional[Tuple[int, ...]] = None
+        self._register_state_dict_hook(FusableProjections._split_state)
+        self._register_load_state_dict_pre_hook(self._join_state)
+
+    def fuse(self) -> None:
+        if self.fused_sizes is not None:
+            return
+        parts = [getattr(self, name) for name in self.PARTS]
+        weight = torch.cat([p.weight.detach() for p in parts])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=parts[0].weight.requires_grad)
+        self.fused_sizes = tuple(p.out_features for p in parts)
+        for name in self.PARTS:
+            delattr(self, name)
+        setattr(self, self.FUSED, fused)
+
+    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The input projections of x, fused or not."""
+        if self.fused_sizes is None:
+            return tuple(getattr(self, name)(x) for name in self.PARTS)
+        return getattr(self, self.FUSED)(x).split(self.fused_sizes, dim=-1)
+
+    @staticmethod
+    def _split_state(module, state, prefix, _):
+        if module.fused_sizes is not None:
+            weight = state.pop(prefix + module.FUSED + ".weight")
+            for name, part in zip(module.PARTS, weight.split(module.fused_sizes)):
+                state[prefix + name + ".weight"] = part
+        return state
+
+    def _join_state(self, state, prefix, *_):
+        keys = [prefix + name + ".weight" for name in self.PARTS]
+        if self.fused_sizes is not None and all(k in state for k in keys):
+            state[prefix + self.FUSED + ".weight"] = torch.cat([state.pop(k) for k in keys])
+
+
+class Attention(FusableProjections):
+    FUSED, PARTS = "wqkv", ("wq", "wk", "wv")
+
     def __init__(self, args: ModelArgs, layer_id: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.layer_id, self.tp = layer_id, tp
@@ -172,9 +223,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = step.ops.rotary(q, k, step.cos, step.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, hd)
         if step.cache is not None:
@@ -183,7 +235,9 @@ class Attention(nn.Module):
         return self.tp.all_reduce(self.wo(out.transpose(1, 2).reshape(B, T, -1)))  # row-parallel: sum the ranks
 
 
-class FeedForward(nn.Module):
+class FeedForward(FusableProjections):
+    FUSED, PARTS = "w13", ("w1", "w3")
+
     def __init__(self, dim: int, hidden_dim: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.tp = tp
@@ -193,7 +247,8 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        gate, up = self.project(x)
+        return self.tp.all_reduce(self.w2(F.silu(gate) * up))
 
 
 class TransformerBlock(nn.Module):
@@ -245,6 +300,13 @@ class Transformer(nn.Module):
     def clear_cache(self) -> None:
         """Free the KV cache."""
         self.cache = None
+
+    def fuse(self) -> "Transformer":
+        """Fuse each layer's ``wq, wk, wv`` and ``w1, w3`` into one projection (names in ``state_dict`` unchanged)."""
+        for layer in self.layers:
+            layer.attention.fuse()
+            layer.feed_forward.fuse()
+        return self
 
     def set_attention(self, attention: str = "auto") -> None:
         """Choose the kernels for RMSNorm, RoPE and attention: ``"torch"``, ``"triton"`` or ``"auto"``.

@@ -20,7 +20,7 @@ def test_fp32_column_major_weights_keep_names_shapes_and_results():
     plain = random_model(ARGS, seed=1)
     expected = logits(plain)
     fast = optimize_for_cpu(random_model(ARGS, seed=1))
-    assert fast.layers[0].attention.wq.weight.stride() == (1, ARGS.dim)  # stored (in, out)
+    assert fast.layers[0].attention.wqkv.weight.stride(0) == 1  # fused, stored (in, out)
     torch.testing.assert_close(logits(fast), expected, atol=1e-5, rtol=1e-5)
     for k, v in random_state_dict(ARGS, seed=1).items():
         assert torch.equal(fast.state_dict()[k], v), k
@@ -31,7 +31,7 @@ def test_bf16_packed_weights_round_trip_and_compute_the_same(tmp_path):
     plain = random_model(ARGS, seed=2, dtype=torch.bfloat16)
     expected = logits(plain)
     fast = optimize_for_cpu(random_model(ARGS, seed=2, dtype=torch.bfloat16))
-    assert isinstance(fast.layers[1].feed_forward.w2, PackedLinear) and isinstance(fast.output, PackedLinear)
+    assert isinstance(fast.layers[1].feed_forward.w13, PackedLinear) and isinstance(fast.output, PackedLinear)
     got = logits(fast)
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()  # bf16 outputs, different kernels
     assert got.argmax(-1).eq(expected.argmax(-1)).float().mean() > 0.9
@@ -46,3 +46,15 @@ def test_load_model_optimizes_on_cpu_unless_asked_not_to(tmp_path):
     write_checkpoint(tmp_path, ARGS, "meta", seed=4)
     assert load_model(tmp_path, device="cpu").output.weight.stride() == (1, ARGS.vocab_size)
     assert load_model(tmp_path, device="cpu", optimize=False).output.weight.stride() == (ARGS.dim, 1)
+
+
+def test_fused_projections_keep_logits_and_meta_names():
+    model = random_model(ARGS, seed=5)
+    expected = logits(model)
+    model.fuse()
+    assert not hasattr(model.layers[0].attention, "wq") and hasattr(model.layers[0].feed_forward, "w13")
+    torch.testing.assert_close(logits(model), expected, atol=1e-6, rtol=1e-6)
+    reference = random_state_dict(ARGS, seed=5)
+    assert model.state_dict().keys() == reference.keys()
+    model.load_state_dict(random_state_dict(ARGS, seed=6))  # Meta names load into the fused model
+    torch.testing.assert_close(logits(model), logits(random_model(ARGS, seed=6)), atol=1e-6, rtol=1e-6)
