@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="A minimal, readable, fast PyTorch implementation of Meta's Code Llama models",
     packages=find_packages(include=["codellama", "codellama.*", "kernels", "kernels.*"]),
-    include_package_data=True,
+    package_data={"codellama": ["assets/tiny/*"]},  # the bundled tiny model (params, weights, tokenizer)
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",
