@@ -96,6 +96,15 @@ def dtype_problem(name: str, t: torch.Tensor, allowed: Tuple[torch.dtype, ...] =
     return None
 
 
+def head_tensor_problem(name: str, t: torch.Tensor, dims: str) -> Optional[str]:
+    """Checks a 4-D float tensor whose last (head_dim) dimension is contiguous; ``dims`` names the first three."""
+    if t.dim() != 4:
+        return f"{name} must be 4-D ({dims}, head_dim), got shape {tuple(t.shape)}"
+    if t.stride(-1) != 1:
+        return f"{name} must be contiguous in its last (head_dim) dimension, got strides {t.stride()}"
+    return dtype_problem(name, t)
+
+
 def start_pos_problem(start_pos: StartPos, batch: int, device: torch.device) -> Optional[str]:
     """Checks an int or a (B,) integer tensor of per-row positions (values of a tensor are not read: no sync)."""
     if isinstance(start_pos, torch.Tensor):
@@ -117,13 +126,9 @@ def attention_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_p
                       max_head_dim: int = 256) -> Optional[str]:
     """Why the attention kernels cannot take these inputs, or None. Shapes: q (B, H, T, hd), k/v (B, Hkv, L, hd)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            return f"{name} must be 4-D ({'B, H, T' if name == 'q' else 'B, Hkv, L'}, head_dim), got shape {tuple(t.shape)}"
-        problem = dtype_problem(name, t)
+        problem = head_tensor_problem(name, t, "B, H, T" if name == "q" else "B, Hkv, L")
         if problem:
             return problem
-        if t.stride(-1) != 1:
-            return f"{name} must be contiguous in its last (head_dim) dimension, got strides {t.stride()}"
     if not (q.dtype == k.dtype == v.dtype):
         return f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
     B, H, T, hd = q.shape

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import device_problem, dtype_problem
+from . import device_problem, head_tensor_problem
 
 MAX_HEAD_DIM = 1024
 
@@ -88,13 +88,9 @@ def _rope_kernel(
 def rotary_problem(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[str]:
     """Why the kernel cannot take these inputs, or None."""
     for name, t in (("q", q), ("k", k)):
-        if t.dim() != 4:
-            return f"{name} must be 4-D (B, T, heads, head_dim), got shape {tuple(t.shape)}"
-        problem = dtype_problem(name, t)
+        problem = head_tensor_problem(name, t, "B, T, heads")
         if problem:
             return problem
-        if t.stride(-1) != 1:
-            return f"{name} must be contiguous in its last (head_dim) dimension, got strides {t.stride()}"
     B, T, _, hd = q.shape
     if k.shape[0] != B or k.shape[1] != T or k.shape[3] != hd:
         return f"k of shape {tuple(k.shape)} does not match q of shape {tuple(q.shape)} (B, T and head_dim must agree)"
