@@ -1,6 +1,7 @@
 """Code infilling: fill the <FILL> gap of each prompt from the code before and after it.
 
     python example_infill.py --ckpt_dir CodeLlama-7b/
+    python example_infill.py --prompt $'def area(r):\n    <FILL>\n'
 """
 
 from codellama.cli import build, example_parser, is_main_process, run
@@ -23,13 +24,16 @@ def split_prompt(prompt: str) -> tuple[str, str]:
 
 def main() -> None:
     parser = example_parser(__doc__, temperature=0.0, top_p=0.9, max_seq_len=192, max_batch_size=4, max_gen_len=128)
+    parser.add_argument("--prompt", action="append", default=None,
+                        help=f"your own code with one {FILL} marker (repeatable; default: the built-in prompts)")
     args = parser.parse_args()
+    prompts = args.prompt or PROMPTS
+    prefixes, suffixes = zip(*(split_prompt(p) for p in prompts))  # check the markers before loading
     generator = build(args)
-    prefixes, suffixes = zip(*(split_prompt(p) for p in PROMPTS))
     results = generator.text_infilling(list(prefixes), list(suffixes), temperature=args.temperature, top_p=args.top_p,
                                        max_gen_len=args.max_gen_len)
     if is_main_process():
-        for prompt, result in zip(PROMPTS, results):
+        for prompt, result in zip(prompts, results):
             print("\n================= Prompt text =================\n")
             print(prompt)
             print("\n================= Filled text =================\n")

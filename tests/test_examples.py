@@ -73,3 +73,28 @@ def test_completion_under_torchrun(stories_dir):
 def test_bad_checkpoint_dir_is_one_clear_line(tmp_path):
     r = run("example_completion.py", "--ckpt_dir", str(tmp_path / "missing"))
     assert r.returncode == 2 and r.stderr.startswith("error: tokenizer not found") and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- the bundled tiny model
+@pytest.mark.parametrize("script, marker, count", [("example_completion.py", "> ", 2),
+                                                   ("example_infill.py", "Filled text", 4),
+                                                   ("example_instruct.py", "> Assistant:", 3)])
+def test_examples_run_with_no_arguments(script, marker, count):
+    r = run(script)
+    assert r.returncode == 0, r.stderr
+    assert "using the bundled tiny model" in r.stderr
+    assert r.stdout.count(marker) == count
+
+
+def test_infill_example_completes_a_missing_return_line_with_valid_python():
+    import ast
+    prefix = 'def add(a, b):\n    """Return the sum of a and b."""\n'
+    suffix = '\n\n\ndef sub(a, b):\n    """Return a minus b."""\n    return a - b\n'
+    r = run("example_infill.py", "--prompt", prefix + "<FILL>" + suffix, "--max_gen_len", "32")
+    assert r.returncode == 0, r.stderr
+    filled = r.stdout.split("================= Filled text =================\n\n", 1)[1]
+    full_text = filled[:-1]  # print() added one newline
+    assert full_text.startswith(prefix) and full_text.endswith(suffix)
+    middle = full_text[len(prefix):len(full_text) - len(suffix)]
+    assert "return" in middle
+    ast.parse(full_text)  # the filled function is valid Python
