@@ -1,0 +1,246 @@
+"""Measure a Code Llama checkpoint on the tiny model's held-out files (``training/heldout.txt``).
+
+    python -m training.evaluate_tiny                           # the bundled model (codellama/assets/tiny)
+    python -m training.evaluate_tiny --ckpt_dir runs/tiny/model --json runs/tiny/eval.json
+
+Two measurements, each beside a baseline computed from the training files:
+
+1. **Bits per byte** of the held-out files, read as plain code: each file is cut into runs of whole lines
+   of at most ``seq_len - 1`` tokens, each scored as ``<s> chunk`` (every token after ``<s>``). Baseline:
+   a unigram model of the training files' tokens (add-one smoothed), on the same tokens. Bits per byte
+   divides the total by the UTF-8 bytes of the text, so it does not depend on the tokenizer.
+2. **Single-line infilling exact match**: ``--lines`` non-blank lines drawn with ``random.Random(--seed)``
+   from all non-blank lines of the held-out files; each is hidden and infilled greedily from up to
+   ``--prefix_tokens`` tokens of whole lines before it and ``--suffix_tokens`` after it, once in each of
+   Code Llama's prompt formats (PSM, the library's default, and SPM, ``suffix_first=True``). The
+   generation stops at ``<EOT>``, ``</s>`` or a newline; it is right if it equals the hidden line
+   (indentation included, trailing whitespace ignored). Baseline: always answering the training files'
+   most common line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as `python training/evaluate_tiny.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from codellama import Llama, Tokenizer, Transformer, load_model
+from codellama.generation import DEFAULT_CKPT_DIR
+from codellama.prompts import infilling_prompt_tokens
+from training.data import line_chunks, load_corpus
+
+
+@dataclass
+class LossReport:
+    tokens: int
+    bytes: int
+    model_nats_per_token: float
+    model_bits_per_byte: float
+    unigram_bits_per_byte: float
+
+
+@dataclass
+class InfillReport:
+    mode: str  # "PSM" or "SPM"
+    lines: int
+    model_exact_match: float
+    baseline_exact_match: float
+    baseline_line: str
+
+
+# ----------------------------------------------------------------------------- bits per byte
+def scoring_rows(tok: Tokenizer, texts: Sequence[str], seq_len: int) -> Tuple[List[List[int]], int]:
+    """``<s> chunk`` rows covering ``texts`` (whole lines, at most ``seq_len`` tokens) and their UTF-8 byte count."""
+    rows, n_bytes = [], 0
+    for text in texts:
+        for chunk in line_chunks(tok, text, seq_len - 1):
+            row = tok.encode(chunk, bos=True, eos=False)[:seq_len]
+            rows.append(row)
+            n_bytes += len(tok.decode(row[1:]).encode())  # the chunk itself unless a giant line was cut
+    return rows, n_bytes
+
+
+@torch.no_grad()
+def token_nlls(model: Transformer, rows: List[List[int]], batch_size: int = 8) -> np.ndarray:
+    """Negative log-likelihood (nats) of every token after the first of each row, concatenated in order."""
+    device = model.tok_embeddings.weight.device
+    out = []
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: less padding
+    nll_of: Dict[int, np.ndarray] = {}
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        T = max(len(rows[i]) for i in idx)
+        x = torch.zeros(len(idx), T, dtype=torch.long)
+        for r, i in enumerate(idx):
+            x[r, :len(rows[i])] = torch.tensor(rows[i])
+        x = x.to(device)
+        logits = model(x)  # (B, T, V) float32
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none").cpu().numpy()  # (B, T-1)
+        for r, i in enumerate(idx):
+            nll_of[i] = nll[r, :len(rows[i]) - 1]
+    for i in range(len(rows)):
+        out.append(nll_of[i])
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def unigram_log_probs(tok: Tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """log p(token) of an add-one smoothed unigram model of ``texts`` encoded as the rows are, (V,)."""
+    counts = np.ones(tok.n_words, dtype=np.float64)
+    for text in texts:
+        counts += np.bincount(tok.encode(text, bos=False, eos=False), minlength=tok.n_words)
+    return np.log(counts / counts.sum())
+
+
+def measure_loss(model: Transformer, tok: Tokenizer, heldout: Sequence[str], train: Sequence[str],
+                 seq_len: int, batch_size: int = 8) -> LossReport:
+    rows, n_bytes = scoring_rows(tok, heldout, seq_len)
+    nll = token_nlls(model, rows, batch_size)
+    targets = np.concatenate([np.array(r[1:], dtype=np.int64) for r in rows])
+    unigram_nll = -unigram_log_probs(tok, train)[targets]
+    to_bpb = 1 / (n_bytes * math.log(2))
+    return LossReport(tokens=int(len(targets)), bytes=n_bytes, model_nats_per_token=float(nll.mean()),
+                      model_bits_per_byte=float(nll.sum() * to_bpb), unigram_bits_per_byte=float(unigram_nll.sum() * to_bpb))
+
+
+# ----------------------------------------------------------------------------- single-line infilling
+@dataclass
+class InfillCase:
+    path: str
+    line_no: int  # 0-based
+    prefix: str
+    middle: str  # the hidden line, without its newline
+    suffix: str  # starts with the hidden line's newline
+
+
+def infill_cases(tok: Tokenizer, heldout: Dict[str, str], n: int, seed: int, prefix_tokens: int,
+                 suffix_tokens: int) -> List[InfillCase]:
+    """``n`` hidden-line cases drawn from the non-blank lines of ``heldout`` (fixed by ``seed``)."""
+    candidates = [(path, i) for path, text in heldout.items()
+                  for i, line in enumerate(text.splitlines(keepends=True)) if line.strip()]
+    if n > len(candidates):
+        raise ValueError(f"asked for {n} lines but the held-out files have only {len(candidates)} non-blank lines")
+    picks = sorted(random.Random(seed).sample(candidates, n))
+    split = {path: text.splitlines(keepends=True) for path, text in heldout.items()}
+    cases = []
+    for path, i in picks:
+        lines = split[path]
+        a, used = i, 0  # whole lines before the hidden one, nearest first, within prefix_tokens
+        while a > 0:
+            cost = len(tok.encode(lines[a - 1], bos=False, eos=False))
+            if used + cost > prefix_tokens:
+                break
+            a, used = a - 1, used + cost
+        b, used = i + 1, 0
+        while b < len(lines):
+            cost = len(tok.encode(lines[b], bos=False, eos=False))
+            if used + cost > suffix_tokens:
+                break
+            b, used = b + 1, used + cost
+        middle = lines[i].rstrip("\n")
+        cases.append(InfillCase(path, i, "".join(lines[a:i]), middle, lines[i][len(middle):] + "".join(lines[i + 1:b])))
+    return cases
+
+
+def infill_lines(generator: Llama, cases: Sequence[InfillCase], batch_size: int, max_gen_len: int = 64,
+                 suffix_first: bool = False) -> List[str]:
+    """Greedy infilling (PSM, or SPM with ``suffix_first``) of each case, cut at the first newline (the
+    newline piece is also a stop token)."""
+    tok = generator.tokenizer
+    newline = tok.sp_model.piece_to_id("<0x0A>")
+    stops = [tok.eot_id, tok.eos_id, newline]
+    out = []
+    for k in range(0, len(cases), batch_size):
+        part = cases[k:k + batch_size]
+        prompts = [infilling_prompt_tokens(tok, c.prefix, c.suffix, suffix_first) for c in part]
+        tokens, _ = generator.generate(prompts, max_gen_len=max_gen_len, temperature=0.0, stop_token=stops)
+        out += [tok.decode_infilling(t).split("\n", 1)[0] for t in tokens]
+    return out
+
+
+def most_common_line(texts: Sequence[str]) -> str:
+    """The most frequent non-blank line (indentation kept, trailing whitespace dropped) of ``texts``."""
+    counts = Counter(line.rstrip() for text in texts for line in text.split("\n") if line.strip())
+    return counts.most_common(1)[0][0]
+
+
+def measure_infilling(generator: Llama, heldout: Dict[str, str], train: Sequence[str], n: int, seed: int,
+                      prefix_tokens: int, suffix_tokens: int, batch_size: int,
+                      suffix_first: bool = False) -> Tuple[InfillReport, List[Tuple[InfillCase, str]]]:
+    cases = infill_cases(generator.tokenizer, heldout, n, seed, prefix_tokens, suffix_tokens)
+    preds = infill_lines(generator, cases, batch_size, suffix_first=suffix_first)
+    baseline = most_common_line(train)
+    model_hits = sum(p.rstrip() == c.middle.rstrip() for c, p in zip(cases, preds))
+    base_hits = sum(baseline == c.middle.rstrip() for c in cases)
+    report = InfillReport(mode="SPM" if suffix_first else "PSM", lines=len(cases), model_exact_match=model_hits / len(cases),
+                          baseline_exact_match=base_hits / len(cases), baseline_line=baseline)
+    return report, list(zip(cases, preds))
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt_dir", default=DEFAULT_CKPT_DIR, help="checkpoint to measure (default: the bundled tiny model)")
+    parser.add_argument("--seq_len", type=int, default=512, help="the context the model was trained on")
+    parser.add_argument("--lines", type=int, default=500, help="hidden lines for the infilling measurement")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prefix_tokens", type=int, default=128)
+    parser.add_argument("--suffix_tokens", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    parser.add_argument("--show", type=int, default=0, help="print this many infilling cases")
+    args = parser.parse_args(argv)
+    if args.seq_len < 2 or args.prefix_tokens + args.suffix_tokens + 64 + 4 > args.seq_len:
+        raise ValueError(f"--prefix_tokens + --suffix_tokens + 68 must fit in --seq_len={args.seq_len}")
+
+    corpus = load_corpus()
+    print(corpus.describe(), file=sys.stderr)
+    if corpus.missing_heldout:
+        print(f"warning: {len(corpus.missing_heldout)} held-out files are missing from this Python, so the numbers "
+              f"differ from the model card's: {corpus.missing_heldout}", file=sys.stderr)
+    ckpt_dir = Path(args.ckpt_dir)
+    tok = Tokenizer(ckpt_dir / "tokenizer.model")
+    model = load_model(ckpt_dir, device=args.device, dtype=torch.float32)
+    heldout, train = corpus.heldout, list(corpus.train.values())
+
+    loss = measure_loss(model, tok, list(heldout.values()), train, args.seq_len, args.batch_size)
+    generator = Llama(model, tok, max_seq_len=args.seq_len, max_batch_size=args.batch_size)
+    infills = []
+    for suffix_first in (False, True):
+        infill, examples = measure_infilling(generator, heldout, train, args.lines, args.seed, args.prefix_tokens,
+                                             args.suffix_tokens, args.batch_size, suffix_first=suffix_first)
+        infills.append(infill)
+        for case, pred in examples[:args.show]:
+            mark = "✓" if pred.rstrip() == case.middle.rstrip() else "✗"
+            print(f"{mark} {infill.mode} {case.path}:{case.line_no + 1}\n    want {case.middle!r}\n    got  {pred!r}")
+
+    print(f"held-out: {len(heldout)} files, {loss.bytes} bytes, {loss.tokens} tokens ({ckpt_dir})")
+    print("| measure | model | baseline |")
+    print("|---|---|---|")
+    print(f"| bits per byte (lower is better) | {loss.model_bits_per_byte:.3f} | {loss.unigram_bits_per_byte:.3f} (unigram) |")
+    print(f"| loss, nats per token | {loss.model_nats_per_token:.3f} | |")
+    for infill in infills:
+        print(f"| single-line infilling exact match, {infill.mode}, {infill.lines} lines | "
+              f"{100 * infill.model_exact_match:.1f}% | {100 * infill.baseline_exact_match:.1f}% "
+              f"(always {infill.baseline_line!r}) |")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"ckpt_dir": str(ckpt_dir), "loss": asdict(loss),
+                                         "infilling": [asdict(i) for i in infills]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
