@@ -23,7 +23,7 @@ def split_prompt(prompt: str) -> tuple[str, str]:
 
 
 def main() -> None:
-    parser = example_parser(__doc__, temperature=0.0, top_p=0.9, max_seq_len=192, max_batch_size=4, max_gen_len=128)
+    parser = example_parser(__doc__, temperature=0.0, top_p=0.9, max_seq_len=256, max_batch_size=4, max_gen_len=128)
     parser.add_argument("--prompt", action="append", default=None,
                         help=f"your own code with one {FILL} marker (repeatable; default: the built-in prompts)")
     args = parser.parse_args()
