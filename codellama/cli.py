@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Callable
 
+from .distributed import close_process_group
 from .generation import Llama
 from .model import ATTENTION_CHOICES, DTYPES
 
@@ -46,3 +47,9 @@ def run(main: Callable[[], None]) -> None:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if close_process_group():
+        # Under torchrun, gloo's C++ teardown at interpreter exit sometimes aborts a rank that has finished
+        # its work ("terminate called without an active exception"): leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -9,8 +9,10 @@ query heads use (KV heads are replicated, never split).
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -71,9 +73,26 @@ def init_tensor_parallel(world: int, rank: int, device: torch.device) -> TensorP
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, world_size=world, rank=rank,
                                 device_id=device if device.type == "cuda" else None)
+        atexit.register(close_process_group)
     if dist.get_world_size() != world:
         raise ValueError(f"the process group has {dist.get_world_size()} ranks but model_parallel_size is {world}")
     return TensorParallel(rank=dist.get_rank(), world=world, group=None)
+
+
+def close_process_group() -> bool:
+    """Tear down the process group (after a barrier, on gloo), if there is one; return whether there was.
+
+    Registered to run at exit by ``init_tensor_parallel``, so a process group left to the interpreter's
+    shutdown is still closed in order."""
+    if not dist.is_available() or not dist.is_initialized():
+        return False
+    if dist.get_backend() == "gloo":  # every rank done with its collectives before any connection closes
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=60))  # names a rank that died instead of hanging
+        except RuntimeError:
+            pass
+    dist.destroy_process_group()
+    return True
 
 
 def check_parallel(args: ModelArgs, world: int) -> None:

@@ -83,13 +83,18 @@ def test_four_ranks_with_replicated_kv_heads(ckpts, tmp_path):
     check(results, dirs, tok)
 
 
-def test_a_world_size_that_does_not_divide_fails_on_every_rank(tmp_path):
+def test_a_world_size_that_does_not_divide_fails_with_one_clear_line(tmp_path):
     from conftest import shared_path
     tok = shared_path("stories260K", "meta", "tokenizer.model")
     bad = write_checkpoint(tmp_path / "bad", ModelArgs(dim=96, n_layers=1, n_heads=6, vocab_size=512), "meta")
     r = torchrun(4, tmp_path / "out.pt", tok, [bad], timeout=120)
     assert r.returncode != 0
-    assert r.stderr.count("error: cannot split this model across 4 ranks: n_heads=6 is not divisible by 4") == 4
+    # Every rank finds the problem before any collective, so none hangs. torchrun stops the other ranks as
+    # soon as the first one exits, so how many of them get to print first is a matter of timing.
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert 1 <= len(lines) <= 4
+    assert all(line.startswith("error: cannot split this model across 4 ranks: n_heads=6 is not divisible by 4")
+               for line in lines), lines
     assert "codellama/" not in r.stderr  # no traceback from inside the library: one clear line per rank
 
 
