@@ -198,10 +198,14 @@ def plain_example(tok: Tokenizer, text: str, end_of_file: bool) -> List[int]:
     return tok.encode(text, bos=True, eos=end_of_file)
 
 
-def fim_example(tok: Tokenizer, text: str, i: int, j: int, suffix_first: bool) -> List[int]:
-    """Fill-in-the-middle with ``text[i:j]`` as the middle, in the library's PSM or SPM prompt + middle + EOT."""
+def _check_split_points(text: str, i: int, j: int) -> None:
     if not 0 <= i <= j <= len(text):
         raise ValueError(f"split points must satisfy 0 <= i <= j <= len(text) = {len(text)}, got {i}, {j}")
+
+
+def fim_example(tok: Tokenizer, text: str, i: int, j: int, suffix_first: bool) -> List[int]:
+    """Fill-in-the-middle with ``text[i:j]`` as the middle, in the library's PSM or SPM prompt + middle + EOT."""
+    _check_split_points(text, i, j)
     prompt = infilling_prompt_tokens(tok, text[:i], text[j:], suffix_first=suffix_first)
     return prompt + tok.encode_infilling(text[i:j]) + [tok.eot_id]
 
@@ -250,8 +254,7 @@ def instruct_pairs(sources: Mapping[str, str], max_request: int = 600, max_answe
 def widen_to_lines(text: str, i: int, j: int) -> Tuple[int, int]:
     """Widen the middle ``text[i:j]`` to whole lines: ``i`` back to the start of its line, ``j`` on to the end
     of its line (before the newline, which stays in the suffix, as when a line is hidden at inference)."""
-    if not 0 <= i <= j <= len(text):
-        raise ValueError(f"split points must satisfy 0 <= i <= j <= len(text) = {len(text)}, got {i}, {j}")
+    _check_split_points(text, i, j)
     end = text.find("\n", j)
     return text.rfind("\n", 0, i) + 1, len(text) if end < 0 else end
 
