@@ -88,7 +88,7 @@ def close_process_group() -> bool:
         return False
     if dist.get_backend() == "gloo":  # every rank done with its collectives before any connection closes
         try:
-            dist.monitored_barrier(timeout=timedelta(seconds=60))  # names a rank that died instead of hanging
+            dist.monitored_barrier(timeout=timedelta(seconds=60))  # gives up on a dead rank instead of hanging
         except RuntimeError:
             pass
     dist.destroy_process_group()

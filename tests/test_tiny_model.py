@@ -276,5 +276,7 @@ def test_training_is_seeded_and_resumable(tmp_path):
         assert torch.equal(value, weights["resumed"][key]), key
     model = load_model(exported, device="cpu", dtype=torch.float32)
     assert model.args.dim == 32 and model.args.vocab_size == 4096
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        train(TrainConfig(**{**cfg.__dict__, "init_from": str(tmp_path / "nope.pt")}), tmp_path / "x", torch.device("cpu"))
     with pytest.raises(ValueError, match="different configuration"):
         train(TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path / "straight", torch.device("cpu"))

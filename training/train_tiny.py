@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from codellama import ModelArgs, Tokenizer, Transformer
 from codellama.checkpoint import save_meta
-from training.data import ExampleSampler, instruct_pairs, line_chunks, load_corpus, train_tokenizer
+from training.data import ExampleSampler, instruct_pairs, load_corpus, train_tokenizer
+from training.evaluate_tiny import scoring_rows, token_nlls
 
 IGNORE = -100  # cross_entropy's ignore_index
 
@@ -139,36 +140,21 @@ def lm_loss(model: Transformer, rows: torch.Tensor, skip: torch.Tensor, bos_id: 
 
 
 def heldout_rows(tok: Tokenizer, texts: Sequence[str], seq_len: int, n: int) -> Tuple[List[List[int]], int]:
-    """``n`` fixed plain-LM rows (``<s>`` + whole lines) spread evenly over the held-out chunks, and the
-    number of UTF-8 bytes their tokens after ``<s>`` stand for."""
-    chunks = [c for t in texts for c in line_chunks(tok, t, seq_len - 1)]
-    picks = np.linspace(0, len(chunks) - 1, num=min(n, len(chunks))).round().astype(int)
-    rows = [tok.encode(chunks[i], bos=True, eos=False)[:seq_len] for i in picks]
+    """``n`` of ``evaluate_tiny``'s scoring rows (``<s>`` + whole lines), spread evenly over the held-out
+    files, and the number of UTF-8 bytes their tokens after ``<s>`` stand for."""
+    rows, _ = scoring_rows(tok, texts, seq_len)
+    picks = np.linspace(0, len(rows) - 1, num=min(n, len(rows))).round().astype(int)
+    rows = [rows[i] for i in picks]
     return rows, sum(len(tok.decode(r[1:]).encode()) for r in rows)  # decode drops the implicit leading space
 
 
-@torch.no_grad()
-def heldout_loss(model: Transformer, rows: List[List[int]], cfg: TrainConfig, device: torch.device,
-                 batch_size: int = 8) -> float:
-    """Mean loss (nats/token) over the tokens after ``<s>`` of ``rows`` (right-padded, padding ignored)."""
+def heldout_loss(model: Transformer, rows: List[List[int]], cfg: TrainConfig, device: torch.device) -> float:
+    """Mean loss (nats/token) over the tokens after ``<s>`` of ``rows``, under the training autocast."""
     model.eval()
-    total, count = 0.0, 0
-    for k in range(0, len(rows), batch_size):
-        part = rows[k:k + batch_size]
-        T = max(len(r) for r in part)
-        x = torch.zeros(len(part), T, dtype=torch.long)
-        y = torch.full((len(part), T), IGNORE, dtype=torch.long)
-        for i, r in enumerate(part):
-            x[i, :len(r)] = torch.tensor(r)
-            y[i, :len(r) - 1] = torch.tensor(r[1:])
-        with autocast(cfg, device):
-            logits = model(x.to(device))
-        y = y.to(device)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
-                                 reduction="sum").item()
-        count += int((y != IGNORE).sum())
+    with autocast(cfg, device):
+        nll = token_nlls(model, rows)
     model.train()
-    return total / count
+    return float(nll.mean())
 
 
 def export_checkpoint(model: Transformer, tokenizer_path: Path, out_dir: Path) -> None:
@@ -213,6 +199,8 @@ def train(cfg: TrainConfig, out_dir: Path, device: torch.device, ckpt_every: int
           log_every: int = 10, eval_rows: int = 32, stop_after: Optional[int] = None) -> Optional[Path]:
     """Run (or resume) training into ``out_dir``; return the directory of the exported checkpoint
     (None when ``stop_after`` ended the run early: run again to continue)."""
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise FileNotFoundError(f"--init_from: no such file: {cfg.init_from}")
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path, log_path = out_dir / "state.pt", out_dir / "log.jsonl"
     config_path = out_dir / "config.json"
@@ -251,8 +239,6 @@ def train(cfg: TrainConfig, out_dir: Path, device: torch.device, ckpt_every: int
     opt = make_optimizer(model, cfg)
     start = 0
     if cfg.init_from and not state_path.exists():
-        if not Path(cfg.init_from).is_file():
-            raise FileNotFoundError(f"--init_from: no such file: {cfg.init_from}")
         model.load_state_dict(torch.load(cfg.init_from, map_location=device, weights_only=True)["model"])
         print(f"starting from the weights of {cfg.init_from}", file=sys.stderr)
     if state_path.exists():
