@@ -1,7 +1,8 @@
 """Train the tiny Code Llama bundled with the package, from nothing, on this machine.
 
-One command builds the corpus (the running CPython's standard library, minus ``training/heldout.txt``),
-trains the SentencePiece tokenizer, trains the model and writes a Meta-layout checkpoint:
+One command builds the corpus (the running CPython's standard library and its test suite, minus
+``training/heldout.txt``), trains the SentencePiece tokenizer (on the library files), trains the model and
+writes a Meta-layout checkpoint:
 
     python -m training.train_tiny                      # → runs/tiny/model/{params.json,consolidated.00.pth,tokenizer.model}
     python -m training.evaluate_tiny --ckpt_dir runs/tiny/model
@@ -12,11 +13,11 @@ training.train_tiny``: busy-waiting OpenMP threads slow everything down several 
 
 The recipe is Code Llama's in miniature: next-token prediction where 90% of code examples are turned into
 fill-in-the-middle (half PSM, half SPM, split points uniform over characters, widened to whole lines in
-half of them: a departure from Code Llama that a model this small needs, see ``training/data.py``), plus 10% instruction pairs
-in the ``[INST]`` format. One target is left out of the loss: the first token after ``<MID>`` in SPM
-examples, which inference never asks for (see ``training/data.py``). AdamW with Llama's betas, weight decay and gradient
-clipping; linear warm-up then cosine decay; bf16 autocast. The forward pass is the library's own
-``Transformer``.
+half of them, and half of those to a single line: a departure from Code Llama that a model this small
+needs, see ``training/data.py``), plus 10% instruction pairs in the ``[INST]`` format. One target is left
+out of the loss: the first token after ``<MID>`` in SPM examples, which inference never asks for (see
+``training/data.py``). AdamW with Llama's betas, weight decay and gradient clipping; linear warm-up then
+cosine decay; bf16 autocast. The forward pass is the library's own ``Transformer``.
 
 Seeded: the weights' initialisation comes from ``--seed``, and the batch of step ``s`` is a function of
 ``(seed, s)`` alone. Resumable: the full training state is saved to ``<out_dir>/state.pt`` every
@@ -70,12 +71,12 @@ class TrainConfig:
     fim_rate: float = 0.9  # Code Llama's
     spm_rate: float = 0.5
     line_split_rate: float = 0.5  # FIM examples whose middle is widened to whole lines (see training/data.py)
-    one_line_share: float = 0.0  # of those, the share whose middle is a single line
+    one_line_share: float = 0.5  # of those, the share whose middle is a single line
     instruct_rate: float = 0.1
     long_share: float = 0.2  # examples that fill the rest of their row; the others are ≤ short_max tokens
     short_max: int = 192
     # optimisation
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 16
     lr: float = 2e-3
     min_lr: float = 2e-4
@@ -218,9 +219,12 @@ def train(cfg: TrainConfig, out_dir: Path, device: torch.device, ckpt_every: int
     print(corpus.describe(), file=sys.stderr)
     if corpus.missing_heldout:
         print(f"warning: held-out files missing from this Python: {corpus.missing_heldout}", file=sys.stderr)
+    if len(corpus.library) == len(corpus.train):
+        print("warning: this Python has no test suite (Debian: apt install libpython3-testsuite), so the training "
+              "data and the trained model differ from the model card's", file=sys.stderr)
     tok_path = out_dir / "tokenizer.model"
     if not tok_path.exists():
-        train_tokenizer(corpus.train.values(), tok_path, cfg.vocab_size)
+        train_tokenizer(corpus.library.values(), tok_path, cfg.vocab_size)
         print(f"trained the tokenizer: {tok_path}", file=sys.stderr)
     tok = Tokenizer(tok_path)
     if tok.n_words != cfg.vocab_size:
