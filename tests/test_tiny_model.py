@@ -18,14 +18,13 @@ import torch
 from codellama import Llama, ModelArgs, Tokenizer, load_model
 from codellama.prompts import chat_prompt_tokens, infilling_prompt_tokens
 from training.data import (ExampleSampler, widen_to_lines, choose_heldout, corpus_files, fim_example, instruct_example,
-                           instruct_pairs, is_corpus_file, is_test_file, line_chunks, load_corpus, plain_example, read_heldout_list,
-                           stdlib_root, train_tokenizer)
+                           instruct_pairs, is_corpus_file, is_test_file, line_chunks, load_corpus, plain_example,
+                           read_heldout_list, stdlib_root, train_tokenizer)
 from training.evaluate_tiny import infill_cases, rate, scoring_rows, token_nlls, wilson_interval
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ROOT / "codellama" / "assets" / "tiny"
 HELDOUT = ROOT / "training" / "heldout.txt"
-
 
 
 def missing_return_cases():
