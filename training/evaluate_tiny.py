@@ -197,14 +197,17 @@ def most_common_line(texts: Sequence[str]) -> str:
     return counts.most_common(1)[0][0]
 
 
-def measure_infilling(generator: Llama, heldout: Dict[str, str], train: Sequence[str], n: int, seed: int,
-                      prefix_tokens: int, suffix_tokens: int, batch_size: int,
+def is_exact(case: InfillCase, answer: str) -> bool:
+    """Whether ``answer`` is the hidden line (indentation included, trailing whitespace ignored)."""
+    return answer.rstrip() == case.middle.rstrip()
+
+
+def measure_infilling(generator: Llama, cases: Sequence[InfillCase], baseline: str, batch_size: int,
                       suffix_first: bool = False) -> Tuple[InfillReport, List[Tuple[InfillCase, str]]]:
-    cases = infill_cases(generator.tokenizer, heldout, n, seed, prefix_tokens, suffix_tokens)
+    """Exact match of the model's greedy infills of ``cases`` and of always answering ``baseline``."""
     preds = infill_lines(generator, cases, batch_size, suffix_first=suffix_first)
-    baseline = most_common_line(train)
-    model_hits = sum(p.rstrip() == c.middle.rstrip() for c, p in zip(cases, preds))
-    base_hits = sum(baseline == c.middle.rstrip() for c in cases)
+    model_hits = sum(is_exact(c, p) for c, p in zip(cases, preds))
+    base_hits = sum(is_exact(c, baseline) for c in cases)
     report = InfillReport(mode="SPM" if suffix_first else "PSM", lines=len(cases), model_exact_match=model_hits / len(cases),
                           baseline_exact_match=base_hits / len(cases), baseline_line=baseline,
                           model_hits=model_hits, baseline_hits=base_hits)
@@ -240,13 +243,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     loss = measure_loss(model, tok, list(heldout.values()), train, args.seq_len, args.batch_size)
     generator = Llama(model, tok, max_seq_len=args.seq_len, max_batch_size=args.batch_size)
+    cases = infill_cases(tok, heldout, args.lines, args.seed, args.prefix_tokens, args.suffix_tokens)
+    baseline = most_common_line(train)
     infills = []
-    for suffix_first in (False, True):
-        infill, examples = measure_infilling(generator, heldout, train, args.lines, args.seed, args.prefix_tokens,
-                                             args.suffix_tokens, args.batch_size, suffix_first=suffix_first)
+    for suffix_first in (False, True):  # the same hidden lines in both orders
+        infill, examples = measure_infilling(generator, cases, baseline, args.batch_size, suffix_first=suffix_first)
         infills.append(infill)
         for case, pred in examples[:args.show]:
-            mark = "✓" if pred.rstrip() == case.middle.rstrip() else "✗"
+            mark = "✓" if is_exact(case, pred) else "✗"
             print(f"{mark} {infill.mode} {case.path}:{case.line_no + 1}\n    want {case.middle!r}\n    got  {pred!r}")
 
     print(f"held-out: {len(heldout)} files, {loss.bytes} bytes, {loss.tokens} tokens ({ckpt_dir})")
