@@ -304,7 +304,9 @@ class ExampleSampler:
     the prefix). At inference the prefix is always given there, so predicting it is never needed, and
     learning it teaches the model that ``<MID>`` is followed by the start of a line, which in PSM
     prompts (where ``<MID>`` is followed by the middle) then wins over the right answer: a tiny model
-    trained with that target infills PSM prompts by starting a new line and gets no line right.
+    trained with that target infills PSM prompts by starting a new line and gets no line right. ``batch``
+    also numbers the targets of each PSM middle, so that training can weight its first tokens
+    (``TrainConfig.psm_weight``).
     """
 
     def __init__(self, tok: Tokenizer, texts: Sequence[str], pairs: Sequence[Tuple[str, str]], seq_len: int,
@@ -353,9 +355,10 @@ class ExampleSampler:
             end = min(len(text), start + max(1, n_chars))
         return text[start:end], end >= len(text), f, start
 
-    def _code_example(self, rng: np.random.Generator, budget: int) -> Tuple[List[int], Optional[int]]:
-        """A plain or FIM example of at most ``budget`` tokens, and the index of the position whose
-        next-token target is left out of the loss (an SPM example's ``<MID>``), if any."""
+    def _code_example(self, rng: np.random.Generator, budget: int) -> Tuple[List[int], Optional[int], Optional[int]]:
+        """A plain or FIM example of at most ``budget`` tokens; the index of the position whose next-token
+        target is left out of the loss (an SPM example's ``<MID>``), if any; and the index of a PSM
+        example's ``<MID>`` (whose target is the middle's first token), if any."""
         fim = rng.random() < self.fim_rate
         suffix_first = rng.random() < self.spm_rate
         line_split = rng.random() < self.line_split_rate
@@ -364,7 +367,7 @@ class ExampleSampler:
         n_chars = int(budget * self.chars_per_token * 0.9)
         text, eof, f, start = self._chunk(rng, n_chars)
         for _ in range(8):
-            skip = None
+            skip = mid = None
             if fim:
                 i, j = int(u[0] * len(text)), int(u[1] * len(text))
                 if line_split:
@@ -372,18 +375,22 @@ class ExampleSampler:
                 ids = fim_example(self.tok, text, i, j, suffix_first)
                 if suffix_first and i > 0:  # <s> <PRE> <SUF> suffix <MID> prefix…: not the prefix's first token
                     skip = 3 + len(self.tok.encode_infilling(text[j:]))
+                elif not suffix_first:  # … <MID> middle <EOT>
+                    mid = len(ids) - len(self.tok.encode_infilling(text[i:j])) - 2
             else:
                 ids = plain_example(self.tok, text, eof)
             if len(ids) <= budget:
-                return ids, skip
+                return ids, skip, mid
             n_chars = max(1, int(len(text) * budget / len(ids) * 0.9))
             text, eof, _, _ = self._cut(f, start, n_chars, whole_lines=False)  # too long: shrink, mid-line if need be
-        return plain_example(self.tok, text, False)[:budget], None  # pathological text: truncated plain example
+        return plain_example(self.tok, text, False)[:budget], None, None  # pathological text: truncated plain example
 
-    def row(self, rng: np.random.Generator) -> Tuple[List[int], List[int]]:
-        """One row of ``seq_len + 1`` token ids, and the positions whose next-token target the loss skips."""
+    def row(self, rng: np.random.Generator) -> Tuple[List[int], List[int], List[int]]:
+        """One row of ``seq_len + 1`` token ids, the positions whose next-token target the loss skips, and
+        the positions of PSM examples' ``<MID>``."""
         row: List[int] = []
         skips: List[int] = []
+        mids: List[int] = []
         need = self.seq_len + 1
         while need - len(row) >= self.min_example:
             left = need - len(row)
@@ -396,9 +403,11 @@ class ExampleSampler:
                 budget = left
             else:
                 budget = int(rng.integers(self.min_example, min(left, self.short_max) + 1))
-            ids, skip = self._code_example(rng, budget)
+            ids, skip, mid = self._code_example(rng, budget)
             if skip is not None:
                 skips.append(len(row) + skip)
+            if mid is not None:
+                mids.append(len(row) + mid)
             row += ids
         if len(row) < need:  # top up with the start of a plain chunk
             n = need - len(row)
@@ -406,20 +415,26 @@ class ExampleSampler:
             row += self.tok.encode(text, bos=True, eos=False)[:n]
             while len(row) < need:  # only for a corpus of tiny files
                 row += self.tok.encode(self._chunk(rng, 4 * n)[0], bos=True, eos=False)[:need - len(row)]
-        return row, skips
+        return row, skips, mids
 
-    def batch(self, seed: int, step: int, batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    def batch(self, seed: int, step: int, batch_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The batch for training step ``step``, a function of (seed, step) only, so a resumed run sees exactly
-        the data an uninterrupted one would: tokens (batch_size, seq_len + 1) int64, and a boolean
-        (batch_size, seq_len) mask of the positions whose next-token target the loss skips."""
+        the data an uninterrupted one would: tokens (batch_size, seq_len + 1) int64; a boolean
+        (batch_size, seq_len) mask of the positions whose next-token target the loss skips; and, for each
+        position, where its target stands in the middle of a PSM example, counting from 1 (the target of
+        ``<MID>``, the middle's first token), 0 outside PSM middles (batch_size, seq_len) int16."""
         rng = np.random.default_rng([seed, step])
         tokens = np.zeros((batch_size, self.seq_len + 1), dtype=np.int64)
         skip = np.zeros((batch_size, self.seq_len), dtype=bool)
+        psm_index = np.zeros((batch_size, self.seq_len), dtype=np.int16)
         for b in range(batch_size):
-            row, skips = self.row(rng)
+            row, skips, mids = self.row(rng)
             tokens[b] = row
             skip[b, skips] = True
-        return tokens, skip
+            for m in mids:  # the middle and its <EOT>: up to the row's end, which may cut it off
+                end = row.index(self.tok.eot_id, m) if self.tok.eot_id in row[m:] else self.seq_len
+                psm_index[b, m:end] = np.arange(1, end - m + 1)
+        return tokens, skip, psm_index
 
 
 # ----------------------------------------------------------------------------- evaluation helpers

@@ -15,7 +15,9 @@ Two measurements, each beside a baseline computed from the training files:
    Code Llama's prompt formats (PSM, the library's default, and SPM, ``suffix_first=True``). The
    generation stops at ``<EOT>``, ``</s>`` or a newline; it is right if it equals the hidden line
    (indentation included, trailing whitespace ignored). Baseline: always answering the library training
-   files' most common line.
+   files' most common line. Model and baseline answer the same lines, so besides each rate's 95% interval
+   the script gives McNemar's exact test of the difference, and two diagnostics: how often the answer has
+   the hidden line's indentation, and the teacher-forced loss of the hidden line's tokens by place.
 
 Both baselines are built from the library training files (``Corpus.library``), not the test suites the
 model also trains on: the held-out files are library code, so that is the stronger baseline.
@@ -64,6 +66,11 @@ class InfillReport:
     baseline_line: str
     model_hits: int
     baseline_hits: int
+    model_only: int  # lines the model gets right and the baseline does not
+    baseline_only: int  # and the other way round
+    p_value: float  # McNemar's exact test of model against baseline on the same lines (two-sided)
+    indent_hits: int  # answers with the hidden line's indentation (the first decision of an infill)
+    middle_nlls: Dict[str, float]  # teacher-forced loss of the hidden line's tokens, by place (middle_nlls)
 
 
 def wilson_interval(hits: int, n: int, z: float = 1.96) -> Tuple[float, float]:
@@ -74,6 +81,17 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> Tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Two-sided p-value of McNemar's exact test: two methods scored on the same items, ``b`` items only
+    the first gets right, ``c`` only the second; under "equally good" the ``b + c`` disagreements split
+    like fair coin tosses."""
+    if b < 0 or c < 0:
+        raise ValueError(f"counts must be non-negative, got {b}, {c}")
+    n = b + c
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 def rate(hits: int, n: int) -> str:
@@ -94,11 +112,19 @@ def scoring_rows(tok: Tokenizer, texts: Sequence[str], seq_len: int) -> Tuple[Li
     return rows, n_bytes
 
 
-@torch.no_grad()
 def token_nlls(model: Transformer, rows: List[List[int]], batch_size: int = 8) -> np.ndarray:
     """Negative log-likelihood (nats) of every token after the first of each row, concatenated in order."""
+    out = row_nlls(model, rows, batch_size)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+@torch.no_grad()
+def row_nlls(model: Transformer, rows: List[List[int]], batch_size: int = 8) -> List[np.ndarray]:
+    """Negative log-likelihood (nats) of every token after the first of each row, one array per row.
+    Frees the model's KV cache, if a generator left one: scoring is a plain causal forward (and a
+    ``Llama`` allocates a new cache when it next generates)."""
+    model.clear_cache()
     device = model.tok_embeddings.weight.device
-    out = []
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: less padding
     nll_of: Dict[int, np.ndarray] = {}
     for k in range(0, len(order), batch_size):
@@ -112,9 +138,7 @@ def token_nlls(model: Transformer, rows: List[List[int]], batch_size: int = 8) -
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none").cpu().numpy()  # (B, T-1)
         for r, i in enumerate(idx):
             nll_of[i] = nll[r, :len(rows[i]) - 1]
-    for i in range(len(rows)):
-        out.append(nll_of[i])
-    return np.concatenate(out) if out else np.zeros(0)
+    return [nll_of[i] for i in range(len(rows))]
 
 
 def unigram_log_probs(tok: Tokenizer, texts: Sequence[str]) -> np.ndarray:
@@ -202,15 +226,45 @@ def is_exact(case: InfillCase, answer: str) -> bool:
     return answer.rstrip() == case.middle.rstrip()
 
 
+def indentation(line: str) -> str:
+    return line[:len(line) - len(line.lstrip())]
+
+
+def middle_nlls(model: Transformer, tok: Tokenizer, cases: Sequence[InfillCase], suffix_first: bool,
+                batch_size: int = 8) -> Dict[str, float]:
+    """Mean teacher-forced loss (nats) of the hidden lines' first token (their indentation, or their first
+    word), second token, later tokens, and closing ``<EOT>``, given the prompts ``infill_lines`` gives:
+    where the model goes wrong in an infill."""
+    rows, lengths = [], []
+    for c in cases:
+        middle = tok.encode_infilling(c.middle) + [tok.eot_id]
+        rows.append(infilling_prompt_tokens(tok, c.prefix, c.suffix, suffix_first) + middle)
+        lengths.append(len(middle))
+    groups: Dict[str, List[float]] = {"first": [], "second": [], "later": [], "<EOT>": []}
+    for nll, n in zip(row_nlls(model, rows, batch_size), lengths):
+        line, eot = nll[-n:-1], nll[-1]
+        groups["first"] += line[:1].tolist()
+        groups["second"] += line[1:2].tolist()
+        groups["later"] += line[2:].tolist()
+        groups["<EOT>"].append(float(eot))
+    return {k: float(np.mean(v)) if v else float("nan") for k, v in groups.items()}
+
+
 def measure_infilling(generator: Llama, cases: Sequence[InfillCase], baseline: str, batch_size: int,
                       suffix_first: bool = False) -> Tuple[InfillReport, List[Tuple[InfillCase, str]]]:
     """Exact match of the model's greedy infills of ``cases`` and of always answering ``baseline``."""
     preds = infill_lines(generator, cases, batch_size, suffix_first=suffix_first)
-    model_hits = sum(is_exact(c, p) for c, p in zip(cases, preds))
-    base_hits = sum(is_exact(c, baseline) for c in cases)
+    nlls = middle_nlls(generator.model, generator.tokenizer, cases, suffix_first, batch_size)
+    model_right = [is_exact(c, p) for c, p in zip(cases, preds)]
+    base_right = [is_exact(c, baseline) for c in cases]
+    model_hits, base_hits = sum(model_right), sum(base_right)
+    model_only = sum(m and not b for m, b in zip(model_right, base_right))
+    base_only = sum(b and not m for m, b in zip(model_right, base_right))
+    indent_hits = sum(indentation(p) == indentation(c.middle) for c, p in zip(cases, preds))
     report = InfillReport(mode="SPM" if suffix_first else "PSM", lines=len(cases), model_exact_match=model_hits / len(cases),
                           baseline_exact_match=base_hits / len(cases), baseline_line=baseline,
-                          model_hits=model_hits, baseline_hits=base_hits)
+                          model_hits=model_hits, baseline_hits=base_hits, model_only=model_only, baseline_only=base_only,
+                          p_value=mcnemar_p(model_only, base_only), indent_hits=indent_hits, middle_nlls=nlls)
     return report, list(zip(cases, preds))
 
 
@@ -262,6 +316,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"| single-line infilling exact match, {infill.mode}, {infill.lines} lines | "
               f"{rate(infill.model_hits, infill.lines)} | {rate(infill.baseline_hits, infill.lines)} "
               f"(always {infill.baseline_line!r}) |")
+    for infill in infills:
+        print(f"| lines only the model / only the baseline gets right, {infill.mode} | {infill.model_only} / "
+              f"{infill.baseline_only} (McNemar exact p = {infill.p_value:.2g}) | |")
+    for infill in infills:
+        print(f"| answers with the hidden line's indentation, {infill.mode} | {rate(infill.indent_hits, infill.lines)} | |")
+    for infill in infills:
+        nlls = " / ".join(f"{v:.2f}" for v in infill.middle_nlls.values())
+        print(f"| hidden line's loss, {' / '.join(infill.middle_nlls)} token, {infill.mode}, nats | {nlls} | |")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"ckpt_dir": str(ckpt_dir), "loss": asdict(loss),
