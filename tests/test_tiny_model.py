@@ -241,6 +241,11 @@ def test_bad_inputs_raise_clear_errors(tok, tmp_path):
         train_tokenizer(["x = 1"], tmp_path / "t.model", vocab_size=10)
     with pytest.raises(ValueError):
         line_chunks(tok, "x\n", 0)
+    from training.train_tiny import main as train_main
+    for bad in (["--psm_weight", "-1"], ["--psm_weight", "0"], ["--psm_weighted_tokens", "0"]):
+        with pytest.raises(ValueError, match=bad[0]):
+            train_main(bad + ["--out_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 # ----------------------------------------------------------------------------- corpus and held-out split

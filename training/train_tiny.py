@@ -17,8 +17,9 @@ half of them, and half of those to a single line: a departure from Code Llama th
 needs, see ``training/data.py``), plus 10% instruction pairs in the ``[INST]`` format. One target is left
 out of the loss: the first token after ``<MID>`` in SPM examples, which inference never asks for (see
 ``training/data.py``); with ``--psm_weight`` the first tokens of PSM middles count more (used by the second
-stage: those are what a model this small gets wrong in PSM, see ``TrainConfig``). AdamW with Llama's betas, weight decay and gradient clipping; linear warm-up then
-cosine decay; bf16 autocast. The forward pass is the library's own ``Transformer``.
+stage: those are what a model this small gets wrong in PSM, see ``TrainConfig``). AdamW with Llama's betas,
+weight decay and gradient clipping; linear warm-up then cosine decay; bf16 autocast. The forward pass is the
+library's own ``Transformer``.
 
 Seeded: the weights' initialisation comes from ``--seed``, and the batch of step ``s`` is a function of
 ``(seed, s)`` alone. Resumable: the full training state is saved to ``<out_dir>/state.pt`` every
@@ -340,9 +341,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     args = parser.parse_args(argv)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    for name in ("steps", "batch_size", "seq_len", "ckpt_every", "eval_every", "log_every"):
+    for name in ("steps", "batch_size", "seq_len", "ckpt_every", "eval_every", "log_every", "psm_weighted_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if not args.psm_weight > 0:
+        raise ValueError(f"--psm_weight must be positive (1 weights nothing), got {args.psm_weight}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
