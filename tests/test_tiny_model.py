@@ -154,6 +154,10 @@ def test_sampler_skips_only_the_prefix_start_of_spm_examples(tok):
     assert skip.sum() <= starts.sum()  # (an SPM example with an empty prefix has nothing to skip)
     psm = ExampleSampler(tok, texts, [], seq_len=256, fim_rate=1.0, spm_rate=0.0, instruct_rate=0.0)
     assert not psm.batch(0, 0, 8)[1].any()
+    with pytest.raises(ValueError):
+        ExampleSampler(tok, texts, pairs, seq_len=128, fim_rate=1.5)
+    with pytest.raises(ValueError):
+        ExampleSampler(tok, [], pairs, seq_len=128)
 
 
 def test_sampler_numbers_the_middle_targets_of_psm_examples(tok):

@@ -385,12 +385,12 @@ class ExampleSampler:
             text, eof, _, _ = self._cut(f, start, n_chars, whole_lines=False)  # too long: shrink, mid-line if need be
         return plain_example(self.tok, text, False)[:budget], None, None  # pathological text: truncated plain example
 
-    def row(self, rng: np.random.Generator) -> Tuple[List[int], List[int], List[int]]:
+    def row(self, rng: np.random.Generator) -> Tuple[List[int], List[int], List[Tuple[int, int]]]:
         """One row of ``seq_len + 1`` token ids, the positions whose next-token target the loss skips, and
-        the positions of PSM examples' ``<MID>``."""
+        the (``<MID>``, ``<EOT>``) positions of each PSM example (examples are packed whole)."""
         row: List[int] = []
         skips: List[int] = []
-        mids: List[int] = []
+        mids: List[Tuple[int, int]] = []
         need = self.seq_len + 1
         while need - len(row) >= self.min_example:
             left = need - len(row)
@@ -407,7 +407,7 @@ class ExampleSampler:
             if skip is not None:
                 skips.append(len(row) + skip)
             if mid is not None:
-                mids.append(len(row) + mid)
+                mids.append((len(row) + mid, len(row) + len(ids) - 1))
             row += ids
         if len(row) < need:  # top up with the start of a plain chunk
             n = need - len(row)
@@ -431,9 +431,8 @@ class ExampleSampler:
             row, skips, mids = self.row(rng)
             tokens[b] = row
             skip[b, skips] = True
-            for m in mids:  # the middle and its <EOT>: up to the row's end, which may cut it off
-                end = row.index(self.tok.eot_id, m) if self.tok.eot_id in row[m:] else self.seq_len
-                psm_index[b, m:end] = np.arange(1, end - m + 1)
+            for m, eot in mids:  # targets of <MID> … the last middle token: the middle's tokens and <EOT>
+                psm_index[b, m:eot] = np.arange(1, eot - m + 1)
         return tokens, skip, psm_index
 
 
