@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 1 example_completion.py --ckpt_dir CodeLlama-7b/ --stream
 """
 
-from codellama.cli import build, example_parser, is_main_process, run
+from codellama.commands import build, example_parser, is_main_process, run
 
 PROMPTS = [
     "def fizzbuzz(n: int):",

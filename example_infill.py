@@ -4,7 +4,7 @@
     python example_infill.py --prompt $'def area(r):\n    <FILL>\n'
 """
 
-from codellama.cli import build, example_parser, is_main_process, run
+from codellama.commands import build, example_parser, is_main_process, run
 
 FILL = "<FILL>"
 PROMPTS = [

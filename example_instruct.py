@@ -3,7 +3,7 @@
     python example_instruct.py --ckpt_dir CodeLlama-7b-Instruct/
 """
 
-from codellama.cli import build, example_parser, is_main_process, run
+from codellama.commands import build, example_parser, is_main_process, run
 
 DIALOGS = [
     [{"role": "user", "content": "In Bash, how do I list all text files in the current directory (excluding "

@@ -4,7 +4,7 @@ setup(
     name="codellama",
     version="0.1.0",
     description="A minimal, readable, fast PyTorch implementation of Meta's Code Llama models",
-    packages=find_packages(include=["codellama", "codellama.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["codellama", "codellama.*"]),
     package_data={"codellama": ["assets/tiny/*"]},  # the bundled tiny model (params, weights, tokenizer)
     python_requires=">=3.10",
     install_requires=[

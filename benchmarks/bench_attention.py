@@ -70,7 +70,7 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: f
 def bench_prefill(dtype: torch.dtype, lengths: Sequence[int], sweep: bool) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.flash_attention import flash_attention
+    from codellama.kernels.flash_attention import flash_attention
     B, H, hd = 1, 32, 128
     rows = []
     for T in lengths:
@@ -106,8 +106,8 @@ def bench_prefill(dtype: torch.dtype, lengths: Sequence[int], sweep: bool) -> No
 
 # ----------------------------------------------------------------------------- decode
 def bench_decode(dtype: torch.dtype, lengths: Sequence[int], peak: Optional[float], sweep: bool) -> None:
-    from codellama.model import TorchOps
-    from kernels.decode_attention import decode_attention, decode_config
+    from codellama.ops import TorchOps
+    from codellama.kernels.decode_attention import decode_attention, decode_config
     hd = 128
     rows = []
     for label, H, Hkv in (("7B", 32, 32), ("34B", 64, 8)):
@@ -138,9 +138,10 @@ def bench_decode(dtype: torch.dtype, lengths: Sequence[int], peak: Optional[floa
 
 # ----------------------------------------------------------------------------- RMSNorm and RoPE
 def bench_norm_rope(dtype: torch.dtype, peak: Optional[float], tokens: Sequence[int] = (1, 4096, 16384)) -> None:
-    from codellama.model import TorchOps, rope_angles, rope_inv_freq
-    from kernels.rmsnorm import rms_norm
-    from kernels.rope import rotary
+    from codellama.model import rope_angles, rope_inv_freq
+from codellama.ops import TorchOps
+    from codellama.kernels.rmsnorm import rms_norm
+    from codellama.kernels.rope import rotary
     rows = []
     D = 4096
     for N in tokens:
@@ -184,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit("bench_attention.py needs a CUDA GPU (none found here); on a CPU there is nothing to measure")
     import triton
 
-    from kernels import triton_available
+    from codellama.kernels import triton_available
     ok, why = triton_available()
     if not ok:
         raise SystemExit(f"bench_attention.py: the Triton kernels cannot run here: {why}")

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from codellama import Llama, ModelArgs, Transformer, load_model
-from codellama.checkpoint import to_hf_state_dict
+from codellama.save import to_hf_state_dict
 from codellama.cpu import optimize_for_cpu
-from codellama.model import parse_dtype
+from codellama.runtime import parse_dtype
 
 SIZES = {  # Code Llama 7B's proportions, scaled down (vocab and head_dim kept)
     "base": dict(dim=1024, n_layers=10, n_heads=8, multiple_of=256, vocab_size=32016, rope_theta=1e6),

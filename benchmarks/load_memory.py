@@ -38,7 +38,7 @@ base_rss, base_anon = status("VmRSS:"), status("RssAnon:")
 t = threading.Thread(target=sample); t.start()
 model = load_model(sys.argv[1], device="cpu", dtype=sys.argv[2])
 done[0] = True; t.join()
-nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+nbytes = sum(x.numel() * x.element_size() for x in [*model.parameters(), *model.buffers()])  # packed weights are buffers
 print(json.dumps({"rss": status("VmHWM:") - base_rss, "anon": peak_anon[0] - base_anon, "weights": nbytes}))
 """
 
@@ -65,8 +65,7 @@ def main() -> None:
 def run_cases(args, root: str) -> None:
     import torch
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    from helpers import write_checkpoint
+    from codellama.testing import write_checkpoint
 
     dim, n_layers = args.dim, args.n_layers
     print(f"model: dim {dim}, {n_layers} layers, {args.num_params() / 1e6:.0f}M parameters; checkpoints in {root}")

@@ -9,28 +9,19 @@ anything but tensors is refused, never executed.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from .config import ModelArgs, read_json
-from .cpu import optimize_for_cpu
-from .distributed import SINGLE, TensorParallel, shard_slices, slice_for
-from .model import Transformer, default_device, default_dtype, parse_dtype
+from .cpu import CPU_TRANSFORMS
+from .distributed import SINGLE, TensorParallel, rank_block, split_dim
+from .model import Transformer
+from .runtime import default_dtype, parse_dtype, resolve_device
 
-# Meta's model-parallel layout: which dimension each weight is split along across shards
-# (None: replicated, every shard holds the whole tensor).
-_SHARD_DIM = {
-    "tok_embeddings": 1,  # Meta's ParallelEmbedding splits the embedding dimension
-    "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,  # column-parallel
-    "wo": 1, "w2": 1,  # row-parallel
-    "attention_norm": None, "ffn_norm": None, "norm": None,
-}
 # Keys real checkpoints carry that the model does not use; dropped by name, nothing else is.
 IGNORED_META_KEYS = ("rope.freqs",)
 _HF_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
@@ -42,14 +33,6 @@ _HF_LAYER_NAMES = {
 }
 _HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
                  "lm_head.weight": "output.weight"}
-
-
-def shard_dim(key: str) -> Optional[int]:
-    """The dimension along which Meta's model-parallel shards split ``key`` (None: replicated)."""
-    name = key.split(".")[-2]
-    if name not in _SHARD_DIM:
-        raise ValueError(f"unknown parameter {key!r}: not a Llama weight")
-    return _SHARD_DIM[name]
 
 
 # ----------------------------------------------------------------------------- q/k permutation
@@ -213,7 +196,7 @@ def _open_meta(ckpt_dir: str) -> CheckpointSource:
     tensors: Dict[str, LazyTensor] = {}
     for k in keys:
         parts = [s[k] for s in shards]
-        dim = shard_dim(k) if len(parts) > 1 else None
+        dim = split_dim(k, parts[0].dim()) if len(parts) > 1 else None
         if dim is None:
             tensors[k] = LazyTensor(tuple(parts[0].shape), parts[0].dtype,
                                     (lambda block, ps=parts: _read_pieces(ps, None, block)))
@@ -316,6 +299,9 @@ def _resolve_vocab(args: ModelArgs, tensors: Dict[str, LazyTensor], where: str) 
 
 
 # ----------------------------------------------------------------------------- loading
+Transform = Callable[[Transformer], Transformer]  # a step applied to the loaded model (fuse, CPU layout, …)
+
+
 def check_tokenizer(args: ModelArgs, n_words: int, tokenizer_path: str = "the tokenizer") -> None:
     """Refuse a tokenizer whose vocabulary differs from the model's."""
     if n_words != args.vocab_size:
@@ -324,37 +310,55 @@ def check_tokenizer(args: ModelArgs, n_words: int, tokenizer_path: str = "the to
 
 
 def load_model(ckpt_dir: "str | os.PathLike | CheckpointSource", *, device: torch.device | str | None = None,
-               dtype: torch.dtype | str | None = None, optimize: bool = True,
-               tp: TensorParallel = SINGLE) -> Transformer:
+               dtype: torch.dtype | str | None = None, optimize: bool = True, tp: TensorParallel = SINGLE,
+               transforms: Optional[List[Transform]] = None) -> Transformer:
     """Build a ``Transformer`` from a Meta or Hugging Face checkpoint directory.
 
-    The model is built on the ``meta`` device and each weight is read (memory-mapped), merged across
-    shards, converted and moved to ``device`` one at a time, so host memory peaks near one copy of the
-    weights. Loading is strict: missing or unexpected keys and shape mismatches raise ``ValueError``.
+    A short pipeline of named steps: **read** the checkpoint's config and index its tensors
+    (``open_checkpoint``), **build** the model on the ``meta`` device (no memory), **load** each weight
+    (memory-mapped, merged across shards, converted, moved to ``device`` one at a time, so host memory
+    peaks near one copy of the weights; strict: missing or unexpected keys and shape mismatches raise
+    ``ValueError``), then apply the **transforms** (``default_transforms``: on CPU, fused projections and
+    the CPU weight layout of ``codellama.cpu``; values, names and shapes stay the checkpoint's).
     ``device`` defaults to CUDA, then MPS, then CPU; ``dtype`` to bf16 on CUDA (fp16 where bf16 is not
-    supported), fp16 on MPS and fp32 on CPU. On CPU, ``optimize`` re-lays out the linear weights for
-    fast decoding (``codellama.cpu``); values, names and shapes stay those of the checkpoint. With
-    ``tp`` (a rank of a tensor-parallel group) the model holds, and the loader reads, this rank's slices.
+    supported), fp16 on MPS and fp32 on CPU. ``optimize=False`` skips the default transforms;
+    ``transforms`` replaces them. With ``tp`` (a rank of a tensor-parallel group) the model holds, and the
+    loader reads, this rank's slices.
     """
     source = ckpt_dir if isinstance(ckpt_dir, CheckpointSource) else open_checkpoint(ckpt_dir)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = parse_dtype(dtype) or default_dtype(device)
-    with torch.device("meta"):
-        model = Transformer(source.args, tp)
-    state = {}
-    for key, tensor in materialize(source, model.state_dict(), device=device, dtype=dtype, tp=tp):
-        state[key] = tensor
-    model.load_state_dict(state, strict=True, assign=True)
-    if optimize and device.type == "cpu":
-        optimize_for_cpu(model)
+    model = build_on_meta(source.args, tp)
+    load_weights(model, source, device=device, dtype=dtype, tp=tp)
+    for transform in (default_transforms(device, optimize) if transforms is None else transforms):
+        model = transform(model)
     return model.eval()
+
+
+def build_on_meta(args: ModelArgs, tp: TensorParallel = SINGLE) -> Transformer:
+    """The model's modules with shapes but no memory: weights are assigned by ``load_weights``."""
+    with torch.device("meta"):
+        return Transformer(args, tp)
+
+
+def load_weights(model: Transformer, source: CheckpointSource, *, device: torch.device, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE) -> None:
+    """Read every tensor of ``source`` into ``model`` (strict, ``assign``: no second copy)."""
+    state = dict(materialize(source, model.state_dict(), device=device, dtype=dtype, tp=tp))
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def default_transforms(device: torch.device, optimize: bool = True) -> List[Transform]:
+    """The steps ``load_model`` applies after loading: the CPU layout on CPU, nothing elsewhere."""
+    return list(CPU_TRANSFORMS) if optimize and device.type == "cpu" else []
 
 
 def materialize(source: CheckpointSource, expected: Dict[str, torch.Tensor], *, device: torch.device,
                 dtype: torch.dtype, tp: TensorParallel = SINGLE) -> Iterator[Tuple[str, torch.Tensor]]:
     """Check ``source`` against the model's ``expected`` keys and shapes, then yield each tensor loaded.
 
-    Under tensor parallelism each tensor is this rank's block of the full one, read on its own.
+    Floating-point tensors are cast to ``dtype``; others (integer codes) keep theirs. Under tensor
+    parallelism each tensor is this rank's block of the full one, read on its own.
     """
     missing = sorted(set(expected) - set(source.tensors))
     unexpected = sorted(set(source.tensors) - set(expected))
@@ -365,101 +369,14 @@ def materialize(source: CheckpointSource, expected: Dict[str, torch.Tensor], *, 
         if unexpected:
             parts.append(f"unexpected key(s) {unexpected[:10]}{' …' if len(unexpected) > 10 else ''}")
         raise ValueError(f"{source.path} does not match the model: " + "; ".join(parts))
-    slices = shard_slices(source.args, tp)
+    blocks = {key: rank_block(key, source.tensors[key].shape, source.args, tp) for key in expected}
     for key, want in expected.items():
-        got = source.tensors[key].block_shape(slice_for(key, slices))
+        got = source.tensors[key].block_shape(blocks[key])
         if tuple(got) != tuple(want.shape):
             raise ValueError(f"{source.path}: tensor {key} has shape {tuple(got)} in the checkpoint, "
                              f"the model expects {tuple(want.shape)}")
     for key in expected:
-        block = slice_for(key, slices)
-        tensor = source.tensors[key].read(block)
-        if block is not None:
+        tensor = source.tensors[key].read(blocks[key])
+        if blocks[key] is not None:
             tensor = tensor.contiguous()  # this rank's block only, not a view pinning the whole tensor
-        yield key, tensor.to(device=device, dtype=dtype)
-
-
-# ----------------------------------------------------------------------------- writing / converting
-def split_for_shards(key: str, tensor: torch.Tensor, num_shards: int) -> List[torch.Tensor]:
-    """Meta's model-parallel pieces of one full tensor."""
-    dim = shard_dim(key)
-    if num_shards == 1 or dim is None:
-        return [tensor] * num_shards
-    if tensor.shape[dim] % num_shards:
-        raise ValueError(f"{key}: size {tensor.shape[dim]} along dim {dim} does not divide into {num_shards} shards")
-    return [t.clone() for t in tensor.chunk(num_shards, dim=dim)]
-
-
-def save_meta(state: Dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os.PathLike, num_shards: int = 1) -> None:
-    """Write ``params.json`` and ``consolidated.{00..}.pth`` split as Meta's model-parallel ranks are."""
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "params.json"), "w", encoding="utf-8") as f:
-        json.dump(args.to_params(), f, indent=2)
-    shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
-    for key, tensor in state.items():
-        for shard, piece in zip(shards, split_for_shards(key, tensor, num_shards)):
-            shard[key] = piece.contiguous()
-    for i, shard in enumerate(shards):
-        torch.save(shard, os.path.join(out_dir, f"consolidated.{i:02d}.pth"))
-
-
-def to_hf_state_dict(state: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
-    """Meta-named weights → Hugging Face names, with ``wq``/``wk`` rows permuted for rotate-half RoPE."""
-    hf_state = {}
-    for key, tensor in state.items():
-        n = _rope_heads(key, args)
-        hf_state[meta_to_hf_name(key)] = (tensor if n is None else permute_to_hf(tensor, n)).contiguous()
-    return hf_state
-
-
-def save_hf(state: Dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os.PathLike,
-            max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (sharded with an index past ``max_shard_bytes``)."""
-    from safetensors.torch import save_file
-
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    dtype = next(iter(state.values())).dtype
-    config = args.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."))
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-    hf_state = to_hf_state_dict(state, args)
-    groups: List[Dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in hf_state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if groups[-1] and size + nbytes > max_shard_bytes:
-            groups.append({})
-            size = 0
-        groups[-1][name] = tensor
-        size += nbytes
-    if len(groups) == 1:
-        save_file(groups[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, group in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file(group, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        for name, t in group.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
-
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, num_shards: int = 1,
-            dtype: torch.dtype | str | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Convert a checkpoint directory to the ``"meta"`` or ``"hf"`` layout (exact unless ``dtype`` is given)."""
-    if to not in ("meta", "hf"):
-        raise ValueError(f"unknown target layout {to!r}; valid: 'meta', 'hf'")
-    source = open_checkpoint(src)
-    dtype = parse_dtype(dtype)
-    state = {k: (t.load() if dtype is None else t.load().to(dtype)) for k, t in source.tensors.items()}
-    if to == "meta":
-        save_meta(state, source.args, dst, num_shards=num_shards)
-    else:
-        save_hf(state, source.args, dst, max_shard_bytes=max_shard_bytes)
-    tok = os.path.join(os.fspath(src), "tokenizer.model")
-    if os.path.isfile(tok):
-        shutil.copyfile(tok, os.path.join(os.fspath(dst), "tokenizer.model"))
+        yield key, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoint import convert
+from .save import convert_checkpoint
 
 
 def main(argv=None) -> int:
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors file size limit (HF target only)")
     a = p.parse_args(argv)
     try:
-        convert(a.src, a.dst, a.to, num_shards=a.shards, dtype=a.dtype, max_shard_bytes=int(a.max_shard_gb * 2**30))
+        convert_checkpoint(a.src, a.dst, a.to, num_shards=a.shards, dtype=a.dtype, max_shard_bytes=int(a.max_shard_gb * 2**30))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ single row ``x``. Two facts of torch's CPU kernels, measured by ``benchmarks/ben
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,21 +25,39 @@ def bf16_packing_supported() -> bool:
             and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's packed copy of a dense (out, in) weight, as bf16."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16).contiguous(), 1)
+
+
 class PackedLinear(nn.Module):
-    """A bias-free ``nn.Linear`` whose bf16 weight lives only in oneDNN's packed format."""
+    """A bias-free ``nn.Linear`` whose bf16 weight lives only in oneDNN's packed format.
+
+    The packed weight is a registered buffer (``packed``), so ``buffers()``, ``state_dict()`` and memory
+    accounting see it. Moved or cast away from bf16 on the CPU (``.to("cuda")``, ``.float()``), it holds a
+    plain dense weight and computes with ``F.linear``; cast back, it packs again.
+    """
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+        self.register_buffer("packed", pack_bf16(weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        if self.packed.is_mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return F.linear(x, self.packed)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense (out, in) weight (a copy: for saving and inspection, not for compute)."""
-        return self.packed.to_dense()
+        """The dense (out, in) weight (a copy while packed: for saving and inspection, not for compute)."""
+        return self.packed.to_dense() if self.packed.is_mkldnn else self.packed
+
+    def _apply(self, fn, recurse=True):
+        dense = fn(self.weight)
+        packable = dense.device.type == "cpu" and dense.dtype == torch.bfloat16 and bf16_packing_supported()
+        self.packed = pack_bf16(dense) if packable else dense
+        return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight
@@ -54,19 +73,26 @@ class PackedLinear(nn.Module):
             error_msgs.append(f"size mismatch for {key}: checkpoint {tuple(w.shape)}, "
                               f"model {(self.out_features, self.in_features)}")
             return
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(torch.bfloat16).contiguous(), 1)
+        self.packed = pack_bf16(w)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed bf16"
+        layout = "packed bf16" if self.packed.is_mkldnn else f"dense {self.packed.dtype}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {layout}"
 
 
-def optimize_for_cpu(model: nn.Module) -> nn.Module:
-    """Fuse a CPU model's input projections and re-lay out its linear weights for fast decoding, in place.
-
-    Results, parameter names and ``state_dict`` values are unchanged.
-    """
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Loading step: ``wq|wk|wv`` and ``w1|w3`` as one matmul each (longer weight streams, fewer calls)."""
     if hasattr(model, "fuse"):
-        model.fuse()  # wq|wk|wv and w1|w3 as one matmul each: longer weight streams, fewer calls
+        model.fuse()
+    return model
+
+
+def cpu_layout(model: nn.Module) -> nn.Module:
+    """Loading step: re-lay out a CPU model's linear weights for fast decoding, in place.
+
+    fp32 weights keep their values and shape but are stored column-major; bf16 weights are packed for
+    oneDNN. Results, parameter names and ``state_dict`` values are unchanged.
+    """
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear) or child.bias is not None or child.weight.device.type != "cpu":
@@ -77,4 +103,14 @@ def optimize_for_cpu(model: nn.Module) -> nn.Module:
             elif w.dtype == torch.float32 and w.stride(0) != 1:
                 # Same values and shape; the storage becomes (in, out) so x @ W.T streams contiguous rows.
                 child.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+    return model
+
+
+CPU_TRANSFORMS = (fuse_projections, cpu_layout)  # what ``load_model`` applies on CPU, in order
+
+
+def optimize_for_cpu(model: nn.Module) -> nn.Module:
+    """Apply the CPU loading steps (``CPU_TRANSFORMS``) to a model built some other way."""
+    for transform in CPU_TRANSFORMS:
+        model = transform(model)
     return model

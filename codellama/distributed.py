@@ -123,26 +123,64 @@ def local_heads(args: ModelArgs, tp: TensorParallel) -> Tuple[int, int, int]:
     return hq, 1, (tp.rank * hq) // rep  # fewer kv heads than ranks: one, replicated
 
 
-def shard_slices(args: ModelArgs, tp: TensorParallel) -> Dict[str, Optional[Tuple[int, int, int]]]:
-    """For each parameter kind, ``(dim, start, stop)`` of this rank's block of the full tensor (None: all of it)."""
+# ----------------------------------------------------------------------------- how each weight is split
+@dataclass(frozen=True)
+class Split:
+    """How one kind of weight is divided across Meta's model-parallel shards, which are also the ranks here.
+
+    ``dim``: the axis that is split (None: replicated, every shard and rank holds all of it); ``unit``: what
+    that axis counts, which sets each rank's block (whole heads for attention, even blocks otherwise).
+    """
+
+    dim: Optional[int]
+    unit: str = ""
+
+
+REPLICATED = Split(None)
+# The one table of the layout, keyed by the module a tensor belongs to (``layers.3.attention.wq.weight`` → wq).
+# Every tensor of a module follows its split: a tensor that has the split axis is cut along it in
+# proportion (a weight's integer codes or per-group scales), one that lacks it is replicated.
+WEIGHT_SPLITS: Dict[str, Split] = {
+    "tok_embeddings": Split(1, "dim"),  # Meta's ParallelEmbedding splits the embedding dimension
+    "wq": Split(0, "q_heads"), "wk": Split(0, "kv_heads"), "wv": Split(0, "kv_heads"),  # column-parallel
+    "w1": Split(0, "hidden"), "w3": Split(0, "hidden"), "output": Split(0, "vocab"),
+    "wo": Split(1, "q_heads"), "w2": Split(1, "hidden"),  # row-parallel
+    "attention_norm": REPLICATED, "ffn_norm": REPLICATED, "norm": REPLICATED,
+}
+
+
+def split_of(key: str) -> Split:
+    """The split of the module that checkpoint tensor ``key`` belongs to; ``ValueError`` for a non-Llama key."""
+    parts = key.split(".")
+    split = WEIGHT_SPLITS.get(parts[-2]) if len(parts) >= 2 else None
+    if split is None:
+        raise ValueError(f"unknown parameter {key!r}: not a Llama weight (modules: {', '.join(WEIGHT_SPLITS)})")
+    return split
+
+
+def split_dim(key: str, ndim: int) -> Optional[int]:
+    """The axis along which Meta's shards cut tensor ``key`` of ``ndim`` dimensions (None: replicated)."""
+    dim = split_of(key).dim
+    return dim if dim is not None and dim < ndim else None
+
+
+def rank_block(key: str, shape: Tuple[int, ...], args: ModelArgs, tp: TensorParallel) -> Optional[Tuple[int, int, int]]:
+    """``(dim, start, stop)`` of this rank's block of the full tensor ``key`` of ``shape`` (None: all of it)."""
     if tp.world == 1:
-        return {}
+        return None
+    dim = split_dim(key, len(shape))
+    if dim is None:
+        return None
+    unit = split_of(key).unit
     r, w, hd = tp.rank, tp.world, args.head_dim
     hq, hkv, kv0 = local_heads(args, tp)
-    block = lambda size: (r * size // w, (r + 1) * size // w)  # noqa: E731
-    return {
-        "tok_embeddings": (1, *block(args.dim)),
-        "wq": (0, r * hq * hd, (r + 1) * hq * hd),
-        "wk": (0, kv0 * hd, (kv0 + hkv) * hd),
-        "wv": (0, kv0 * hd, (kv0 + hkv) * hd),
-        "wo": (1, r * hq * hd, (r + 1) * hq * hd),
-        "w1": (0, *block(args.hidden_dim)),
-        "w3": (0, *block(args.hidden_dim)),
-        "w2": (1, *block(args.hidden_dim)),
-        "output": (0, *block(args.vocab_size)),
-        "attention_norm": None, "ffn_norm": None, "norm": None,
-    }
-
-
-def slice_for(key: str, slices: Dict[str, Optional[Tuple[int, int, int]]]) -> Optional[Tuple[int, int, int]]:
-    return slices.get(key.split(".")[-2]) if slices else None
+    even = lambda size: (size, r * size // w, (r + 1) * size // w)  # noqa: E731
+    total, start, stop = {
+        "q_heads": (args.n_heads * hd, r * hq * hd, (r + 1) * hq * hd),
+        "kv_heads": (args.kv_heads * hd, kv0 * hd, (kv0 + hkv) * hd),
+        "hidden": even(args.hidden_dim), "vocab": even(args.vocab_size), "dim": even(args.dim),
+    }[unit]
+    # A tensor that is not the weight itself (e.g. per-group scales) is cut in proportion to its size.
+    if (shape[dim] * start) % total or (shape[dim] * stop) % total:
+        raise ValueError(f"{key}: its {shape[dim]} entries along dim {dim} cannot be split at rank {r} of {w}")
+    return dim, shape[dim] * start // total, shape[dim] * stop // total

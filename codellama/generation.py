@@ -16,7 +16,9 @@ import torch
 
 from .checkpoint import check_tokenizer, load_model, open_checkpoint
 from .distributed import check_parallel, env_world, init_tensor_parallel
-from .model import Transformer, default_device, select_ops
+from .model import Transformer
+from .ops import select_ops
+from .runtime import resolve_device
 from .prompts import (UNSAFE_ERROR, Dialog, chat_prompt_tokens, has_special_tags, infilling_prompt_tokens,
                       step_dialog_prompt_tokens, validate_dialog)
 from .sampling import check_sampling_args, sample, token_logprobs
@@ -72,7 +74,7 @@ class Llama:
         tokenizer_path = os.fspath(tokenizer_path) if tokenizer_path is not None else os.path.join(ckpt_dir, "tokenizer.model")
         if not os.path.isfile(tokenizer_path):
             raise FileNotFoundError(f"tokenizer not found: {tokenizer_path} (pass tokenizer_path=…)")
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
             device = torch.device("cuda", local_rank)  # under torchrun: this rank's GPU
         select_ops(attention, device)  # reject a bad choice before the (slow) load
@@ -82,7 +84,11 @@ class Llama:
         tp = init_tensor_parallel(world, rank, device)
         model = load_model(source, device=device, dtype=dtype, tp=tp)
         model.set_attention(attention)
-        return Llama(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed)
+        llama = Llama(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed)
+        # As in Meta's reference, generator.model.forward(tokens, start_pos) reads and writes a KV cache of
+        # max_batch_size × max_seq_len; it is allocated by the first forward, not here.
+        model.setup_cache(max_batch_size, max_seq_len, lazy=True)
+        return llama
 
     # ------------------------------------------------------------------ token-level API
     def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6, top_p: float = 0.9,
@@ -125,8 +131,7 @@ class Llama:
             return
         model, device = self.model, self.device
         B, T = len(prompt_tokens), max(lens)
-        # The last generated token is never fed back, so a row needs len + limit - 1 cache positions.
-        self._ensure_cache(B, max(max(n + m - 1, n) for n, m in zip(lens, limits)))
+        self._ensure_cache()
 
         with torch.inference_mode():
             # Prefill every row in one pass, right-padded; a row's padding sits after its own tokens, so
@@ -146,7 +151,7 @@ class Llama:
                 index = -1 if len(set(lens)) == 1 else last_idx
                 logits = model(tokens, 0, logits_index=index)[:, 0]  # (B, V)
 
-            rows = list(range(B))  # prompt index of each cache row still decoding
+            rows = list(range(B))  # prompt index of each row still decoding; it stays in cache row `rows[j]`
             pos = list(lens)  # position the row's next fed token goes to
             count = [0] * B
             while rows:
@@ -164,14 +169,12 @@ class Llama:
                 yield step
                 if not keep:
                     return
-                if len(keep) < len(rows):  # compact: finished rows leave the batch
-                    keep_t = torch.tensor(keep, device=device)
-                    model.cache.keep_rows(keep_t, max(pos[rows[j]] for j in keep))
-                    nxt = nxt[keep_t]
+                if len(keep) < len(rows):  # finished rows leave the batch; the others stay in their cache rows
+                    nxt = nxt[torch.tensor(keep, device=device)]
                     rows = [rows[j] for j in keep]
                 starts = [pos[i] for i in rows]
-                start_pos = starts[0] if len(set(starts)) == 1 else torch.tensor(starts, device=device)
-                logits = model(nxt.view(-1, 1), start_pos)[:, 0]  # (n, V)
+                start_pos = starts[0] if len(set(starts)) == 1 else starts
+                logits = model(nxt.view(-1, 1), start_pos, slots=rows)[:, 0]  # (n, V)
                 for i in rows:
                     pos[i] += 1
 
@@ -198,11 +201,11 @@ class Llama:
             return frozenset([stop_token])
         return frozenset(stop_token)
 
-    def _ensure_cache(self, batch: int, length: int) -> None:
-        """A KV cache for at least ``batch`` rows of ``length`` positions (reallocated only when too small)."""
-        cache = self.model.cache
-        if cache is None or cache.max_batch_size < batch or cache.max_seq_len < length:
-            self.model.setup_cache(batch, length)
+    def _ensure_cache(self) -> None:
+        """The model's KV cache of ``max_batch_size × max_seq_len``, allocated on first use."""
+        model, plan = self.model, self.model._cache_plan
+        if plan is None or plan[0] < self.max_batch_size or plan[1] < self.max_seq_len:
+            model.setup_cache(self.max_batch_size, self.max_seq_len, lazy=True)
 
     # ------------------------------------------------------------------ text-level API
     def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,

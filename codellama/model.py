@@ -3,14 +3,14 @@
 Shapes: B batch, T tokens in this call, L attended length (cache positions ``0 … end-1``),
 H query heads, Hkv key/value heads, hd head dim, D model dim, V vocab.
 
-One seam for custom kernels: ``Ops`` (RMSNorm, rotary embedding, attention). ``TorchOps`` is the
-PyTorch implementation; ``kernels.TritonOps`` plugs in the Triton kernels with the same signatures.
+RMSNorm, rotary embedding and attention go through the ``codellama.ops`` seam (``TorchOps``, or the
+Triton kernels' ``TritonOps``), chosen with ``Transformer.set_attention``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,70 +18,7 @@ from torch import nn
 
 from .config import ModelArgs
 from .distributed import SINGLE, TensorParallel, check_parallel, local_heads
-
-StartPos = Union[int, torch.Tensor]  # one position for the whole batch, or a LongTensor[B] (one per row)
-
-
-# ----------------------------------------------------------------------------- operations
-class TorchOps:
-    """The reference implementation of the three operations a kernel backend may replace."""
-
-    name = "torch"
-
-    @staticmethod
-    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        # Statistics in float32 whatever the model dtype, as Meta does; scale after casting back.
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return out.type_as(x) * weight
-
-    @staticmethod
-    def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Meta's interleaved-pair RoPE on q (B, T, H, hd) and k (B, T, Hkv, hd); cos/sin (B|1, T, hd/2) float32."""
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-    @staticmethod
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: StartPos) -> torch.Tensor:
-        """Causal attention of queries at ``start_pos + arange(T)`` over keys ``0 … L-1``.
-
-        q: (B, H, T, hd); k, v: (B, Hkv, L, hd) with L ≥ every row's ``start_pos + T``.
-        Returns (B, H, T, hd). Key slots past a row's own end are masked out.
-        """
-        B, H, T, hd = q.shape
-        Hkv, L = k.shape[1], k.shape[2]
-        if isinstance(start_pos, int):
-            if start_pos == 0 and L == T:  # plain causal self-attention: no mask tensor at all
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
-            if T == 1 and L == start_pos + 1:  # decode step: every cached key is visible
-                return _grouped_sdpa(q, k, v, None)
-        # General case (chunked prefill, ragged rows): a boolean mask of T × L per row.
-        starts = torch.as_tensor(start_pos, device=q.device).reshape(-1, 1, 1)  # (B|1, 1, 1)
-        q_pos = starts + torch.arange(T, device=q.device).view(1, T, 1)
-        mask = torch.arange(L, device=q.device).view(1, 1, L) <= q_pos  # (B|1, T, L)
-        return _grouped_sdpa(q, k, v, mask.unsqueeze(1))
-
-
-def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """SDPA with grouped-query attention done by reshaping q, never by copying k/v per head."""
-    B, H, T, hd = q.shape
-    Hkv = k.shape[1]
-    rep = H // Hkv
-    if rep == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    # The `rep` query heads sharing one kv head become `rep * T` query rows of that kv head.
-    qg = q.reshape(B, Hkv, rep * T, hd)  # (B, Hkv, rep*T, hd)
-    if mask is not None:
-        mask = mask.repeat(1, 1, rep, 1)  # (B|1, 1, rep*T, L), row order (rep, t) like qg
-    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).view(B, H, T, hd)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs ``(x[2i], x[2i+1])`` of x (B, T, H, hd) by angles given as cos/sin (B|1, T, hd/2)."""
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B|1, T, 1, hd/2)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+from .ops import StartPos, TorchOps, select_ops
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -97,44 +34,47 @@ def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> Tuple[torch.
 
 # ----------------------------------------------------------------------------- KV cache
 class KVCache(nn.Module):
-    """Keys and values of every layer, (n_layers, B, Hkv, S, hd), for ``B ≤ max_batch_size`` rows.
+    """Keys and values of every layer, (n_layers, slots, Hkv, max_seq_len, hd): one row per slot.
 
-    Lifecycle: ``Transformer.setup_cache(max_batch_size, max_seq_len)`` allocates it for exactly that
-    size; ``reset()`` forgets its contents; ``Transformer.clear_cache()`` frees it. ``keep_rows`` moves
-    the rows still being generated to the front so a shrinking batch keeps running on a dense prefix.
+    A slot is a cache row that one sequence owns: a Meta-style batch uses rows ``0 … B-1``; the engine
+    gives each request a slot for its whole life and keeps what a finished request cached there for the
+    next one to reuse. Nothing is ever copied between slots. Lifecycle: ``Transformer.setup_cache``
+    allocates it (or plans it, to be allocated on first use); ``Transformer.clear_cache`` frees it.
     """
 
-    def __init__(self, n_layers: int, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+    def __init__(self, n_layers: int, slots: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None = None):
         super().__init__()
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        shape = (n_layers, max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.slots, self.max_seq_len = slots, max_seq_len
+        shape = (n_layers, slots, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def reset(self) -> None:
-        self.k.zero_()
-        self.v.zero_()
+    @property
+    def max_batch_size(self) -> int:
+        return self.slots
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: StartPos, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, hd) at ``start_pos + arange(T)``; return this layer's (B, Hkv, end, hd) views."""
-        B, _, T, _ = k.shape
-        ck, cv = self.k[layer, :B], self.v[layer, :B]
-        if isinstance(start_pos, int):
-            ck[:, :, start_pos:start_pos + T] = k
-            cv[:, :, start_pos:start_pos + T] = v
-        else:
-            rows = torch.arange(B, device=k.device).unsqueeze(1)  # (B, 1)
-            cols = start_pos.view(B, 1) + torch.arange(T, device=k.device)  # (B, T)
-            ck[rows, :, cols] = k.transpose(1, 2)  # advanced indices first: (B, T, Hkv, hd)
-            cv[rows, :, cols] = v.transpose(1, 2)
-        return ck[:, :, :end], cv[:, :, :end]
+    @staticmethod
+    def bytes_per_token(args: ModelArgs, dtype: torch.dtype, tp: TensorParallel = SINGLE) -> int:
+        """Cache bytes one position of one slot takes: ``2 · n_layers · Hkv · hd · size(dtype)``."""
+        return 2 * args.n_layers * local_heads(args, tp)[1] * args.head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def keep_rows(self, rows: torch.Tensor, length: int) -> None:
-        """Move cache rows ``rows`` (LongTensor) to positions ``0 … len(rows)-1``, first ``length`` slots only."""
-        n = len(rows)
-        self.k[:, :n, :, :length] = self.k[:, rows, :, :length]
-        self.v[:, :n, :, :length] = self.v[:, rows, :, :length]
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: "_Step") -> None:
+        """Store k, v (B, Hkv, T, hd) of this call's rows at positions ``start_pos + arange(T)``."""
+        T = k.shape[2]
+        if step.rows is None and isinstance(step.start_pos, int):  # one block of rows, one position: a slice
+            rows = slice(step.first_row, step.first_row + k.shape[0])
+            self.k[layer, rows, :, step.start_pos:step.start_pos + T] = k
+            self.v[layer, rows, :, step.start_pos:step.start_pos + T] = v
+            return
+        rows = step.row_index.unsqueeze(1)  # (B, 1)
+        cols = step.positions.expand(k.shape[0], T)  # (B, T)
+        self.k[layer, rows, :, cols] = k.transpose(1, 2)  # advanced indices first: (B, T, Hkv, hd)
+        self.v[layer, rows, :, cols] = v.transpose(1, 2)
+
+    def block(self, layer: int, first: int, n: int, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Views (n, Hkv, end, hd) of rows ``first … first+n-1``, positions ``0 … end-1`` (no copy)."""
+        return self.k[layer, first:first + n, :, :end], self.v[layer, first:first + n, :, :end]
 
 
 # ----------------------------------------------------------------------------- layers
@@ -150,13 +90,23 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class _Step:
-    """What every layer of one forward call shares."""
+    """What every layer of one forward call shares.
+
+    The call's B rows live in cache rows ``first_row … first_row+B-1`` (``rows is None``: a Meta-style
+    batch, or one slot), or in the scattered cache rows ``rows`` (the engine's decode batch), in which case
+    attention runs row by row over each row's own slot, so no row's keys are ever gathered or copied.
+    """
     start_pos: StartPos
     end: int  # attended length: max over rows of start_pos + T
+    positions: torch.Tensor  # (B|1, T) long
     cos: torch.Tensor  # (B|1, T, hd/2) float32
     sin: torch.Tensor
     cache: Optional[KVCache]
     ops: type
+    first_row: int = 0
+    rows: Optional[List[int]] = None  # scattered cache rows, one per batch row
+    row_index: Optional[torch.Tensor] = None  # (B,) long: the cache row of each batch row
+    row_starts: Optional[List[int]] = None  # host copy of per-row start positions (for the scattered path)
 
 
 class FusableProjections(nn.Module):
@@ -229,9 +179,17 @@ class Attention(FusableProjections):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = step.ops.rotary(q, k, step.cos, step.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, hd)
-        if step.cache is not None:
-            k, v = step.cache.update(self.layer_id, k, v, step.start_pos, step.end)  # (B, Hkv, end, hd)
-        out = step.ops.attention(q, k, v, step.start_pos)  # (B, H, T, hd)
+        cache = step.cache
+        if cache is None:
+            out = step.ops.attention(q, k, v, step.start_pos)  # (B, H, T, hd)
+        else:
+            cache.write(self.layer_id, k, v, step)
+            if step.rows is None:
+                ck, cv = cache.block(self.layer_id, step.first_row, B, step.end)  # (B, Hkv, end, hd)
+                out = step.ops.attention(q, ck, cv, step.start_pos)
+            else:  # each row over its own slot's keys: (1, Hkv, start + T, hd) views
+                out = torch.cat([step.ops.attention(q[b:b + 1], *cache.block(self.layer_id, row, 1, start + T), start)
+                                 for b, (row, start) in enumerate(zip(step.rows, step.row_starts))])
         return self.tp.all_reduce(self.wo(out.transpose(1, 2).reshape(B, T, -1)))  # row-parallel: sum the ranks
 
 
@@ -280,26 +238,37 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size // tp.world, bias=False)  # column-parallel, gathered
         self.cache: Optional[KVCache] = None
+        self._cache_plan: Optional[Tuple[int, int, Optional[torch.dtype]]] = None  # allocate on first use
         self.ops = TorchOps
         self._inv_freq: Optional[torch.Tensor] = None
 
     # --------------------------------------------------------------- cache lifecycle
-    def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
-        """Allocate the KV cache for at most ``max_batch_size`` rows of ``max_seq_len`` positions."""
-        if max_batch_size < 1 or max_seq_len < 1:
-            raise ValueError(f"max_batch_size and max_seq_len must be ≥ 1, got {max_batch_size} and {max_seq_len}")
-        ref = self.tok_embeddings.weight
-        if ref.device.type == "meta":
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None, *,
+                    lazy: bool = False) -> Optional[KVCache]:
+        """A KV cache of ``max_batch_size`` rows × ``max_seq_len`` positions, used by every later ``forward``.
+
+        ``lazy=True`` only plans it: it is allocated by the first ``forward`` (what ``Llama.build`` does,
+        as Meta's model holds its cache from the start but memory should not be taken before it is used).
+        """
+        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.tok_embeddings.weight.device.type == "meta":
             raise ValueError("the model's weights are still on the meta device: load a checkpoint before setup_cache")
         self.clear_cache()
-        a = self.args
-        self.cache = KVCache(a.n_layers, max_batch_size, max_seq_len, local_heads(a, self.tp)[1], a.head_dim,
-                             dtype or ref.dtype, ref.device)
+        self._cache_plan = (max_batch_size, max_seq_len, dtype)
+        return None if lazy else self._allocate_cache()
+
+    def _allocate_cache(self) -> KVCache:
+        slots, length, dtype = self._cache_plan
+        a, ref = self.args, self.tok_embeddings.weight
+        self.cache = KVCache(a.n_layers, slots, length, local_heads(a, self.tp)[1], a.head_dim, dtype or ref.dtype,
+                             ref.device)
         return self.cache
 
     def clear_cache(self) -> None:
-        """Free the KV cache."""
-        self.cache = None
+        """Free the KV cache (and forget a planned one): ``forward`` is a plain causal forward again."""
+        self.cache, self._cache_plan = None, None
 
     def fuse(self) -> "Transformer":
         """Fuse each layer's ``wq, wk, wv`` and ``w1, w3`` into one projection (names in ``state_dict`` unchanged)."""
@@ -316,52 +285,60 @@ class Transformer(nn.Module):
         self.ops = select_ops(attention, self.tok_embeddings.weight.device)
 
     # --------------------------------------------------------------- forward
-    def forward(self, tokens: torch.Tensor, start_pos: StartPos = 0, *,
-                logits_index: Union[None, int, torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: Union[StartPos, Sequence[int]] = 0, *,
+                logits_index: Union[None, int, torch.Tensor] = None,
+                slots: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Logits for ``tokens`` (B, T) placed at positions ``start_pos … start_pos+T-1``.
 
         With a KV cache (``setup_cache``) it writes positions ``start_pos … start_pos+T-1`` and attends over
         ``0 … start_pos+T-1``, so a prompt fed in chunks gives the logits it gives fed at once. Without a
         cache it is a plain causal forward over ``tokens`` and ``start_pos`` must be 0 (training, scoring).
 
-        ``start_pos``: an int, or a LongTensor (B,) of per-row positions (ragged batches).
+        ``start_pos``: an int, or one position per row (a LongTensor (B,) or a list of ints: ragged batches).
+        ``slots``: the cache row of each batch row (default rows ``0 … B-1``); rows stay where they are.
         ``logits_index``: None → logits for every position, (B, T, V); an int (e.g. -1) → that position,
         (B, 1, V); a LongTensor (B,) → one position per row, (B, 1, V). Skipping the others avoids a T × V
         tensor for long prompts. Logits are float32.
         """
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be a (batch, seq_len) tensor, got shape {tuple(tokens.shape)}")
-        B, T = tokens.shape
-        if T == 0:
-            raise ValueError("tokens must hold at least one position")
+        B, T = _check_tokens(tokens, self.args.vocab_size)
         device = self.tok_embeddings.weight.device
-        if isinstance(start_pos, torch.Tensor):
-            start_pos = start_pos.to(device=device, dtype=torch.long).reshape(-1)
-            if start_pos.numel() != B:
-                raise ValueError(f"start_pos has {start_pos.numel()} entries for a batch of {B}")
-            if int(start_pos.min()) < 0:
-                raise ValueError(f"start_pos must be ≥ 0, got {start_pos.tolist()}")
-            end = int(start_pos.max()) + T
-            positions = start_pos.view(B, 1) + torch.arange(T, device=device)  # (B, T)
-        else:
-            if start_pos < 0:
-                raise ValueError(f"start_pos must be ≥ 0, got {start_pos}")
-            end = start_pos + T
-            positions = torch.arange(start_pos, end, device=device).unsqueeze(0)  # (1, T)
-
+        start_pos, row_starts = _check_start_pos(start_pos, B, device)
+        end = (start_pos if isinstance(start_pos, int) else max(row_starts)) + T
+        logits_index = _check_logits_index(logits_index, B, T, device)
+        if self.cache is None and self._cache_plan is not None:
+            self._allocate_cache()
         cache = self.cache
         if cache is None:
             if not (isinstance(start_pos, int) and start_pos == 0):
                 raise ValueError("start_pos > 0 needs a KV cache: call model.setup_cache(max_batch_size, max_seq_len) first")
-        elif B > cache.max_batch_size or end > cache.max_seq_len:
-            raise ValueError(f"batch {B} × positions up to {end} exceed the KV cache's "
-                             f"{cache.max_batch_size} × {cache.max_seq_len}; call setup_cache with larger limits")
+            if slots is not None:
+                raise ValueError("slots address a KV cache: call model.setup_cache(max_batch_size, max_seq_len) first")
+        if end > (cache.max_seq_len if cache is not None else float("inf")):
+            raise ValueError(f"positions up to {end} exceed the KV cache's max_seq_len={cache.max_seq_len}; "
+                             "call setup_cache with a larger max_seq_len")
+        first_row, rows = _check_slots(slots, B, cache)
+        step = self.make_step(start_pos, T, end, cache, first_row=first_row, rows=rows, row_starts=row_starts)
+        return self.run(tokens.to(device), step, logits_index)
 
+    def make_step(self, start_pos: StartPos, T: int, end: int, cache: Optional[KVCache], *, first_row: int = 0,
+                  rows: Optional[List[int]] = None, row_starts: Optional[List[int]] = None) -> _Step:
+        """The per-call state of a forward (positions, RoPE angles, cache rows) for already-checked arguments."""
+        device = self.tok_embeddings.weight.device
+        if isinstance(start_pos, int):
+            positions = torch.arange(start_pos, start_pos + T, device=device).unsqueeze(0)  # (1, T)
+        else:
+            positions = start_pos.view(-1, 1) + torch.arange(T, device=device)  # (B, T)
         if self._inv_freq is None or self._inv_freq.device != device:
             self._inv_freq = rope_inv_freq(self.args.head_dim, self.args.rope_theta, device)
         cos, sin = rope_angles(positions, self._inv_freq)  # (B|1, T, hd/2)
-        step = _Step(start_pos, end, cos, sin, cache, self.ops)
+        row_index = None
+        if cache is not None and (rows is not None or not isinstance(start_pos, int)):
+            row_index = (torch.tensor(rows, device=device) if rows is not None
+                         else torch.arange(first_row, first_row + positions.shape[0], device=device))
+        return _Step(start_pos, end, positions, cos, sin, cache, self.ops, first_row, rows, row_index, row_starts)
 
+    def run(self, tokens: torch.Tensor, step: _Step, logits_index: Union[None, int, torch.Tensor] = None) -> torch.Tensor:
+        """The forward pass proper, on checked inputs (``forward`` checks; the engine calls this directly)."""
         h = self.tp.all_gather(self.tok_embeddings(tokens))  # (B, T, D)
         for layer in self.layers:
             h = layer(h, step)
@@ -369,7 +346,7 @@ class Transformer(nn.Module):
             if isinstance(logits_index, int):
                 h = h[:, [logits_index]]
             else:
-                h = h[torch.arange(B, device=device), logits_index.to(device)].unsqueeze(1)  # (B, 1, D)
+                h = h[torch.arange(h.shape[0], device=h.device), logits_index].unsqueeze(1)  # (B, 1, D)
         return self.tp.all_gather(self.output(self.norm(h, self.ops))).float()
 
     @torch.inference_mode()
@@ -383,57 +360,78 @@ class Transformer(nn.Module):
         return logits[:, -1]
 
 
-ATTENTION_CHOICES = ("auto", "torch", "triton")
+# ----------------------------------------------------------------------------- argument checks
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
-def select_ops(attention: str, device: torch.device | str):
-    """The ``Ops`` implementation for an ``attention=`` choice on ``device``."""
-    if attention not in ATTENTION_CHOICES:
-        raise ValueError(f"unknown attention implementation {attention!r}; valid: {', '.join(ATTENTION_CHOICES)}")
-    if attention == "torch" or (attention == "auto" and torch.device(device).type != "cuda"):
-        return TorchOps
-    try:
-        from kernels import TritonOps, interpreting, triton_available
-    except ImportError as e:
-        if attention == "auto":
-            return TorchOps
-        raise ValueError(f"attention='triton' needs the kernels package and Triton: {e}") from None
-    ok, why = triton_available()
-    if ok and torch.device(device).type == "cpu" and not interpreting():
-        ok, why = False, "the model is on the CPU; Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1)"
-    if ok:
-        return TritonOps
-    if attention == "auto":
-        return TorchOps
-    raise ValueError(f"attention='triton' is unavailable here: {why}")
+def _check_tokens(tokens: torch.Tensor, vocab: int) -> Tuple[int, int]:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be a (batch, seq_len) integer tensor, got {shape}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
+    B, T = tokens.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"tokens must hold at least one row and one position, got shape {(B, T)}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab})")
+    return B, T
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def _check_start_pos(start_pos, B: int, device: torch.device) -> Tuple[StartPos, Optional[List[int]]]:
+    """``(int or LongTensor (B,) on device, host list of per-row starts or None)``."""
+    if _is_int(start_pos):
+        if start_pos < 0:
+            raise ValueError(f"start_pos must be ≥ 0, got {start_pos}")
+        return start_pos, None
+    if isinstance(start_pos, torch.Tensor):
+        if start_pos.dtype.is_floating_point or start_pos.dtype == torch.bool or start_pos.dtype.is_complex:
+            raise ValueError(f"start_pos must be an int or an integer tensor, got dtype {start_pos.dtype}")
+        starts = start_pos.reshape(-1).tolist()
+    elif isinstance(start_pos, (list, tuple)) and all(_is_int(s) for s in start_pos):
+        starts = list(start_pos)
+    else:
+        raise ValueError(f"start_pos must be an int, a list of ints or an integer tensor (one per row), got {start_pos!r:.80}")
+    if len(starts) != B:
+        raise ValueError(f"start_pos has {len(starts)} entries for a batch of {B}")
+    if min(starts) < 0:
+        raise ValueError(f"start_pos must be ≥ 0, got {starts}")
+    return torch.tensor(starts, dtype=torch.long, device=device), starts
 
 
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on CUDA where supported, else fp16 on CUDA (and MPS); fp32 on CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
+def _check_logits_index(index, B: int, T: int, device: torch.device) -> Union[None, int, torch.Tensor]:
+    if index is None:
+        return None
+    if _is_int(index):
+        if not -T <= index < T:
+            raise ValueError(f"logits_index {index} is out of range for {T} positions (valid: {-T} … {T - 1})")
+        return index
+    if not isinstance(index, torch.Tensor) or index.dtype.is_floating_point or index.dtype == torch.bool:
+        raise ValueError(f"logits_index must be None, an int or an integer tensor of shape ({B},), got {index!r:.80}")
+    if index.numel() != B:
+        raise ValueError(f"logits_index has {index.numel()} entries for a batch of {B} (one position per row)")
+    index = index.reshape(-1).to(device=device, dtype=torch.long)
+    lo, hi = int(index.min()), int(index.max())
+    if lo < -T or hi >= T:
+        raise ValueError(f"logits_index holds {lo if lo < -T else hi}, out of range for {T} positions "
+                         f"(valid: {-T} … {T - 1})")
+    return index % T
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
-    """``torch.dtype`` from a name like ``"bf16"``; ``None`` passes through."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+def _check_slots(slots: Optional[Sequence[int]], B: int, cache: Optional[KVCache]) -> Tuple[int, Optional[List[int]]]:
+    """``(first_row, rows)``: a contiguous block of cache rows, or scattered rows (one per batch row)."""
+    if slots is None:
+        if cache is not None and B > cache.slots:
+            raise ValueError(f"batch {B} would exceed the KV cache's {cache.slots} rows; call setup_cache with a larger "
+                             "max_batch_size")
+        return 0, None
+    slots = list(slots)
+    if len(slots) != B or not all(_is_int(s) and 0 <= s < cache.slots for s in slots):
+        raise ValueError(f"slots must be {B} cache rows in [0, {cache.slots}), got {slots!r:.80}")
+    if len(set(slots)) != B:
+        raise ValueError(f"slots must be distinct (one cache row per batch row), got {slots}")
+    if slots == list(range(slots[0], slots[0] + B)):
+        return slots[0], None
+    return 0, slots

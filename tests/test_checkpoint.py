@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from codellama import Llama, ModelArgs, Tokenizer, load_model, open_checkpoint
-from codellama.checkpoint import convert, detect_layout, permute_from_hf, permute_to_hf, split_for_shards
+from codellama.checkpoint import detect_layout, permute_from_hf, permute_to_hf
+from codellama.save import convert_checkpoint as convert, split_for_shards
 
 from helpers import CONFIGS, random_state_dict, write_checkpoint
 

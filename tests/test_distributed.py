@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from codellama import Llama, ModelArgs, Tokenizer, load_model
-from codellama.distributed import TensorParallel, check_parallel, local_heads, shard_slices
+from codellama.checkpoint import build_on_meta
+from codellama.distributed import TensorParallel, check_parallel, local_heads, rank_block, split_dim
 
 from conftest import ROOT
 from helpers import write_checkpoint
@@ -100,11 +101,28 @@ def test_a_world_size_that_does_not_divide_fails_with_one_clear_line(tmp_path):
 
 def test_shard_plan_follows_meta_layout():
     tp = TensorParallel(rank=1, world=2)
-    s = shard_slices(GQA, tp)
     hd = GQA.head_dim
-    assert s["wq"] == (0, 4 * hd, 8 * hd) and s["wk"] == (0, hd, 2 * hd) and s["wo"] == (1, 4 * hd, 8 * hd)
-    assert s["tok_embeddings"] == (1, 64, 128) and s["output"] == (0, 256, 512) and s["norm"] is None
+    shapes = {k: tuple(v.shape) for k, v in build_on_meta(GQA).state_dict().items()}
+    block = lambda key: rank_block(key, shapes[key], GQA, tp)  # noqa: E731
+    assert block("layers.0.attention.wq.weight") == (0, 4 * hd, 8 * hd)
+    assert block("layers.0.attention.wk.weight") == (0, hd, 2 * hd)
+    assert block("layers.0.attention.wo.weight") == (1, 4 * hd, 8 * hd)
+    assert block("tok_embeddings.weight") == (1, 64, 128) and block("output.weight") == (0, 256, 512)
+    assert block("norm.weight") is None
     assert local_heads(GQA, TensorParallel(rank=3, world=4)) == (2, 1, 1)  # ranks 2 and 3 share kv head 1
+
+
+def test_one_table_splits_every_tensor_of_a_module():
+    """A tensor other than the weight (e.g. a quantization scale) follows its module's split in proportion."""
+    tp = TensorParallel(rank=1, world=2)
+    w2 = "layers.0.feed_forward.w2.weight"
+    assert split_dim(w2, 2) == 1 and split_dim("layers.0.feed_forward.w2.scales", 1) is None  # per-row: replicated
+    grouped = (GQA.dim, GQA.hidden_dim // 32)  # one scale per 32 inputs of each output row
+    assert rank_block("layers.0.feed_forward.w2.scales", grouped, GQA, tp) == (1, grouped[1] // 2, grouped[1])
+    assert rank_block("layers.0.feed_forward.w1.scales", (GQA.hidden_dim,), GQA, tp) == (0, GQA.hidden_dim // 2,
+                                                                                          GQA.hidden_dim)
+    with pytest.raises(ValueError, match="not a Llama weight"):
+        split_dim("layers.0.mystery.weight", 2)
 
 
 def test_check_parallel_names_the_problem():

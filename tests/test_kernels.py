@@ -15,9 +15,10 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from codellama.model import TorchOps, rope_angles, rope_inv_freq  # noqa: E402
-from kernels.flash_attention import attention_reference  # noqa: E402
+from codellama import kernels  # noqa: E402
+from codellama.model import rope_angles, rope_inv_freq
+from codellama.ops import TorchOps  # noqa: E402
+from codellama.kernels.flash_attention import attention_reference  # noqa: E402
 
 OK, WHY = kernels.triton_available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"Triton kernels cannot run here: {WHY}")
@@ -70,7 +71,7 @@ def reference(q, k, v, start_pos) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(1, 64), (3, 7, 130), (2, 4096), (33, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_rms_norm(shape, dtype):
-    from kernels.rmsnorm import rms_norm, rms_norm_reference
+    from codellama.kernels.rmsnorm import rms_norm, rms_norm_reference
     x = _rand(*shape, dtype=dtype) * 3
     w = _rand(shape[-1], dtype=dtype, seed=5)
     out = rms_norm(x, w, 1e-5)
@@ -81,7 +82,7 @@ def test_rms_norm(shape, dtype):
 
 
 def test_rms_norm_promotes_like_torch():
-    from kernels.rmsnorm import rms_norm
+    from codellama.kernels.rmsnorm import rms_norm
     x = _rand(5, 64, dtype=torch.float16)
     w = _rand(64, seed=3)  # float32 weight on float16 activations: the product promotes to float32
     out = rms_norm(x, w, 1e-6)
@@ -95,7 +96,7 @@ def test_rms_norm_promotes_like_torch():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("per_row", [False, True])
 def test_rotary(T, H, Hkv, hd, dtype, per_row):
-    from kernels.rope import rotary, rotary_reference
+    from codellama.kernels.rope import rotary, rotary_reference
     B = 2
     # q and k as strided views of one fused projection output (last dim contiguous).
     qkv = _rand(B, T, (H + 2 * Hkv) * hd, dtype=dtype)
@@ -121,7 +122,7 @@ FLASH_SHAPES = [  # (T, group = H / Hkv, head_dim)
 @pytest.mark.parametrize("T,group,hd", FLASH_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_flash_attention_prefill(T, group, hd, dtype):
-    from kernels.flash_attention import flash_attention
+    from codellama.kernels.flash_attention import flash_attention
     B, Hkv = (2, 1) if T < 100 else (1, 2)
     H = group * Hkv
     q = queries(B, H, T, hd, dtype)
@@ -134,7 +135,7 @@ def test_flash_attention_prefill(T, group, hd, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_flash_attention_long_irregular(dtype):
     """1000 queries (not a multiple of any block) over a cache longer than the row."""
-    from kernels.flash_attention import flash_attention
+    from codellama.kernels.flash_attention import flash_attention
     B, H, Hkv, T, hd = 1, 4, 1, 1000, 64
     q = queries(B, H, T, hd, dtype)
     k, v = cache_views(B, Hkv, T, hd, dtype, [T])
@@ -146,7 +147,7 @@ def test_flash_attention_long_irregular(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_flash_attention_chunked_prefill(start, T, group, hd, dtype):
     """Queries at start … start+T-1 over cached keys 0 … start+T-1 (a later chunk of a prompt)."""
-    from kernels.flash_attention import flash_attention
+    from codellama.kernels.flash_attention import flash_attention
     B, Hkv = 1, 1
     H = group * Hkv
     L = start + T
@@ -163,7 +164,7 @@ def test_flash_attention_chunked_prefill(start, T, group, hd, dtype):
 @pytest.mark.parametrize("blocks", [(None, None), (16, 16), (64, 32)])
 def test_flash_attention_ragged_rows(dtype, blocks):
     """Rows at different start positions in one batch; each row's slots past its end are NaN garbage."""
-    from kernels.flash_attention import flash_attention
+    from codellama.kernels.flash_attention import flash_attention
     starts = torch.tensor([0, 50, 3])
     B, H, Hkv, T, hd = 3, 4, 1, 23, 64
     L = int(starts.max()) + T
@@ -179,7 +180,7 @@ def test_flash_attention_ragged_rows(dtype, blocks):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_attention_mixed_lengths(group, hd, dtype):
     """One query per row over rows of lengths 1, 7, 130 and 1000 in one batch, split across programs."""
-    from kernels.decode_attention import decode_attention
+    from codellama.kernels.decode_attention import decode_attention
     lengths = torch.tensor([1, 7, 130, 1000])
     B, Hkv = 4, 2
     H = group * Hkv
@@ -194,7 +195,7 @@ def test_decode_attention_mixed_lengths(group, hd, dtype):
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
 def test_decode_attention_splits(num_splits):
     """Any split count gives the same answer, including splits that start past a row's end."""
-    from kernels.decode_attention import decode_attention
+    from codellama.kernels.decode_attention import decode_attention
     B, H, Hkv, hd, L = 2, 4, 1, 64, 200
     q = queries(B, H, 1, hd, torch.float32)
     k, v = cache_views(B, Hkv, L, hd, torch.float32, [L, 45])
@@ -205,7 +206,7 @@ def test_decode_attention_splits(num_splits):
 
 def test_decode_attention_int_start_pos():
     """An int start_pos: every row at the same position, keys beyond it (in L) are ignored."""
-    from kernels.decode_attention import decode_attention
+    from codellama.kernels.decode_attention import decode_attention
     B, H, Hkv, hd, L = 2, 8, 2, 128, 90
     q = queries(B, H, 1, hd, torch.float16)
     k, v = cache_views(B, Hkv, L, hd, torch.float16, [61, 61])
@@ -246,7 +247,7 @@ def test_triton_available_reports_why_not(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
     ok, why = kernels.triton_available()
     assert not ok and "triton cannot be imported" in why
-    from codellama.model import select_ops
+    from codellama.ops import select_ops
     assert select_ops("auto", "cpu") is TorchOps
     with pytest.raises(ValueError, match="unavailable"):
         select_ops("triton", "cpu")
@@ -254,8 +255,9 @@ def test_triton_available_reports_why_not(monkeypatch):
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU refusal without the interpreter")
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    from kernels.rmsnorm import rms_norm
-    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    from codellama.kernels import checks
+    from codellama.kernels.rmsnorm import rms_norm
+    monkeypatch.setattr(checks, "interpreting", lambda: False)
     ok, why = kernels.triton_available()
     assert not ok and "TRITON_INTERPRET" in why
     x, w = _rand(2, 64), _rand(64)
@@ -292,8 +294,8 @@ BAD_ATTENTION = [
 
 @pytest.mark.parametrize("make,match", [b[1:] for b in BAD_ATTENTION], ids=[b[0] for b in BAD_ATTENTION])
 def test_attention_rejects_bad_input(make, match):
-    from kernels.decode_attention import decode_attention
-    from kernels.flash_attention import flash_attention
+    from codellama.kernels.decode_attention import decode_attention
+    from codellama.kernels.flash_attention import flash_attention
     args = make()
     with pytest.raises(ValueError, match=match):
         flash_attention(**args)
@@ -302,7 +304,7 @@ def test_attention_rejects_bad_input(make, match):
 
 
 def test_decode_attention_rejects_several_queries():
-    from kernels.decode_attention import decode_attention
+    from codellama.kernels.decode_attention import decode_attention
     with pytest.raises(ValueError, match="one query per row"):
         decode_attention(**_attn_inputs())
     with pytest.raises(ValueError, match="num_splits"):
@@ -310,7 +312,7 @@ def test_decode_attention_rejects_several_queries():
 
 
 def test_rms_norm_rejects_bad_input():
-    from kernels.rmsnorm import rms_norm
+    from codellama.kernels.rmsnorm import rms_norm
     x = _rand(3, 64)
     with pytest.raises(ValueError, match="weight must have shape"):
         rms_norm(x, _rand(32), 1e-5)
@@ -323,7 +325,7 @@ def test_rms_norm_rejects_bad_input():
 
 
 def test_rotary_rejects_bad_input():
-    from kernels.rope import rotary
+    from codellama.kernels.rope import rotary
     q, k = _rand(1, 4, 2, 16), _rand(1, 4, 1, 16)
     cos, sin = _rand(1, 4, 8), _rand(1, 4, 8, seed=1)
     with pytest.raises(ValueError, match="must be float32"):
@@ -341,7 +343,7 @@ def test_rotary_rejects_bad_input():
 @pytest.mark.skipif(not CUDA, reason=GPU_ONLY)
 @pytest.mark.parametrize("T,group,hd", [(7, 4, 128), (130, 8, 64), (1000, 1, 128)])
 def test_flash_attention_bf16(T, group, hd):
-    from kernels.flash_attention import flash_attention
+    from codellama.kernels.flash_attention import flash_attention
     B, Hkv = 2, 2
     q = queries(B, group * Hkv, T, hd, torch.bfloat16)
     k, v = cache_views(B, Hkv, T + 40, hd, torch.bfloat16, [T + 40, T + 3])
@@ -353,7 +355,7 @@ def test_flash_attention_bf16(T, group, hd):
 @pytest.mark.skipif(not CUDA, reason=GPU_ONLY)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_attention_bf16_and_long(dtype):
-    from kernels.decode_attention import decode_attention
+    from codellama.kernels.decode_attention import decode_attention
     lengths = torch.tensor([1, 32_768, 5_000])
     B, H, Hkv, hd = 3, 64, 8, 128
     q = queries(B, H, 1, hd, dtype)
@@ -366,7 +368,7 @@ def test_decode_attention_bf16_and_long(dtype):
 @pytest.mark.skipif(not CUDA, reason=GPU_ONLY)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flash_attention_long_prefill(dtype):
-    from kernels.flash_attention import flash_attention
+    from codellama.kernels.flash_attention import flash_attention
     B, H, Hkv, T, hd = 1, 16, 4, 4096 + 17, 128
     q = queries(B, H, T, hd, dtype)
     k, v = cache_views(B, Hkv, T, hd, dtype, [T])

@@ -30,11 +30,11 @@ warnings.filterwarnings("ignore")
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.flash_attention import _flash_attn_fwd_kernel, flash_config
-from kernels.decode_attention import _decode_split_kernel, _decode_combine_kernel, DECODE_CONFIGS
-from kernels.flash_attention import head_dim_bucket
-from kernels.rmsnorm import _rms_norm_kernel, rms_norm_config
-from kernels.rope import _rope_kernel, rotary_config
+from codellama.kernels.flash_attention import _flash_attn_fwd_kernel, flash_config
+from codellama.kernels.decode_attention import _decode_split_kernel, _decode_combine_kernel, DECODE_CONFIGS
+from codellama.kernels.flash_attention import head_dim_bucket
+from codellama.kernels.rmsnorm import _rms_norm_kernel, rms_norm_config
+from codellama.kernels.rope import _rope_kernel, rotary_config
 
 CUOBJDUMP = sys.argv[1]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from codellama import ModelArgs, Transformer, load_model
-from codellama.model import TorchOps, rope_angles, rope_inv_freq
+from codellama.model import rope_angles, rope_inv_freq
+from codellama.ops import TorchOps
 
 from helpers import CONFIGS, random_model, write_checkpoint
 

@@ -15,9 +15,9 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
+from codellama import kernels  # noqa: E402
 from codellama import ModelArgs, Transformer, load_model  # noqa: E402
-from codellama.model import TorchOps  # noqa: E402
+from codellama.ops import TorchOps  # noqa: E402
 
 OK, WHY = kernels.triton_available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"Triton kernels cannot run here: {WHY}")

@@ -1,34 +1,19 @@
-"""Triton kernels for Code Llama: fused RMSNorm, fused RoPE, flash attention (prefill), flash-decoding.
+"""What every Triton launcher checks before it runs: is Triton usable here, and can it take these tensors.
 
-One file per kernel, each holding the Triton kernel, a launcher that checks its inputs and raises
-``ValueError`` naming the problem, and the PyTorch reference the tests compare against:
-
-    kernels/rmsnorm.py          rms_norm(x, weight, eps)                 rms_norm_reference
-    kernels/rope.py             rotary(q, k, cos, sin)                   rotary_reference
-    kernels/flash_attention.py  flash_attention(q, k, v, start_pos)      attention_reference
-    kernels/decode_attention.py decode_attention(q, k, v, start_pos)     decode_attention_reference
-
-``TritonOps`` plugs them into ``codellama.model`` (same three static methods as ``TorchOps``) and falls
-back to ``TorchOps`` for any input a kernel cannot take (a head_dim over 256, tensors Triton cannot
-reach, ...). Importing this package imports neither Triton nor the kernel files; without a working
-Triton, ``triton_available()`` says why and the model stays on its PyTorch path.
-
-Triton runs on CUDA tensors, and on CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1``
-is set before ``triton`` is first imported (the tests do that on machines without a GPU).
+Each ``*_problem`` function returns ``None`` when a kernel can take its inputs, else the reason in words;
+launchers raise it as ``ValueError`` and ``TritonOps`` falls back to PyTorch with it. Nothing here imports
+Triton at import time.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import warnings
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["TritonOps", "triton_available", "interpreting"]
-
-StartPos = Union[int, torch.Tensor]
+from ..ops import StartPos
 
 
 def interpreting() -> bool:
@@ -151,51 +136,3 @@ def attention_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_p
     if L < T:
         return f"k/v hold {L} positions, fewer than the {T} queries"
     return None
-
-
-# ----------------------------------------------------------------------------- the model's seam
-def _fallback(op: str, reason: str):
-    """TorchOps, after saying once per reason why the Triton kernel is not used."""
-    from codellama.model import TorchOps
-    warnings.warn(f"kernels.TritonOps.{op}: using PyTorch because {reason}", stacklevel=3)
-    return TorchOps
-
-
-class TritonOps:
-    """The Triton implementation of ``codellama.model.TorchOps`` (same static methods and semantics)."""
-
-    name = "triton"
-
-    @staticmethod
-    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """x (..., D), weight (D,): ``(x * rsqrt(mean(x²) + eps)).type_as(x) * weight``, statistics in float32."""
-        from . import rmsnorm
-        reason = rmsnorm.rms_norm_problem(x, weight, eps)
-        if reason:
-            return _fallback("rms_norm", reason).rms_norm(x, weight, eps)
-        return rmsnorm.launch_rms_norm(x, weight, eps)
-
-    @staticmethod
-    def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Meta's interleaved-pair RoPE on q (B, T, H, hd) and k (B, T, Hkv, hd) in one launch; cos/sin (B|1, T, hd/2)."""
-        from . import rope
-        reason = rope.rotary_problem(q, k, cos, sin)
-        if reason:
-            return _fallback("rotary", reason).rotary(q, k, cos, sin)
-        return rope.launch_rotary(q, k, cos, sin)
-
-    @staticmethod
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: StartPos) -> torch.Tensor:
-        """Causal attention of q (B, H, T, hd) at ``start_pos + arange(T)`` over k/v (B, Hkv, L, hd) → (B, H, T, hd).
-
-        T == 1 (decode) takes the split-KV flash-decoding kernel over each row's ``start_pos + 1`` keys;
-        longer T takes the flash-attention kernel.
-        """
-        reason = attention_problem(q, k, v, start_pos)
-        if reason:
-            return _fallback("attention", reason).attention(q, k, v, start_pos)
-        if q.shape[2] == 1:
-            from .decode_attention import launch_decode_attention
-            return launch_decode_attention(q, k, v, start_pos)
-        from .flash_attention import launch_flash_attention
-        return launch_flash_attention(q, k, v, start_pos)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import StartPos, attention_problem, interpreting
+from .checks import StartPos, attention_problem, interpreting
 
 LOG2E = 1.4426950408889634
 

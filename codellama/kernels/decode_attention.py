@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import StartPos, attention_problem, interpreting, sm_count
+from .checks import StartPos, attention_problem, interpreting, sm_count
 from .flash_attention import LOG2E, _attend_range, attention_reference, head_dim_bucket
 
 MAX_SPLITS = 128

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import device_problem, head_tensor_problem
+from .checks import device_problem, head_tensor_problem
 
 MAX_HEAD_DIM = 1024
 

@@ -1,4 +1,4 @@
-"""What the example scripts share: the reference's flags, building a ``Llama`` from them, clean errors."""
+"""What the command-line programs share (the example scripts): the reference's flags, building a ``Llama`` from them, clean errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Callable
 
 from .distributed import close_process_group
 from .generation import Llama
-from .model import ATTENTION_CHOICES, DTYPES
+from .ops import ATTENTION_CHOICES
+from .runtime import DTYPES
 
 
 def example_parser(description: str, *, temperature: float, top_p: float, max_seq_len: int, max_batch_size: int,

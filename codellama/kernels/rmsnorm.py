@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import FLOAT_DTYPES, device_problem, dtype_problem
+from .checks import FLOAT_DTYPES, device_problem, dtype_problem
 
 MAX_DIM = 65536  # one program holds a whole row in registers
 

@@ -1,0 +1,132 @@
+"""The seam for custom kernels: the three operations a backend may replace, and how one is chosen.
+
+``Ops`` is the interface (RMSNorm, rotary embedding, causal attention); ``TorchOps`` is the PyTorch
+implementation every other backend is measured against and falls back to; ``select_ops`` picks one for a
+device. ``codellama.kernels.TritonOps`` implements the same interface with Triton kernels. Dependencies
+point one way: the model and the kernels import this module; this module imports nothing of the library
+(``select_ops`` loads the Triton side only when it is asked for, and never at import time).
+
+Shapes: B batch, T queries in this call, L attended length, H query heads, Hkv key/value heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Protocol, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+StartPos = Union[int, torch.Tensor]  # one position for the whole batch, or a LongTensor[B] (one per row)
+ATTENTION_CHOICES = ("auto", "torch", "triton")
+
+
+class Ops(Protocol):
+    """What a kernel backend provides; every method has ``TorchOps``' semantics exactly."""
+
+    name: str
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    @staticmethod
+    def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor]: ...
+
+    @staticmethod
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: StartPos) -> torch.Tensor: ...
+
+
+class TorchOps:
+    """The reference implementation of the three operations a kernel backend may replace."""
+
+    name = "torch"
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x (..., D), weight (D,). Statistics in float32 whatever the model dtype, as Meta does; scale after casting back."""
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return out.type_as(x) * weight
+
+    @staticmethod
+    def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Meta's interleaved-pair RoPE on q (B, T, H, hd) and k (B, T, Hkv, hd); cos/sin (B|1, T, hd/2) float32."""
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    @staticmethod
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: StartPos) -> torch.Tensor:
+        """Causal attention of queries at ``start_pos + arange(T)`` over keys ``0 … L-1``.
+
+        q: (B, H, T, hd); k, v: (B, Hkv, L, hd) with L ≥ every row's ``start_pos + T``.
+        Returns (B, H, T, hd). Key slots past a row's own end are masked out.
+        """
+        B, H, T, hd = q.shape
+        Hkv, L = k.shape[1], k.shape[2]
+        if isinstance(start_pos, int):
+            if start_pos == 0 and L == T:  # plain causal self-attention: no mask tensor at all
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
+            if T == 1 and L == start_pos + 1:  # decode step: every cached key is visible
+                return _grouped_sdpa(q, k, v, None)
+        # General case (chunked prefill, ragged rows): a boolean mask of T × L per row.
+        starts = torch.as_tensor(start_pos, device=q.device).reshape(-1, 1, 1)  # (B|1, 1, 1)
+        q_pos = starts + torch.arange(T, device=q.device).view(1, T, 1)
+        mask = torch.arange(L, device=q.device).view(1, 1, L) <= q_pos  # (B|1, T, L)
+        return _grouped_sdpa(q, k, v, mask.unsqueeze(1))
+
+
+def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """SDPA with grouped-query attention done by reshaping q, never by copying k/v per head."""
+    B, H, T, hd = q.shape
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    if rep == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # The `rep` query heads sharing one kv head become `rep * T` query rows of that kv head.
+    qg = q.reshape(B, Hkv, rep * T, hd)  # (B, Hkv, rep*T, hd)
+    if mask is not None:
+        mask = mask.repeat(1, 1, rep, 1)  # (B|1, 1, rep*T, L), row order (rep, t) like qg
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).view(B, H, T, hd)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs ``(x[2i], x[2i+1])`` of x (B, T, H, hd) by angles given as cos/sin (B|1, T, hd/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B|1, T, 1, hd/2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+_told: set = set()  # reasons already printed by select_ops("auto"), so each is said once per process
+
+
+def select_ops(attention: str, device: torch.device | str) -> type:
+    """The ``Ops`` implementation for an ``attention=`` choice on ``device``.
+
+    ``"torch"``: PyTorch. ``"triton"``: the Triton kernels, or ``ValueError`` saying why they cannot run here.
+    ``"auto"``: Triton on CUDA when it works (saying once on stderr why not, when it does not), else PyTorch.
+    """
+    if attention not in ATTENTION_CHOICES:
+        raise ValueError(f"unknown attention implementation {attention!r}; valid: {', '.join(ATTENTION_CHOICES)}")
+    device = torch.device(device)
+    if attention == "torch" or (attention == "auto" and device.type != "cuda"):
+        return TorchOps
+    why = None
+    try:
+        from .kernels import interpreting, triton_available
+    except ImportError as e:  # a broken install of the package itself
+        why = f"codellama.kernels cannot be imported ({e})"
+    else:
+        ok, why = triton_available()
+        if ok and device.type == "cpu" and not interpreting():
+            why = "the model is on the CPU; Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1)"
+        elif ok:
+            from .kernels.triton_ops import TritonOps
+            return TritonOps
+    if attention == "triton":
+        raise ValueError(f"attention='triton' is unavailable here: {why}")
+    if why not in _told:
+        _told.add(why)
+        print(f"codellama: using PyTorch attention on {device} because Triton is unavailable: {why}", file=sys.stderr)
+    return TorchOps
