@@ -299,6 +299,7 @@ def _resolve_vocab(args: ModelArgs, tensors: Dict[str, LazyTensor], where: str) 
 
 
 # ----------------------------------------------------------------------------- loading
+BUNDLED_CKPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")  # the tiny model
 Transform = Callable[[Transformer], Transformer]  # a step applied to the loaded model (fuse, CPU layout, …)
 
 
@@ -309,10 +310,10 @@ def check_tokenizer(args: ModelArgs, n_words: int, tokenizer_path: str = "the to
                          "they must match (is this the tokenizer that came with the checkpoint?)")
 
 
-def load_model(ckpt_dir: "str | os.PathLike | CheckpointSource", *, device: torch.device | str | None = None,
+def load_model(ckpt_dir: "str | os.PathLike | CheckpointSource | None" = None, *, device: torch.device | str | None = None,
                dtype: torch.dtype | str | None = None, optimize: bool = True, tp: TensorParallel = SINGLE,
                transforms: Optional[List[Transform]] = None) -> Transformer:
-    """Build a ``Transformer`` from a Meta or Hugging Face checkpoint directory.
+    """Build a ``Transformer`` from a Meta or Hugging Face checkpoint directory (None: the bundled tiny model).
 
     A short pipeline of named steps: **read** the checkpoint's config and index its tensors
     (``open_checkpoint``), **build** the model on the ``meta`` device (no memory), **load** each weight
@@ -325,6 +326,8 @@ def load_model(ckpt_dir: "str | os.PathLike | CheckpointSource", *, device: torc
     ``transforms`` replaces them. With ``tp`` (a rank of a tensor-parallel group) the model holds, and the
     loader reads, this rank's slices.
     """
+    if ckpt_dir is None:
+        ckpt_dir = BUNDLED_CKPT_DIR
     source = ckpt_dir if isinstance(ckpt_dir, CheckpointSource) else open_checkpoint(ckpt_dir)
     device = resolve_device(device)
     dtype = parse_dtype(dtype) or default_dtype(device)

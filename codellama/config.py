@@ -254,8 +254,5 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "70b-python": {**_70B, "vocab_size": 32016, "rope_theta": 1e4},
     "70b-instruct": {**_70B, "vocab_size": 32016, "rope_theta": 1e4},
 }
-# Number of consolidated.*.pth files Meta ships for each size (its model-parallel degree).
-META_SHARDS: Dict[str, int] = {"7b": 1, "13b": 2, "34b": 4, "70b": 8}
-
 _PRESET_ALIASES = {k: k for k in PRESETS}
 _PRESET_ALIASES.update({k.replace("-", ""): k for k in PRESETS})

@@ -1,9 +1,11 @@
 """The reference-compatible ``Llama`` API: completion, infilling, instruct chat, and their streaming forms.
 
-Differences from Meta's reference, all invisible in the results: it runs in a plain Python process
-(no ``torchrun``, no process group), prefills a ragged batch in one pass (right-padded, logits only at
-each row's last prompt token), keeps decoding each row at its own position, and drops finished rows
-from the batch.
+Same signatures and results as Meta's ``Llama``. How it differs (also listed in the README, "Differences
+from Meta's reference"): it runs in a plain Python process (no ``torchrun``, no process group), prefills a
+ragged batch in one pass and decodes each row at its own position, with finished rows leaving the batch
+(invisible in the results); infilling stops at EOS as well as at ``<EOT>``; a dialog that contains the
+format's special tags is not run, so its result holds the error message with no tokens or logprobs;
+sampling draws from the ``Llama``'s own seeded generator, not torch's global one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 
 import torch
 
-from .checkpoint import check_tokenizer, load_model, open_checkpoint
+from .checkpoint import BUNDLED_CKPT_DIR, check_tokenizer, load_model, open_checkpoint
 from .distributed import check_parallel, env_world, init_tensor_parallel
 from .model import Transformer
 from .ops import select_ops
@@ -27,7 +29,7 @@ from .tokenizer import Tokenizer
 StopTokens = Union[None, int, Iterable[int]]
 Step = List[Tuple[int, int, Optional[float]]]  # (prompt index, token id, logprob) for each row that produced a token
 
-DEFAULT_CKPT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
+DEFAULT_CKPT_DIR = BUNDLED_CKPT_DIR  # the name earlier releases used
 
 
 class Llama:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import ModelArgs
 from .distributed import SINGLE, TensorParallel, check_parallel, local_heads
-from .ops import StartPos, TorchOps, select_ops
+from .ops import Ops, StartPos, TorchOps, select_ops
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -102,7 +102,7 @@ class _Step:
     cos: torch.Tensor  # (B|1, T, hd/2) float32
     sin: torch.Tensor
     cache: Optional[KVCache]
-    ops: type
+    ops: Ops
     first_row: int = 0
     rows: Optional[List[int]] = None  # scattered cache rows, one per batch row
     row_index: Optional[torch.Tensor] = None  # (B,) long: the cache row of each batch row
@@ -239,7 +239,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size // tp.world, bias=False)  # column-parallel, gathered
         self.cache: Optional[KVCache] = None
         self._cache_plan: Optional[Tuple[int, int, Optional[torch.dtype]]] = None  # allocate on first use
-        self.ops = TorchOps
+        self.ops: Ops = TorchOps
         self._inv_freq: Optional[torch.Tensor] = None
 
     # --------------------------------------------------------------- cache lifecycle

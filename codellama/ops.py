@@ -101,7 +101,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 _told: set = set()  # reasons already printed by select_ops("auto"), so each is said once per process
 
 
-def select_ops(attention: str, device: torch.device | str) -> type:
+def select_ops(attention: str, device: torch.device | str) -> Ops:
     """The ``Ops`` implementation for an ``attention=`` choice on ``device``.
 
     ``"torch"``: PyTorch. ``"triton"``: the Triton kernels, or ``ValueError`` saying why they cannot run here.

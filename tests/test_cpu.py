@@ -58,3 +58,17 @@ def test_fused_projections_keep_logits_and_meta_names():
     assert model.state_dict().keys() == reference.keys()
     model.load_state_dict(random_state_dict(ARGS, seed=6))  # Meta names load into the fused model
     torch.testing.assert_close(logits(model), logits(random_model(ARGS, seed=6)), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(not bf16_packing_supported(), reason="oneDNN bf16 packing is unavailable on this CPU")
+def test_packed_weight_is_a_buffer_that_moves_and_casts():
+    layer = PackedLinear(torch.randn(24, 16).bfloat16())
+    assert [name for name, _ in layer.named_buffers()] == ["packed"] and layer.packed.is_mkldnn
+    x = torch.randn(3, 16)
+    want = torch.nn.functional.linear(x, layer.weight.float())
+    layer.float()  # cast away from bf16: a dense fp32 weight, same values
+    assert not layer.packed.is_mkldnn and layer.packed.dtype == torch.float32
+    torch.testing.assert_close(layer(x), want)
+    layer.to(torch.bfloat16)  # and back: packed again
+    assert layer.packed.is_mkldnn
+    torch.testing.assert_close(layer(x.bfloat16()).float(), want, atol=0.1, rtol=0.05)

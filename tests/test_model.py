@@ -180,3 +180,28 @@ def test_bf16_model_keeps_rope_in_float32(gqa_model):
 def test_unresolved_vocab_is_refused():
     with pytest.raises(ValueError, match="vocab_size"):
         Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4))
+
+
+def test_meta_style_forward_after_build_matches_hugging_face(tmp_path):
+    """Research code written against Meta's reference drives ``generator.model.forward(tokens, start_pos)`` itself:
+    a prefix at 0, then a chunk, then single tokens. After ``Llama.build`` the model holds a lazily allocated
+    cache of max_batch_size × max_seq_len, so this gives Hugging Face's logits of the whole sequence at once."""
+    from codellama import Llama
+    from codellama.generation import DEFAULT_CKPT_DIR
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=4096, multiple_of=16, rope_theta=1e6)
+    ckpt = write_checkpoint(tmp_path / "hf", args, "hf", seed=4, tokenizer=f"{DEFAULT_CKPT_DIR}/tokenizer.model")
+    generator = Llama.build(str(ckpt), None, 32, 2, device="cpu")
+    assert generator.model.cache is None  # planned, not yet allocated
+    tokens = torch.randint(0, 4096, (2, 20), generator=torch.Generator().manual_seed(1))
+    pieces = []
+    with torch.inference_mode():
+        pieces.append(generator.model.forward(tokens[:, :9], 0))
+        pieces.append(generator.model.forward(tokens[:, 9:15], 9))
+        for pos in range(15, 20):
+            pieces.append(generator.model.forward(tokens[:, pos:pos + 1], pos))
+    cache = generator.model.cache
+    assert (cache.slots, cache.max_seq_len) == (2, 32)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), hf_logits(str(ckpt), tokens), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="exceed the KV cache"):
+        generator.model.forward(tokens[:, :1], 32)
