@@ -51,6 +51,16 @@ class TensorParallel:
         return x
 
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's picklable ``obj`` on every rank (e.g. the engine's plan for a step)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
+                                   group=self.group)
+        return box[0]
+
+
 SINGLE = TensorParallel()
 
 

@@ -18,47 +18,55 @@ import torch
 
 from .checkpoint import BUNDLED_CKPT_DIR, check_tokenizer, load_model, open_checkpoint
 from .distributed import check_parallel, env_world, init_tensor_parallel
+from .engine import Engine, SamplingParams
 from .model import Transformer
 from .ops import select_ops
-from .runtime import resolve_device
 from .prompts import (UNSAFE_ERROR, Dialog, chat_prompt_tokens, has_special_tags, infilling_prompt_tokens,
                       step_dialog_prompt_tokens, validate_dialog)
-from .sampling import check_sampling_args, sample, token_logprobs
-from .tokenizer import Tokenizer
+from .runtime import resolve_device
+from .tokenizer import TextStream, Tokenizer
 
 StopTokens = Union[None, int, Iterable[int]]
-Step = List[Tuple[int, int, Optional[float]]]  # (prompt index, token id, logprob) for each row that produced a token
 
 DEFAULT_CKPT_DIR = BUNDLED_CKPT_DIR  # the name earlier releases used
 
 
 class Llama:
-    """A model and its tokenizer, with the generation methods of Meta's ``Llama`` class."""
+    """A model and its tokenizer, with the generation methods of Meta's ``Llama`` class.
+
+    Every method is a client of one :class:`~codellama.engine.Engine`: it submits requests and waits for
+    them, so calls from many threads at once are batched together and each gets exactly what it gets
+    alone. ``llama.engine.start()`` runs the engine on a background thread (servers).
+    """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int = 2048, max_batch_size: int = 4,
-                 seed: int = 1):
+                 seed: int = 1, *, compile: bool = False, max_tokens_per_step: int = 512):
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         check_tokenizer(model.args, tokenizer.n_words, tokenizer.model_path)
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         self.device = model.tok_embeddings.weight.device
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed,
+                             compile=compile, max_tokens_per_step=max_tokens_per_step)
 
     @staticmethod
     def build(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 2048,
               max_batch_size: int = 4, model_parallel_size: Optional[int] = None, *,
               device: Union[None, str, torch.device] = None, dtype: Union[None, str, torch.dtype] = None,
-              seed: int = 1, attention: str = "auto") -> "Llama":
+              seed: int = 1, attention: str = "auto", compile: bool = False) -> "Llama":
         """Load a checkpoint (Meta or Hugging Face layout) and its tokenizer.
 
         Positional arguments are the reference's. ``ckpt_dir=None`` uses the tiny model bundled with the
         package; ``tokenizer_path`` defaults to ``ckpt_dir/tokenizer.model``. Runs in a plain process on
         CPU, CUDA or MPS; ``device``/``dtype`` default to CUDA/bf16 where available, else CPU/fp32.
         ``attention`` picks the kernels: ``"auto"`` (Triton on CUDA), ``"torch"`` or ``"triton"``.
+        ``compile=True`` decodes with a ``torch.compile``d static-shape step (CUDA graphs on CUDA).
         Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is split across the ranks (tensor parallelism,
         ``model_parallel_size`` defaulting to the world size): each rank joins the process group, takes
         its GPU (``LOCAL_RANK``) and loads only its slices, whatever the checkpoint's shard count.
@@ -86,103 +94,55 @@ class Llama:
         tp = init_tensor_parallel(world, rank, device)
         model = load_model(source, device=device, dtype=dtype, tp=tp)
         model.set_attention(attention)
-        llama = Llama(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed)
+        llama = Llama(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed,
+                      compile=compile)
         # As in Meta's reference, generator.model.forward(tokens, start_pos) reads and writes a KV cache of
-        # max_batch_size × max_seq_len; it is allocated by the first forward, not here.
+        # max_batch_size × max_seq_len; it is allocated by the first such forward, not here. (Generation
+        # uses the engine's own slot cache.)
         model.setup_cache(max_batch_size, max_seq_len, lazy=True)
         return llama
 
     # ------------------------------------------------------------------ token-level API
-    def generate(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float = 0.6, top_p: float = 0.9,
-                 logprobs: bool = False, echo: bool = False, stop_token: StopTokens = None, *,
+    def generate(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int], temperature: float = 0.6,
+                 top_p: float = 0.9, logprobs: bool = False, echo: bool = False, stop_token: StopTokens = None, *,
                  top_k: Optional[int] = None) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Generate from token prompts; returns ``(tokens, logprobs)`` per prompt as the reference does.
 
         Each row stops at a stop token (default EOS; not included in the output), after ``max_gen_len``
-        tokens, or at ``max_seq_len`` positions. ``echo`` prepends the prompt (and, with ``logprobs``, its
-        token log-probabilities, 0.0 for the first token). ``stop_token`` may be an id or several ids.
+        tokens (None: ``max_seq_len - 1``), or at ``max_seq_len`` positions (a larger ``max_gen_len`` is
+        clamped to the room left, as the reference does). ``echo`` prepends the prompt (and, with
+        ``logprobs``, its token log-probabilities, 0.0 for the first token). ``stop_token`` may be an id or
+        several ids.
         """
-        prompt_logprobs = [[] for _ in prompt_tokens] if (logprobs and echo) else None
-        out = [[] for _ in prompt_tokens]
-        out_lp: List[List[float]] = [[] for _ in prompt_tokens]
-        for step in self._steps(prompt_tokens, max_gen_len, temperature, top_p, top_k, stop_token, logprobs,
-                                prompt_logprobs):
-            for i, token, lp in step:
-                out[i].append(token)
-                out_lp[i].append(lp)
-        if echo:
-            out = [list(p) + o for p, o in zip(prompt_tokens, out)]
-            if logprobs:
-                out_lp = [p + o for p, o in zip(prompt_logprobs, out_lp)]
-        return out, (out_lp if logprobs else None)
-
-    def _steps(self, prompt_tokens: List[List[int]], max_gen_len: Optional[int], temperature: float, top_p: float,
-               top_k: Optional[int], stop_token: StopTokens, logprobs: bool,
-               prompt_logprobs: Optional[List[List[float]]] = None) -> Iterator[Step]:
-        """Decode a batch, yielding after every step the tokens produced by the rows still running."""
-        check_sampling_args(temperature, top_p, top_k)
         self._check_prompts(prompt_tokens)
+        params = self._params(max_gen_len, temperature, top_p, top_k, stop_token, logprobs, logprobs and echo)
+        requests = [self.engine.submit(p, params) for p in prompt_tokens]
+        try:
+            for r in requests:
+                r.result()
+        finally:
+            for r in requests:
+                r.cancel()  # a no-op for finished requests; frees the slots if we are interrupted
+        out = [(list(p) if echo else []) + r.tokens for p, r in zip(prompt_tokens, requests)]
+        if not logprobs:
+            return out, None
+        return out, [(r.prompt_logprobs if echo else []) + r.logprobs for r in requests]
+
+    def _params(self, max_gen_len: Optional[int], temperature: float, top_p: float, top_k: Optional[int],
+                stop_token: StopTokens, logprobs: bool = False, prompt_logprobs: bool = False) -> SamplingParams:
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be a non-negative integer or None, got {max_gen_len!r}")
-        stop_ids = self._stop_ids(stop_token)
-        lens = [len(p) for p in prompt_tokens]
-        limits = [min(max_gen_len, self.max_seq_len - n) for n in lens]  # new tokens each row may produce
-        if max(limits) <= 0 and prompt_logprobs is None:
-            return
-        model, device = self.model, self.device
-        B, T = len(prompt_tokens), max(lens)
-        self._ensure_cache()
-
-        with torch.inference_mode():
-            # Prefill every row in one pass, right-padded; a row's padding sits after its own tokens, so
-            # causal attention keeps it out of that row's results, and decoding overwrites it.
-            tokens = torch.zeros(B, T, dtype=torch.long)
-            for i, p in enumerate(prompt_tokens):
-                tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-            tokens = tokens.to(device)
-            last_idx = torch.tensor(lens, device=device) - 1
-            if prompt_logprobs is not None:
-                all_logits = model(tokens, 0)  # (B, T, V): the prompt's own log-probabilities are wanted
-                lp = token_logprobs(all_logits[:, :-1], tokens[:, 1:]).tolist()
-                for i, n in enumerate(lens):
-                    prompt_logprobs[i].extend([0.0] + lp[i][:n - 1])
-                logits = all_logits[torch.arange(B, device=device), last_idx]  # (B, V)
-            else:
-                index = -1 if len(set(lens)) == 1 else last_idx
-                logits = model(tokens, 0, logits_index=index)[:, 0]  # (B, V)
-
-            rows = list(range(B))  # prompt index of each row still decoding; it stays in cache row `rows[j]`
-            pos = list(lens)  # position the row's next fed token goes to
-            count = [0] * B
-            while rows:
-                nxt = model.tp.broadcast(sample(logits, temperature, top_p, top_k, self.generator))  # (n,), same on every rank
-                lps = token_logprobs(logits, nxt).tolist() if logprobs else [None] * len(rows)
-                step: Step = []
-                keep = []  # cache rows that go on
-                for j, (i, t) in enumerate(zip(rows, nxt.tolist())):
-                    if t in stop_ids or count[i] >= limits[i]:
-                        continue
-                    step.append((i, t, lps[j]))
-                    count[i] += 1
-                    if count[i] < limits[i]:
-                        keep.append(j)
-                yield step
-                if not keep:
-                    return
-                if len(keep) < len(rows):  # finished rows leave the batch; the others stay in their cache rows
-                    nxt = nxt[torch.tensor(keep, device=device)]
-                    rows = [rows[j] for j in keep]
-                starts = [pos[i] for i in rows]
-                start_pos = starts[0] if len(set(starts)) == 1 else starts
-                logits = model(nxt.view(-1, 1), start_pos, slots=rows)[:, 0]  # (n, V)
-                for i in rows:
-                    pos[i] += 1
+        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_gen_len,
+                              stop_token_ids=self._stop_ids(stop_token), logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs)
 
     def _check_prompts(self, prompt_tokens: List[List[int]]) -> None:
-        if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
-            raise ValueError("prompt_tokens must be a non-empty list of token-id lists")
+        if (not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens
+                or not all(isinstance(p, (list, tuple)) for p in prompt_tokens)):
+            raise ValueError(f"prompt_tokens must be a non-empty list of token-id lists (one per prompt), "
+                             f"got {prompt_tokens!r:.80}")
         if len(prompt_tokens) > self.max_batch_size:
             raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size={self.max_batch_size}; "
                              "pass fewer prompts per call or build with a larger max_batch_size")
@@ -192,22 +152,19 @@ class Llama:
                 raise ValueError(f"prompt {i} is empty: it needs at least one token (e.g. BOS)")
             if len(p) > self.max_seq_len:
                 raise ValueError(f"prompt {i} has {len(p)} tokens, more than max_seq_len={self.max_seq_len}")
-            bad = [t for t in p if not isinstance(t, int) or not 0 <= t < vocab]
+            bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt {i} holds token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
 
-    def _stop_ids(self, stop_token: StopTokens) -> frozenset:
+    def _stop_ids(self, stop_token: StopTokens) -> Tuple[int, ...]:
         if stop_token is None:
-            return frozenset([self.tokenizer.eos_id])
-        if isinstance(stop_token, int):
-            return frozenset([stop_token])
-        return frozenset(stop_token)
-
-    def _ensure_cache(self) -> None:
-        """The model's KV cache of ``max_batch_size × max_seq_len``, allocated on first use."""
-        model, plan = self.model, self.model._cache_plan
-        if plan is None or plan[0] < self.max_batch_size or plan[1] < self.max_seq_len:
-            model.setup_cache(self.max_batch_size, self.max_seq_len, lazy=True)
+            return (self.tokenizer.eos_id,)
+        if isinstance(stop_token, int) and not isinstance(stop_token, bool):
+            return (stop_token,)
+        try:
+            return tuple(stop_token)
+        except TypeError:
+            raise ValueError(f"stop_token must be a token id, a list of ids or None, got {stop_token!r}") from None
 
     # ------------------------------------------------------------------ text-level API
     def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
@@ -300,15 +257,15 @@ class Llama:
                                 top_k, self._chat_stop())
 
     def _stream(self, prompt: List[int], decode, max_gen_len, temperature, top_p, top_k, stop_token) -> Iterator[str]:
-        text = TextStream(self.tokenizer, decode)
-        for step in self._steps([prompt], max_gen_len, temperature, top_p, top_k, stop_token, False):
-            for _, token, _ in step:
-                piece = text.push(token)
-                if piece:
-                    yield piece
-        rest = text.flush()
-        if rest:
-            yield rest
+        params = self._params(max_gen_len, temperature, top_p, top_k, stop_token)
+        request = self.engine.submit(self.engine.check_prompt(prompt), params, decode=decode)
+        events = iter(request)
+        try:
+            for event in events:
+                if event.text:
+                    yield event.text
+        finally:  # the caller stopped early (or the stream was collected): free the slot
+            events.close()
 
     # ------------------------------------------------------------------ helpers
     def _infill_stops(self) -> List[int]:
@@ -327,48 +284,6 @@ class Llama:
         if lps is None:
             return {"generation": text}
         return {"generation": text, "tokens": [self.tokenizer.token_piece(x) for x in tokens], "logprobs": lps[i]}
-
-
-class TextStream:
-    """Incremental detokenizer: token ids in, text deltas out, joined exactly equal to decoding all ids at once.
-
-    Two traps: SentencePiece drops the leading space of the first piece it decodes, so a later window
-    is decoded behind an *anchor* token whose text is then cut off; and a multi-byte UTF-8 character
-    split over byte-fallback tokens reads as U+FFFD until its last byte arrives, so trailing U+FFFD is
-    held back.
-    """
-
-    WINDOW = 32  # re-anchor after this many tokens so each push decodes a bounded window
-
-    def __init__(self, tokenizer: Tokenizer, decode=None):
-        self._decode_first = decode or tokenizer.decode  # how the whole text is decoded (e.g. decode_infilling)
-        self._decode = tokenizer.decode
-        self.ids: List[int] = []
-        self._start = 0  # first token of the current window
-        self._emitted = 0  # characters of the window's text already returned
-
-    def _window_text(self) -> str:
-        window = self.ids[self._start:]
-        if self._start == 0:
-            return self._decode_first(window)
-        anchor = self.ids[self._start - 1]
-        return self._decode([anchor] + window)[len(self._decode([anchor])):]
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self._window_text()
-        stable = text.rstrip("\ufffd")
-        delta = stable[self._emitted:]
-        self._emitted = max(self._emitted, len(stable))
-        if len(self.ids) - self._start >= self.WINDOW and len(stable) == len(text):
-            self._start, self._emitted = len(self.ids), 0
-        return delta
-
-    def flush(self) -> str:
-        text = self._window_text()
-        delta = text[self._emitted:]
-        self._emitted = len(text)
-        return delta
 
 
 def _check_strings(items: Sequence, what: str) -> None:

@@ -287,7 +287,7 @@ class Transformer(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, start_pos: Union[StartPos, Sequence[int]] = 0, *,
                 logits_index: Union[None, int, torch.Tensor] = None,
-                slots: Optional[Sequence[int]] = None) -> torch.Tensor:
+                slots: Optional[Sequence[int]] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
         """Logits for ``tokens`` (B, T) placed at positions ``start_pos … start_pos+T-1``.
 
         With a KV cache (``setup_cache``) it writes positions ``start_pos … start_pos+T-1`` and attends over
@@ -296,6 +296,7 @@ class Transformer(nn.Module):
 
         ``start_pos``: an int, or one position per row (a LongTensor (B,) or a list of ints: ragged batches).
         ``slots``: the cache row of each batch row (default rows ``0 … B-1``); rows stay where they are.
+        ``cache``: a KV cache to use instead of the model's own (the engine keeps its own slot cache).
         ``logits_index``: None → logits for every position, (B, T, V); an int (e.g. -1) → that position,
         (B, 1, V); a LongTensor (B,) → one position per row, (B, 1, V). Skipping the others avoids a T × V
         tensor for long prompts. Logits are float32.
@@ -305,9 +306,10 @@ class Transformer(nn.Module):
         start_pos, row_starts = _check_start_pos(start_pos, B, device)
         end = (start_pos if isinstance(start_pos, int) else max(row_starts)) + T
         logits_index = _check_logits_index(logits_index, B, T, device)
-        if self.cache is None and self._cache_plan is not None:
-            self._allocate_cache()
-        cache = self.cache
+        if cache is None:
+            if self.cache is None and self._cache_plan is not None:
+                self._allocate_cache()
+            cache = self.cache
         if cache is None:
             if not (isinstance(start_pos, int) and start_pos == 0):
                 raise ValueError("start_pos > 0 needs a KV cache: call model.setup_cache(max_batch_size, max_seq_len) first")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from sentencepiece import SentencePieceProcessor
 
@@ -87,3 +87,45 @@ class Tokenizer:
 
     def token_piece(self, i: int) -> str:
         return self.sp_model.id_to_piece(i)
+
+
+class TextStream:
+    """Incremental detokenizer: token ids in, text deltas out, joined exactly equal to decoding all ids at once.
+
+    Two traps: SentencePiece drops the leading space of the first piece it decodes, so a later window
+    is decoded behind an *anchor* token whose text is then cut off; and a multi-byte UTF-8 character
+    split over byte-fallback tokens reads as U+FFFD until its last byte arrives, so trailing U+FFFD is
+    held back.
+    """
+
+    WINDOW = 32  # re-anchor after this many tokens so each push decodes a bounded window
+
+    def __init__(self, tokenizer: Tokenizer, decode: Optional[Callable[[List[int]], str]] = None):
+        self._decode_first = decode or tokenizer.decode  # how the whole text is decoded (e.g. decode_infilling)
+        self._decode = tokenizer.decode
+        self.ids: List[int] = []
+        self._start = 0  # first token of the current window
+        self._emitted = 0  # characters of the window's text already returned
+
+    def _window_text(self) -> str:
+        window = self.ids[self._start:]
+        if self._start == 0:
+            return self._decode_first(window)
+        anchor = self.ids[self._start - 1]
+        return self._decode([anchor] + window)[len(self._decode([anchor])):]
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self._window_text()
+        stable = text.rstrip("\ufffd")
+        delta = stable[self._emitted:]
+        self._emitted = max(self._emitted, len(stable))
+        if len(self.ids) - self._start >= self.WINDOW and len(stable) == len(text):
+            self._start, self._emitted = len(self.ids), 0
+        return delta
+
+    def flush(self) -> str:
+        text = self._window_text()
+        delta = text[self._emitted:]
+        self._emitted = len(text)
+        return delta

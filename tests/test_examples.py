@@ -52,7 +52,7 @@ def test_infill_on_a_model_that_cannot_infill(stories_dir):
     assert "error: this model cannot infill" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("script, marker, count", [("example_completion.py", "> ", 2),
+@pytest.mark.parametrize("script, marker, count", [("example_completion.py", "\n" + "=" * 34 + "\n", 2),
                                                    ("example_infill.py", "Filled text", 4),
                                                    ("example_instruct.py", "> Assistant:", 3)])
 def test_examples_on_a_code_llama_shaped_checkpoint(code_ckpt, script, marker, count):
@@ -76,7 +76,7 @@ def test_bad_checkpoint_dir_is_one_clear_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the bundled tiny model
-@pytest.mark.parametrize("script, marker, count", [("example_completion.py", "> ", 2),
+@pytest.mark.parametrize("script, marker, count", [("example_completion.py", "\n" + "=" * 34 + "\n", 2),
                                                    ("example_infill.py", "Filled text", 4),
                                                    ("example_instruct.py", "> Assistant:", 3)])
 def test_examples_run_with_no_arguments(script, marker, count):

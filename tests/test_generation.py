@@ -69,18 +69,20 @@ def test_ragged_batch_of_token_prompts_on_a_random_gqa_model(tok):
     assert llama.generate(prompts, 25, temperature=0, stop_token=[])[0] == alone
 
 
-def test_prefill_is_one_pass_and_finished_rows_leave_the_batch(tiny, monkeypatch):
+def test_ragged_batch_prefills_each_prompt_once_and_finished_rows_leave(tiny, monkeypatch):
     prompts = [tiny.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     first = tiny.generate([prompts[2]], 10, temperature=0)[0][0]
     stop = first[3]  # row 2 will stop at its 4th token
     expected = [tiny.generate([p], 10, temperature=0, stop_token=stop)[0][0] for p in prompts]
-    calls = Calls(tiny, monkeypatch)
-    out = tiny.generate(prompts, 10, temperature=0, stop_token=stop)[0]
+    fresh = Llama(tiny.model, tiny.tokenizer, max_seq_len=256, max_batch_size=4)  # an empty cache: no reuse
+    calls = Calls(fresh, monkeypatch)
+    out = fresh.generate(prompts, 10, temperature=0, stop_token=stop)[0]
     assert out == expected
-    assert calls.shapes[0][:2] == (4, max(len(p) for p in prompts))  # every prompt prefilled in one call
-    assert all(t == 1 for _, t, _ in calls.shapes[1:])  # then one token per row per step
+    prefills, decodes = calls.shapes[:4], calls.shapes[4:]
+    assert sorted(t for _, t, _ in prefills) == sorted(len(p) for p in prompts)  # each prompt once, whole
+    assert all(t == 1 for _, t, _ in decodes)  # then one token per row per step
     finished_at = [len(o) + 1 if len(o) < 10 else 10 for o in out]
-    for step, (b, _, _) in enumerate(calls.shapes[1:], start=1):
+    for step, (b, _, _) in enumerate(decodes, start=1):
         assert b == sum(f > step for f in finished_at)  # a row that is done is not extended
 
 
@@ -179,8 +181,8 @@ def test_infilling_stops_at_eot_and_joins_the_text(tiny_code, monkeypatch, suffi
 
 def test_infilling_prompt_order(tiny_code, monkeypatch):
     seen = []
-    forward = tiny_code.model.forward
-    monkeypatch.setattr(tiny_code.model, "forward", lambda t, s=0, **kw: seen.append(t[0].tolist()) or forward(t, s, **kw))
+    submit = tiny_code.engine.submit
+    monkeypatch.setattr(tiny_code.engine, "submit", lambda p, *a, **kw: seen.append(list(p)) or submit(p, *a, **kw))
     tiny_code.text_infilling(["def f():"], ["\n"], temperature=0, max_gen_len=1)
     tiny_code.text_infilling(["def f():"], ["\n"], temperature=0, max_gen_len=1, suffix_first=True)
     tok = tiny_code.tokenizer
