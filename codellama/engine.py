@@ -38,7 +38,8 @@ from .distributed import local_heads
 from .sampling import check_sampling_args, sample, token_logprobs
 from .tokenizer import TextStream
 
-FINISH_REASONS = ("stop", "length", "cancelled")
+MIN_REUSE = 16  # a cached prefix shorter than this (or than the whole prompt) does not choose the slot
+FINISH_REASONS = ("stop", "length", "cancelled")  # and "error" when a step failed (``Request.error`` says why)
 
 
 class EngineFull(RuntimeError):
@@ -118,6 +119,7 @@ class Request:
         self.logprobs: List[float] = []
         self.prompt_logprobs: Optional[List[float]] = [0.0] if params.prompt_logprobs else None
         self.finish_reason: Optional[str] = None
+        self.error: Optional[BaseException] = None  # why the engine failed this request (finish reason "error")
         self.cached_tokens = 0
         self.submitted = time.perf_counter()
         self.first_token_at: Optional[float] = None
@@ -149,6 +151,8 @@ class Request:
                     if not self._events:
                         return
                     event = self._events.popleft()
+                if event.finish_reason == "error":
+                    self._raise_error()
                 yield event
                 if event.finish_reason is not None:
                     return
@@ -157,9 +161,15 @@ class Request:
                 self.cancel()
 
     def result(self) -> "Request":
-        """Wait until the request has finished (running engine steps on this thread when needed)."""
+        """Wait until the request has finished (running engine steps on this thread when needed); raises
+        the engine's error if a step failed."""
         self.engine._drive(lambda: self.done)
+        self._raise_error()
         return self
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"generation failed: {type(self.error).__name__}: {self.error}") from self.error
 
     def cancel(self) -> None:
         """Stop this request; its slot is freed at the next step and it finishes as ``cancelled``."""
@@ -423,9 +433,22 @@ class Engine:
                     self._follow_plan(plan)
         if not plan.forwards:
             return False
-        results = self._execute(plan.forwards)
+        try:
+            results = self._execute(plan.forwards)
+            with self._lock:
+                self._apply(plan.forwards, results)
+        except Exception as error:  # e.g. out of memory: the slots' contents are unknown now
+            with self._lock:
+                for request in list(self._running.values()):
+                    request.error = error
+                    self._finish(request, "error")
+                for slot in self._slots:
+                    slot.cached = []
+                self._wake.notify_all()
+            if self._thread is None or threading.current_thread() is not self._thread:
+                raise
+            return True
         with self._lock:
-            self._apply(plan.forwards, results)
             self._steps += 1
             self._wake.notify_all()
         return True
@@ -500,8 +523,15 @@ class Engine:
             if request.prompt_logprobs is not None:
                 return 0
             return min(_common_prefix(self._slots[i].cached, request.prompt), len(request.prompt) - 1)
+
+        def worth(i: int) -> int:
+            # Every prompt shares BOS and a few common tokens: a match that short is not worth evicting a
+            # slot's cache for, so such slots compete on recency alone.
+            m = reusable(i)
+            return m if m >= min(MIN_REUSE, len(request.prompt) - 1) else 0
+
         free = [i for i, s in enumerate(self._slots) if s.owner is None]
-        best = max(free, key=lambda i: (reusable(i), -self._slots[i].last_used))
+        best = max(free, key=lambda i: (worth(i), -self._slots[i].last_used))
         return best, reusable(best)
 
     def _place(self, request: Request, slot_index: int, reused: int) -> None:

@@ -319,6 +319,8 @@ class Transformer(nn.Module):
             raise ValueError(f"positions up to {end} exceed the KV cache's max_seq_len={cache.max_seq_len}; "
                              "call setup_cache with a larger max_seq_len")
         first_row, rows = _check_slots(slots, B, cache)
+        if rows is not None and row_starts is None:  # scattered rows all at one position
+            row_starts = [start_pos] * B
         step = self.make_step(start_pos, T, end, cache, first_row=first_row, rows=rows, row_starts=row_starts)
         return self.run(tokens.to(device), step, logits_index)
 

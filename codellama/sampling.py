@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 
 def check_sampling_args(temperature: float, top_p: float, top_k: Optional[int]) -> None:
-    """Raise ``ValueError`` naming the value when a sampling argument is out of range."""
-    if not isinstance(temperature, (int, float)) or temperature < 0 or temperature != temperature:
-        raise ValueError(f"temperature must be ≥ 0 (0 means greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+    """Raise ``ValueError`` naming the value when a sampling argument is out of range or of the wrong type."""
+    if not _is_number(temperature) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number ≥ 0 (0 means greedy), got {temperature!r}")
+    if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -44,7 +49,10 @@ def sample(logits: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9, t
     """Next token ids (B,) from float logits (B, V): greedy at ``temperature == 0``, else temperature, top-k, top-p."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
-    logits = logits.float() / temperature
+    # Shift by the maximum first: with a tiny temperature the scaled logits would overflow to inf (and the
+    # softmax to NaN); shifted, the best token scales to 0 and the others to -inf, i.e. greedy.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         logits = restrict_top_k(logits, top_k)
     probs = torch.softmax(logits, dim=-1)

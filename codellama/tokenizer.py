@@ -37,6 +37,9 @@ class Tokenizer:
         self.suffix_id = self._piece_id("▁<SUF>")
         self.eot_id = self._piece_id("▁<EOT>")
         self.step_id = self._piece_id("<step>")
+        # Pieces that only the library places (FIM and <step>): text never encodes to them, see text_ids.
+        self.control_ids = frozenset(i for i in (self.prefix_id, self.middle_id, self.suffix_id, self.eot_id,
+                                                 self.step_id) if i is not None)
         self._marker_ids = self.sp_model.encode(_MARKER)
 
     def _piece_id(self, piece: str) -> Optional[int]:
@@ -59,23 +62,44 @@ class Tokenizer:
             )
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
-        if not isinstance(s, str):
-            raise ValueError(f"encode expects a str, got {type(s).__name__}")
-        t = self.sp_model.encode(s)
+        """Ids of text ``s`` (with SentencePiece's implicit leading space), optionally framed by BOS/EOS.
+
+        Text never encodes to a control piece: ``"<PRE>"`` in a file is spelled with ordinary pieces, so
+        file content cannot steer an infilling prompt (Meta's reference lets it)."""
+        t = self.text_ids(s)
         if bos:
             t = [self.bos_id] + t
         if eos:
             t = t + [self.eos_id]
         return t
 
+    def text_ids(self, s: str) -> List[int]:
+        """SentencePiece ids of user text, with any control piece (``▁<PRE>``, ``▁<SUF>``, ``▁<MID>``,
+        ``▁<EOT>``, ``<step>``) the text would merge into replaced by the same characters as ordinary pieces."""
+        _check_text(s)
+        ids = self.sp_model.encode(s)
+        if self.control_ids.isdisjoint(ids):
+            return ids
+        return [j for i in ids for j in (self._spelled(i) if i in self.control_ids else (i,))]
+
+    def _spelled(self, i: int) -> List[int]:
+        """Control piece ``i`` as one ordinary piece per character (UTF-8 byte pieces where there is none)."""
+        out = []
+        for ch in self.sp_model.id_to_piece(i):
+            j = self.sp_model.piece_to_id(ch)
+            if j == self.sp_model.unk_id() or j in self.control_ids:
+                out += [self.sp_model.piece_to_id(f"<0x{b:02X}>") for b in ch.encode("utf-8")]
+            else:
+                out.append(j)
+        return out
+
     def decode(self, t: List[int]) -> str:
         return self.sp_model.decode(list(t))
 
     def encode_infilling(self, s: str) -> List[int]:
         """Encode text that continues mid-line: no implicit leading space."""
-        if not isinstance(s, str):
-            raise ValueError(f"encode_infilling expects a str, got {type(s).__name__}")
-        ids = self.sp_model.encode(_MARKER + s)
+        _check_text(s)
+        ids = self.text_ids(_MARKER + s)
         n = len(self._marker_ids)
         if ids[:n] != self._marker_ids:  # the marker merged with what follows: cannot happen with a sane vocab
             raise ValueError(f"cannot encode {s[:20]!r} without a leading space in this vocabulary")
@@ -87,6 +111,17 @@ class Tokenizer:
 
     def token_piece(self, i: int) -> str:
         return self.sp_model.id_to_piece(i)
+
+
+def _check_text(s) -> None:
+    """Text must be a str of valid Unicode: a lone surrogate (e.g. from a bad JSON escape) cannot be encoded."""
+    if not isinstance(s, str):
+        raise ValueError(f"text to encode must be a str, got {type(s).__name__}")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text holds {s[e.start:e.end]!r} at index {e.start}, a lone surrogate that is not valid "
+                         "Unicode; pass text that encodes as UTF-8") from None
 
 
 class TextStream:
