@@ -38,6 +38,7 @@ from .distributed import local_heads
 from .sampling import check_sampling_args, sample, token_logprobs
 from .tokenizer import TextStream
 
+HEARTBEAT_S = 30.0  # an idle tensor-parallel server sends its followers an empty plan this often
 MIN_REUSE = 16  # a cached prefix shorter than this (or than the whole prompt) does not choose the slot
 FINISH_REASONS = ("stop", "length", "cancelled")  # and "error" when a step failed (``Request.error`` says why)
 
@@ -399,7 +400,10 @@ class Engine:
         while True:
             with self._lock:
                 while not (self._waiting or self._running or self._stopped):
-                    self._wake.wait()
+                    # Idle. Under tensor parallelism the followers block in a collective until the next
+                    # plan: an empty one now and then keeps them inside the collective timeout.
+                    if not self._wake.wait(timeout=HEARTBEAT_S) and self.world > 1:
+                        break
                 if self._stopped:
                     return
             self.step()
