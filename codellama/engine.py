@@ -114,8 +114,10 @@ class Request:
     """
 
     def __init__(self, engine: "Engine", rid: int, prompt: List[int], params: SamplingParams,
-                 detok: Optional["_Detokenizer"], generator: Optional[torch.Generator]):
+                 detok: Optional["_Detokenizer"], generator: Optional[torch.Generator],
+                 on_event: Optional[Callable[[Event], None]] = None):
         self.engine, self.id, self.prompt, self.params = engine, rid, prompt, params
+        self._on_event = on_event
         self.tokens: List[int] = []
         self.logprobs: List[float] = []
         self.prompt_logprobs: Optional[List[float]] = [0.0] if params.prompt_logprobs else None
@@ -161,6 +163,15 @@ class Request:
             if not self.done:
                 self.cancel()
 
+    def take_events(self) -> List[Event]:
+        """The events produced since the last call, without waiting (for callers that are woken by ``on_event``)."""
+        with self.engine._lock:
+            events = list(self._events)
+            self._events.clear()
+        if events and events[-1].finish_reason == "error":
+            self._raise_error()
+        return events
+
     def result(self) -> "Request":
         """Wait until the request has finished (running engine steps on this thread when needed); raises
         the engine's error if a step failed."""
@@ -181,6 +192,8 @@ class Request:
 
     def _emit(self, event: Event) -> None:
         self._events.append(event)
+        if self._on_event is not None:
+            self._on_event(event)
 
 
 class _Detokenizer:
@@ -321,9 +334,13 @@ class Engine:
 
     # ----------------------------------------------------------------- submitting
     def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), *,
-               decode: Optional[Callable[[List[int]], str]] = None) -> Request:
+               decode: Optional[Callable[[List[int]], str]] = None,
+               on_event: Optional[Callable[[Event], None]] = None) -> Request:
         """Queue a request; returns at once. ``decode`` turns the new tokens into text (default: the
-        tokenizer's ``decode``; infilling passes ``decode_infilling``)."""
+        tokenizer's ``decode``; infilling passes ``decode_infilling``). ``on_event`` is called with each
+        event as it is produced, on the engine's thread and under its lock: it must be quick and must not
+        block (an asyncio server passes ``loop.call_soon_threadsafe``-based wake-ups); the events still
+        queue on the request for iteration."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompt = self.check_prompt(prompt)
@@ -341,7 +358,7 @@ class Engine:
             generator = None
             if params.temperature > 0:
                 generator = torch.Generator(device=self.device).manual_seed(seed)
-            request = Request(self, next(self._ids), prompt, params, detok, generator)
+            request = Request(self, next(self._ids), prompt, params, detok, generator, on_event)
             max_new = self.max_seq_len - len(prompt)
             request.limit = max_new if params.max_tokens is None else min(params.max_tokens, max_new)
             self._waiting.append(request)
