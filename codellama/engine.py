@@ -285,12 +285,14 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch_size: int = 8, max_seq_len: int = 2048,
                  max_tokens_per_step: int = 512, max_waiting: Optional[int] = None, compile: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, speculator=None):
         """``max_batch_size`` slots of ``max_seq_len`` positions; ``max_tokens_per_step`` bounds the tokens of
         one step (decode rows first, then prefill chunks); ``max_waiting`` bounds the queue (``EngineFull``
         past it; None: unbounded); ``compile`` uses a ``torch.compile``d static-shape decode step;
         ``seed`` seeds the generator that gives each unseeded request its own seed, in submission order.
-        ``tokenizer`` is needed for text (events' text pieces, stop strings)."""
+        ``tokenizer`` is needed for text (events' text pieces, stop strings). ``speculator`` (a
+        ``codellama.speculative.PromptLookup`` or ``DraftModel``) proposes tokens that each decode step
+        verifies in one forward."""
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                             ("max_tokens_per_step", max_tokens_per_step)):
             if not _is_int(value) or value < 1:
@@ -317,6 +319,11 @@ class Engine:
         self.cache: Optional[KVCache] = None  # allocated at the first step, once
         self._compiled: Dict[int, Callable] = {}  # compiled decode step per cache-length bucket
         self.compile = compile
+        if speculator is not None and (self.world > 1 or compile):
+            raise ValueError("speculative decoding runs in one process with the eager step: it cannot be combined "
+                             "with tensor parallelism or compile=True")
+        self.speculator = speculator
+        self.speculation = {"steps": 0, "proposed": 0, "accepted": 0}  # totals, for benchmarks and logs
 
     # ----------------------------------------------------------------- memory
     @property
@@ -560,6 +567,8 @@ class Engine:
         slot.owner, slot.cached, slot.last_used = request, slot.cached[:reused], self._steps
         request.slot, request.computed, request.cached_tokens = slot_index, reused, reused
         self._running[request.id] = request
+        if self.speculator is not None:
+            self.speculator.on_admit(request, slot_index, reused)
         if request.limit <= 0 and request.prompt_logprobs is None:
             self._finish(request, "length")
 
@@ -581,6 +590,9 @@ class Engine:
         out = []
         with torch.inference_mode():
             for f in plan:
+                if f.kind == "decode" and self.speculator is not None:
+                    out.append(self._speculative_decode(f, cache))
+                    continue
                 tokens = torch.tensor(f.tokens, dtype=torch.long, device=self.device)
                 if f.kind == "decode" and self.compile:
                     out.append(self._compiled_decode(tokens, f))
@@ -610,6 +622,17 @@ class Engine:
                     continue
                 last = logits[:, -1] if f.all_logits else logits  # (1, V)
                 self._sample_rows(requests, last)
+                continue
+            if isinstance(logits, list):  # speculative: each row's verified tokens
+                for r, v in zip(requests, logits):
+                    if r is None or r.done:
+                        continue
+                    self._slots[r.slot].cached.extend(v.fed)
+                    r.computed += len(v.fed)
+                    for token, lp in itertools.zip_longest(v.out, v.logprobs):
+                        self._accept(r, token, lp)
+                        if r.done:
+                            break
                 continue
             for r, token in zip(requests, f.tokens):
                 if r is not None:
@@ -672,6 +695,41 @@ class Engine:
         if r.slot is not None:
             slot = self._slots[r.slot]
             slot.owner, slot.last_used = None, self._steps  # its cached tokens stay for the next request
+        if self.speculator is not None:
+            self.speculator.on_finish(r)
+
+    # ----------------------------------------------------------------- speculative decode
+    def _speculative_decode(self, f: _Forward, cache: KVCache) -> list:
+        """The decode rows with proposals: one verification forward feeds each row's pending token and its
+        proposal (padded to the longest), rows without a proposal decode as usual. Returns the speculator's
+        verdict per row (the tokens to cache and to output)."""
+        requests = [self._requests[i] for i in f.ids]
+        # A row may output at most its remaining tokens, and its positions must stay inside the context.
+        room = [min(r.limit - len(r.tokens), self.max_seq_len - r.computed) - 1 for r in requests]
+        proposals = self.speculator.propose(requests, room)
+        T = 1 + max(len(p.tokens) for p in proposals)
+        spec = [j for j, r in enumerate(requests) if proposals[j].tokens and r.computed + T <= self.max_seq_len]
+        plain = [j for j in range(len(requests)) if j not in spec]
+        results = [None] * len(requests)
+        for group, width in ((spec, T), (plain, 1)):
+            if not group:
+                continue
+            rows = [requests[j] for j in group]
+            props = [proposals[j] if width > 1 else None for j in group]
+            feed = [[r.pending] + (p.tokens if p else []) for r, p in zip(rows, props)]
+            feed = [t + [t[-1]] * (width - len(t)) for t in feed]  # padding: positions later overwritten
+            starts = [r.computed for r in rows]
+            logits = self.model(torch.tensor(feed, dtype=torch.long, device=self.device),
+                                starts[0] if len(set(starts)) == 1 else starts, slots=[r.slot for r in rows],
+                                cache=cache)  # (rows, width, V)
+            for j, verdict in zip(group, self.speculator.verify_rows(logits, rows, props)):
+                results[j] = verdict
+        for r, v in zip(requests, results):
+            self.speculator.feedback(r, v.proposed, len(v.out) - 1)
+            self.speculation["proposed"] += v.proposed
+            self.speculation["accepted"] += len(v.out) - 1
+        self.speculation["steps"] += 1
+        return results
 
     # ----------------------------------------------------------------- compiled decode
     def _compiled_decode(self, tokens: torch.Tensor, f: _Forward) -> torch.Tensor:

@@ -49,16 +49,35 @@ def sample(logits: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9, t
     """Next token ids (B,) from float logits (B, V): greedy at ``temperature == 0``, else temperature, top-k, top-p."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1)
+    probs = _tempered_probs(logits, temperature, top_k)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return sample_top_p(probs, top_p, generator)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9,
+                   top_k: Optional[int] = None) -> torch.Tensor:
+    """The distribution (B, V) that ``sample`` draws from, explicitly (speculative decoding needs it):
+    one-hot at the argmax when greedy; else tempered, top-k and top-p restricted, renormalised."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(torch.argmax(logits, dim=-1), logits.shape[-1]).float()
+    probs = _tempered_probs(logits, temperature, top_k)
+    if top_p >= 1.0:
+        return probs
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    drop = (torch.cumsum(probs_sort, dim=-1) - probs_sort) > top_p  # the same rule as sample_top_p
+    probs = probs.scatter(-1, probs_idx, probs_sort.masked_fill(drop, 0.0))
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def _tempered_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int]) -> torch.Tensor:
     # Shift by the maximum first: with a tiny temperature the scaled logits would overflow to inf (and the
     # softmax to NaN); shifted, the best token scales to 0 and the others to -inf, i.e. greedy.
     logits = logits.float()
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         logits = restrict_top_k(logits, top_k)
-    probs = torch.softmax(logits, dim=-1)
-    if top_p >= 1.0:
-        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-    return sample_top_p(probs, top_p, generator)
+    return torch.softmax(logits, dim=-1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
