@@ -11,6 +11,7 @@ from .distributed import close_process_group
 from .generation import Llama
 from .ops import ATTENTION_CHOICES
 from .runtime import DTYPES
+from .speculative import SPECULATE_CHOICES
 
 
 def example_parser(description: str, *, temperature: float, top_p: float, max_seq_len: int, max_batch_size: int,
@@ -28,12 +29,17 @@ def example_parser(description: str, *, temperature: float, top_p: float, max_se
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
+    p.add_argument("--compile", action="store_true", help="decode with a torch.compile'd static-shape step")
+    p.add_argument("--speculate", default=None, choices=SPECULATE_CHOICES,
+                   help="speculative decoding: prompt lookup, or a draft model (--draft_ckpt_dir); output unchanged")
+    p.add_argument("--draft_ckpt_dir", default=None, help="the draft model for --speculate draft (same tokenizer)")
     return p
 
 
 def build(args: argparse.Namespace) -> Llama:
     return Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size,
-                       device=args.device, dtype=args.dtype, attention=args.attention)
+                       device=args.device, dtype=args.dtype, attention=args.attention, compile=args.compile,
+                       speculate=args.speculate, draft_ckpt_dir=args.draft_ckpt_dir)
 
 
 def is_main_process() -> bool:

@@ -19,6 +19,7 @@ import torch
 from .checkpoint import BUNDLED_CKPT_DIR, check_tokenizer, load_model, open_checkpoint
 from .distributed import check_parallel, env_world, init_tensor_parallel
 from .engine import Engine, SamplingParams
+from .speculative import check_speculation, make_speculator
 from .model import Transformer
 from .ops import select_ops
 from .prompts import (UNSAFE_ERROR, Dialog, chat_prompt_tokens, has_special_tags, infilling_prompt_tokens,
@@ -40,7 +41,7 @@ class Llama:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int = 2048, max_batch_size: int = 4,
-                 seed: int = 1, *, compile: bool = False, max_tokens_per_step: int = 512):
+                 seed: int = 1, *, compile: bool = False, max_tokens_per_step: int = 512, speculator=None):
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -53,13 +54,14 @@ class Llama:
         self.max_batch_size = max_batch_size
         self.device = model.tok_embeddings.weight.device
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed,
-                             compile=compile, max_tokens_per_step=max_tokens_per_step)
+                             compile=compile, max_tokens_per_step=max_tokens_per_step, speculator=speculator)
 
     @staticmethod
     def build(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 2048,
               max_batch_size: int = 4, model_parallel_size: Optional[int] = None, *,
               device: Union[None, str, torch.device] = None, dtype: Union[None, str, torch.dtype] = None,
-              seed: int = 1, attention: str = "auto", compile: bool = False) -> "Llama":
+              seed: int = 1, attention: str = "auto", compile: bool = False, speculate: Optional[str] = None,
+              draft_ckpt_dir: Optional[str] = None, speculate_tokens: Optional[int] = None) -> "Llama":
         """Load a checkpoint (Meta or Hugging Face layout) and its tokenizer.
 
         Positional arguments are the reference's. ``ckpt_dir=None`` uses the tiny model bundled with the
@@ -67,6 +69,9 @@ class Llama:
         CPU, CUDA or MPS; ``device``/``dtype`` default to CUDA/bf16 where available, else CPU/fp32.
         ``attention`` picks the kernels: ``"auto"`` (Triton on CUDA), ``"torch"`` or ``"triton"``.
         ``compile=True`` decodes with a ``torch.compile``d static-shape step (CUDA graphs on CUDA).
+        ``speculate="prompt"`` (prompt lookup) or ``"draft"`` (``draft_ckpt_dir``: a small model with the same
+        tokenizer) turns on speculative decoding, which never changes what is generated;
+        ``speculate_tokens`` is the longest proposal.
         Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is split across the ranks (tensor parallelism,
         ``model_parallel_size`` defaulting to the world size): each rank joins the process group, takes
         its GPU (``LOCAL_RANK``) and loads only its slices, whatever the checkpoint's shard count.
@@ -88,14 +93,17 @@ class Llama:
         if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
             device = torch.device("cuda", local_rank)  # under torchrun: this rank's GPU
         select_ops(attention, device)  # reject a bad choice before the (slow) load
+        speculate = check_speculation(speculate, draft_ckpt_dir, speculate_tokens, world)
         tokenizer = Tokenizer(tokenizer_path)
         source = open_checkpoint(ckpt_dir)
         check_parallel(source.args, world)  # every rank fails alike, before any collective could hang
         tp = init_tensor_parallel(world, rank, device)
         model = load_model(source, device=device, dtype=dtype, tp=tp)
         model.set_attention(attention)
+        speculator = make_speculator(speculate, draft_ckpt_dir, speculate_tokens, tokenizer, max_batch_size,
+                                     max_seq_len, device, dtype)
         llama = Llama(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed,
-                      compile=compile)
+                      compile=compile, speculator=speculator)
         # As in Meta's reference, generator.model.forward(tokens, start_pos) reads and writes a KV cache of
         # max_batch_size × max_seq_len; it is allocated by the first such forward, not here. (Generation
         # uses the engine's own slot cache.)

@@ -26,6 +26,8 @@ ALLOWED = {
     "prompts": {"tokenizer"},
     "sampling": set(),
     "cpu": set(),
+    "engine": {"model", "distributed", "sampling", "tokenizer"},  # never the server, generation or speculation
+    "speculative": {"engine", "model", "distributed", "sampling"},
 }
 
 
