@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from codellama import Llama, ModelArgs, Transformer, load_model
 from codellama.save import to_hf_state_dict
-from codellama.cpu import optimize_for_cpu
+from codellama.cpu import bf16_packing_supported, bf16_path, optimize_for_cpu
 from codellama.runtime import parse_dtype
 
 SIZES = {  # Code Llama 7B's proportions, scaled down (vocab and head_dim kept)
@@ -56,7 +56,7 @@ def matvec_bandwidth(dtype: torch.dtype, repeat: int = 10) -> float:
     w = torch.randn(n, n, dtype=torch.float32).to(dtype)
     x = torch.randn(1, n, dtype=torch.float32).to(dtype)
     candidates = [lambda: F.linear(x, w)]
-    if dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+    if dtype == torch.bfloat16 and bf16_packing_supported():  # oneDNN's bf16 needs AVX-512 or AVX-NE-CONVERT
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
         candidates.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
     best = min(timed(c, repeat) for c in candidates)
@@ -75,7 +75,8 @@ def hf_model(model, dtype):
 
 def run(args) -> None:
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; bf16 linear layers: {bf16_path()}")
     for dtype_name in args.dtype:
         dtype = parse_dtype(dtype_name)
         if args.ckpt_dir:
@@ -109,8 +110,9 @@ def run(args) -> None:
                     return hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
                                        do_sample=False, pad_token_id=0)[:, args.prompt_len:].tolist()
 
+            model.setup_cache(batch, args.prompt_len)  # the model's own cache, for the bare prefill forward
+
             def ours_prefill():
-                llama._ensure_cache(batch, args.prompt_len)
                 with torch.inference_mode():
                     model(prompts, 0, logits_index=-1)
 

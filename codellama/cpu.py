@@ -15,14 +15,37 @@ single row ``x``. Two facts of torch's CPU kernels, measured by ``benchmarks/ben
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+@functools.lru_cache(maxsize=None)
 def bf16_packing_supported() -> bool:
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    """Whether oneDNN can pack and multiply bf16 weights on this CPU, found by trying it once.
+
+    It needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; on an AVX2-only CPU the reorder raises, and bf16
+    weights stay ordinary tensors computed with ``F.linear``.
+    """
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        w = torch.arange(256, dtype=torch.float32).reshape(16, 16).div(256).to(torch.bfloat16)
+        x = torch.ones(1, 16, dtype=torch.bfloat16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.allclose(got.float(), F.linear(x, w).float(), atol=0.05, rtol=0.02))
+    except RuntimeError:
+        return False
+
+
+def bf16_path() -> str:
+    """How bf16 linear layers run here, in words (benchmarks print it)."""
+    return "oneDNN packed bf16" if bf16_packing_supported() else "F.linear on bf16 (no oneDNN bf16 on this CPU)"
 
 
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:

@@ -342,20 +342,21 @@ class Engine:
     # ----------------------------------------------------------------- submitting
     def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), *,
                decode: Optional[Callable[[List[int]], str]] = None,
-               on_event: Optional[Callable[[Event], None]] = None) -> Request:
+               on_event: Optional[Callable[[Event], None]] = None, text: bool = True) -> Request:
         """Queue a request; returns at once. ``decode`` turns the new tokens into text (default: the
         tokenizer's ``decode``; infilling passes ``decode_infilling``). ``on_event`` is called with each
         event as it is produced, on the engine's thread and under its lock: it must be quick and must not
         block (an asyncio server passes ``loop.call_soon_threadsafe``-based wake-ups); the events still
-        queue on the request for iteration."""
+        queue on the request for iteration. ``text=False`` skips the incremental text (events carry tokens
+        only), for callers that want token ids; stop strings need it."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompt = self.check_prompt(prompt)
         detok = None
-        if self.tokenizer is not None:
-            detok = _Detokenizer(TextStream(self.tokenizer, decode), params.stop)
-        elif params.stop:
+        if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the engine to have a tokenizer (Engine(model, tokenizer))")
+        if self.tokenizer is not None and (text or params.stop):
+            detok = _Detokenizer(TextStream(self.tokenizer, decode), params.stop)
         with self._lock:
             if self._stopped:
                 raise EngineStopped("the engine has been stopped and takes no more requests")

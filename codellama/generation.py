@@ -124,7 +124,7 @@ class Llama:
         """
         self._check_prompts(prompt_tokens)
         params = self._params(max_gen_len, temperature, top_p, top_k, stop_token, logprobs, logprobs and echo)
-        requests = [self.engine.submit(p, params) for p in prompt_tokens]
+        requests = [self.engine.submit(p, params, text=False) for p in prompt_tokens]
         try:
             for r in requests:
                 r.result()

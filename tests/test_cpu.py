@@ -72,3 +72,18 @@ def test_packed_weight_is_a_buffer_that_moves_and_casts():
     layer.to(torch.bfloat16)  # and back: packed again
     assert layer.packed.is_mkldnn
     torch.testing.assert_close(layer(x.bfloat16()).float(), want, atol=0.1, rtol=0.05)
+
+
+def test_an_avx2_only_cpu_computes_bf16_without_onednn():
+    """oneDNN's bf16 needs AVX-512 or AVX-NE-CONVERT: emulate an AVX2-only CPU, where packing must be found
+    unsupported (not crash) and bf16 models still load and run."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch; from codellama import load_model; from codellama.cpu import bf16_packing_supported, "
+            "bf16_path; assert not bf16_packing_supported(); m = load_model(dtype='bf16', device='cpu'); "
+            "print(bf16_path(), m(torch.tensor([[1, 2, 3]])).shape)")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "no oneDNN bf16" in r.stdout and "torch.Size([1, 3, 4096])" in r.stdout

@@ -363,15 +363,21 @@ def test_measure_infilling_counts_hits_and_indentation(model, tok, suffix_first)
 
 
 # ----------------------------------------------------------------------------- the training script
-def test_training_is_seeded_and_resumable(tmp_path):
+def test_training_is_seeded_and_resumable(tmp_path, monkeypatch):
     """A run stopped and resumed ends with exactly the weights of an uninterrupted run, and exports a
     Meta-layout checkpoint that the normal loader reads."""
     import shutil
 
-    from training.train_tiny import train
+    import training.train_tiny as train_tiny
+    from training.data import Corpus, instruct_pairs, load_corpus
 
     if not stdlib_root().is_dir():
         pytest.skip("this Python has no standard-library sources")
+    full = load_corpus()
+    # What is tested is the training loop, not the corpus: a slice of it keeps the test fast.
+    small = Corpus(full.root, dict(list(full.train.items())[:40]), dict(list(full.heldout.items())[:3]), [])
+    monkeypatch.setattr(train_tiny, "training_data", lambda: (small, instruct_pairs(small.train)))
+    train = train_tiny.train
     cfg = TrainConfig(dim=32, n_layers=1, n_heads=2, seq_len=64, short_max=48, steps=4, batch_size=2, warmup=1,
                       amp="fp32", psm_weight=5.0)
     weights = {}

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -219,6 +220,13 @@ def _hms(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------- training
+@functools.lru_cache(maxsize=1)
+def training_data():
+    """The corpus and its instruction pairs (parsing every file for docstrings takes a while: once per process)."""
+    corpus = load_corpus()
+    return corpus, instruct_pairs(corpus.train)
+
+
 def train(cfg: TrainConfig, out_dir: Path, device: torch.device, ckpt_every: int = 50, eval_every: int = 100,
           log_every: int = 10, eval_rows: int = 32, stop_after: Optional[int] = None) -> Optional[Path]:
     """Run (or resume) training into ``out_dir``; return the directory of the exported checkpoint
@@ -239,7 +247,7 @@ def train(cfg: TrainConfig, out_dir: Path, device: torch.device, ckpt_every: int
     else:
         config_path.write_text(json.dumps(config, indent=2))
 
-    corpus = load_corpus()
+    corpus, pairs = training_data()
     print(corpus.describe(), file=sys.stderr)
     if corpus.missing_heldout:
         print(f"warning: held-out files missing from this Python: {corpus.missing_heldout}", file=sys.stderr)
@@ -253,7 +261,7 @@ def train(cfg: TrainConfig, out_dir: Path, device: torch.device, ckpt_every: int
     tok = Tokenizer(tok_path)
     if tok.n_words != cfg.vocab_size:
         raise ValueError(f"{tok_path} has {tok.n_words} pieces, the configuration says {cfg.vocab_size}")
-    sampler = ExampleSampler(tok, list(corpus.train.values()), instruct_pairs(corpus.train), cfg.seq_len,
+    sampler = ExampleSampler(tok, list(corpus.train.values()), pairs, cfg.seq_len,
                              fim_rate=cfg.fim_rate, spm_rate=cfg.spm_rate, instruct_rate=cfg.instruct_rate,
                              long_share=cfg.long_share, short_max=cfg.short_max, line_split_rate=cfg.line_split_rate,
                              one_line_share=cfg.one_line_share)
