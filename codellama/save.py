@@ -17,7 +17,8 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from .checkpoint import HF_INDEX, _rope_heads, check_checkpoint_dir, meta_to_hf_name, open_checkpoint, permute_to_hf
+from .checkpoint import (HF_INDEX, _rope_heads, check_checkpoint_dir, check_tokenizer, meta_to_hf_name, open_checkpoint,
+                         permute_to_hf)
 from .config import ModelArgs, check_size
 from .distributed import split_dim
 from .runtime import parse_dtype
@@ -228,7 +229,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
     if to == "meta":
         check_num_shards(source.args, num_shards)
     tokenizer_path = os.path.join(src, "tokenizer.model")
-    tokenizer = Tokenizer(tokenizer_path) if to == "hf" and os.path.isfile(tokenizer_path) else None
+    tokenizer = Tokenizer(tokenizer_path) if os.path.isfile(tokenizer_path) else None
+    if tokenizer is not None:
+        check_tokenizer(source.args, tokenizer.n_words, tokenizer_path)  # the result must be a usable pair
     with _staging(dst) as tmp:
         state = {k: (t.load() if dtype is None else t.load().to(dtype)) for k, t in source.tensors.items()}
         if to == "meta":
@@ -236,10 +239,10 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
         else:
             save_hf(state, source.args, tmp, max_shard_bytes=max_shard_bytes)
         del state
-        if os.path.isfile(tokenizer_path):
-            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
         if tokenizer is not None:
-            save_hf_tokenizer(tokenizer, tmp)
+            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+            if to == "hf":
+                save_hf_tokenizer(tokenizer, tmp)
         open_checkpoint(tmp)  # what was written reads back, before it replaces anything
         _publish(tmp, dst)
 

@@ -158,3 +158,11 @@ def test_a_failure_while_writing_leaves_nothing_behind(src, tmp_path, monkeypatc
         assert digest(tmp_path / "new") == before  # the old checkpoint is untouched, no temporary directory beside it
     else:
         assert not os.path.exists(tmp_path / "new")  # not even the parent directories it created
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused_before_writing(tmp_path):
+    from codellama.checkpoint import BUNDLED_CKPT_DIR
+    src = write_checkpoint(tmp_path / "src", ARGS, "meta", tokenizer=os.path.join(BUNDLED_CKPT_DIR, "tokenizer.model"))
+    with pytest.raises(ValueError, match="tokenizer.model has 4096 pieces but the model's vocab_size is 64"):
+        convert_checkpoint(src, tmp_path / "out", "hf")
+    assert not os.path.exists(tmp_path / "out")
