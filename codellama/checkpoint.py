@@ -139,7 +139,7 @@ HF_INDEX = "model.safetensors.index.json"
 def check_checkpoint_dir(ckpt_dir: str | os.PathLike) -> str:
     """``ckpt_dir`` as a string, or ``FileNotFoundError`` saying that it does not exist or is not a directory.
 
-    Called first by every entry point, so a wrong path is reported as that, not as a missing file inside it.
+    Entry points call it first, so a wrong path is reported as that, not as a missing file inside it.
     """
     ckpt_dir = os.fspath(ckpt_dir)
     if not os.path.exists(ckpt_dir):
@@ -227,7 +227,7 @@ def _describe_pth_error(e: Exception, is_zip: bool) -> str:
     kind = "PyTorch zip file" if is_zip else "legacy-format PyTorch file"
     forbidden = re.search(r"GLOBAL ([\w.]+)", str(e))
     if forbidden:
-        return (f"not a weights-only state dict: this {kind} pickles a {forbidden.group(1)} (an object or a call, "
+        return (f"not a weights-only state dict: this {kind} pickles {forbidden.group(1)} (an object or a call, "
                 "not only tensors), so it was not unpickled; re-save it with torch.save(model.state_dict(), path)")
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else "unexpected end of file"
     if is_zip:
@@ -265,7 +265,8 @@ def _merge_meta_shards(key: str, parts: List[torch.Tensor], paths: List[str]) ->
         if not same_shape:
             rule = (f"shards may differ only along dim {dim}, the axis Meta splits it on" if dim is not None else
                     "it is replicated (not split), so every shard must hold the same tensor")
-            raise ValueError(f"{key} has shape {tuple(part.shape)} in {path} but {tuple(first.shape)} in {paths[0]}: {rule}")
+            raise ValueError(f"{key} has shape {tuple(part.shape)} in {path} but {tuple(first.shape)} in {paths[0]}: "
+                             + rule)
         if dim is None and not torch.equal(part, first):
             raise ValueError(f"{key} differs between {paths[0]} and {path}: it is replicated (not split), so every "
                              "shard must hold the same values")
@@ -286,7 +287,7 @@ def _hf_files(ckpt_dir: str) -> Tuple[Dict[str, str], str]:
     if os.path.isfile(index):
         return _read_hf_index(index), index
     if os.path.isfile(single):
-        return {name: single for name in safe_open_checked(single).keys()}, single
+        return {name: single for name in _safe_open(single).keys()}, single
     found = sorted(os.listdir(ckpt_dir))
     hint = " (.bin checkpoints are pickles: convert them to safetensors)" if any(f.endswith(".bin") for f in found) else ""
     raise FileNotFoundError(f"{ckpt_dir}: no model.safetensors or {HF_INDEX}{hint}; found {found}")
@@ -310,7 +311,7 @@ def _read_hf_index(index: str) -> Dict[str, str]:
     return files
 
 
-def safe_open_checked(path: str):
+def _safe_open(path: str) -> Any:
     """A safetensors file opened lazily (header only); ``ValueError`` naming it when it is truncated or corrupt."""
     from safetensors import safe_open
     try:
@@ -328,7 +329,7 @@ def _open_hf(ckpt_dir: str) -> CheckpointSource:
 
     def handle(path: str):
         if path not in handles:
-            handles[path] = safe_open_checked(path)
+            handles[path] = _safe_open(path)
             held[path] = frozenset(handles[path].keys())
         return handles[path]
 
@@ -341,10 +342,10 @@ def _open_hf(ckpt_dir: str) -> CheckpointSource:
         if meta_name is None:
             unexpected.append(name)
             continue
-        sl_file = handle(path)
+        f = handle(path)
         if name not in held[path]:
             raise ValueError(f"{listing} places tensor {name} in {path}, which does not hold it")
-        sl = sl_file.get_slice(name)
+        sl = f.get_slice(name)
         shape = tuple(sl.get_shape())
         dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
         if dtype is None:
@@ -403,8 +404,8 @@ def _match_config(args: ModelArgs, tensors: Dict[str, LazyTensor], where: str,
     layers = {int(m.group(1)) for m in map(_LAYER_KEY.match, tensors) if m}
     if layers != set(range(args.n_layers)):
         gaps = sorted(set(range(max(layers, default=0))) - layers)
-        held = (f"{len(layers)} layer(s), numbered {min(layers)}…{max(layers)}" + (f" without {gaps[:5]}" if gaps else "")
-                if layers else "no layers")
+        held = "no layers" if not layers else \
+            f"{len(layers)} layer(s), numbered {min(layers)}…{max(layers)}" + (f" without {gaps[:5]}" if gaps else "")
         raise ValueError(f"{where}: n_layers {args.n_layers} in the config, but the checkpoint holds {held}")
     return replace(args, vocab_size=vocab)
 

@@ -82,7 +82,9 @@ class ModelArgs:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelArgs":
         """A named Code Llama release, e.g. ``"7b"``, ``"13b-Python"``, ``"70b-Instruct"``."""
-        key = _PRESET_ALIASES.get(name.lower().replace("_", "-").removeprefix("codellama-")) if isinstance(name, str) else None
+        if not isinstance(name, str):
+            raise ValueError(f"a preset name is a string, got {name!r}; valid presets: {', '.join(PRESETS)}")
+        key = _PRESET_ALIASES.get(name.lower().replace("_", "-").removeprefix("codellama-"))
         if key is None:
             raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[key], **overrides})

@@ -1,6 +1,6 @@
 """Convert a checkpoint between Meta's and Hugging Face's layouts.
 
-    python -m codellama.convert SRC DST --to hf           # Meta → Hugging Face (config.json + safetensors + tokenizer files)
+    python -m codellama.convert SRC DST --to hf           # Meta → Hugging Face (config.json, safetensors, tokenizer)
     python -m codellama.convert SRC DST --to meta --shards 2   # any → Meta, split into 2 model-parallel shards
 
 SRC is only read. DST must be new or empty (--force replaces the checkpoint files in it); it is written in a
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 
 from .runtime import DTYPES
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty DST, replacing the checkpoint files it holds (other files stay)")
     a = p.parse_args(argv)
+    # A plain `kill` ends the run as Ctrl-C does, through the clean-up that removes the temporary output.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         convert_checkpoint(a.src, a.dst, a.to, num_shards=a.shards, dtype=a.dtype, max_shard_bytes=a.max_shard_bytes,
                            force=a.force)

@@ -102,7 +102,8 @@ def collective_timeout(seconds: Optional[float] = None) -> float:
     return float(seconds)
 
 
-def init_tensor_parallel(world: int, rank: int, device: torch.device, timeout_s: Optional[float] = None) -> TensorParallel:
+def init_tensor_parallel(world: int, rank: int, device: torch.device,
+                         timeout_s: Optional[float] = None) -> TensorParallel:
     """Join (or create) the default process group: NCCL for CUDA devices, gloo otherwise.
 
     ``timeout_s`` (default: ``collective_timeout()``) bounds every wait for the other ranks, so a stuck rank

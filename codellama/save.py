@@ -143,7 +143,8 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike) -> None:
     write_json(os.path.join(out_dir, "tokenizer_config.json"), {
         "tokenizer_class": "CodeLlamaTokenizer", "bos_token": bos, "eos_token": eos, "unk_token": unk,
         "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False, **fim,
-        "fill_token": "<FILL_ME>" if all(fim.values()) else None, "legacy": True, "use_default_system_prompt": False})
+        "fill_token": "<FILL_ME>" if all(fim.values()) else None, "use_default_system_prompt": False,
+        "legacy": True})  # transformers 4: encode as SentencePiece does, also after a special token
     write_json(os.path.join(out_dir, "special_tokens_map.json"), {
         "bos_token": bos, "eos_token": eos, "unk_token": unk,
         "additional_special_tokens": [piece for piece in fim.values() if piece]})
@@ -279,7 +280,7 @@ def _check_destination(dst: str, force: bool) -> None:
                          "write a checkpoint over it; pass --force (force=True) to replace the checkpoint files in it")
 
 
-def is_checkpoint_file(name: str) -> bool:
+def _is_checkpoint_file(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in CHECKPOINT_FILES)
 
 
@@ -326,7 +327,7 @@ def _publish(tmp: str, dst: str) -> None:
         return
     new = set(os.listdir(tmp))
     for name in os.listdir(target):
-        if is_checkpoint_file(name) and name not in new:
+        if _is_checkpoint_file(name) and name not in new:
             os.remove(os.path.join(target, name))
     for name in new:
         os.replace(os.path.join(tmp, name), os.path.join(target, name))

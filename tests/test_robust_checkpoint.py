@@ -114,8 +114,8 @@ def test_a_legacy_format_pth_of_plain_tensors_loads(tmp_path):
 
 @pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("payload, what", [
-    (lambda sd: {"model": sd, "args": argparse.Namespace(lr=1e-4)}, "pickles a argparse.Namespace"),
-    (lambda sd: torch.nn.Linear(2, 2), "pickles a torch.nn.modules.linear.Linear"),
+    (lambda sd: {"model": sd, "args": argparse.Namespace(lr=1e-4)}, "pickles argparse.Namespace"),
+    (lambda sd: torch.nn.Linear(2, 2), "pickles torch.nn.modules.linear.Linear"),
 ])
 def test_a_pth_that_is_not_weights_only_says_what_it_is(tmp_path, payload, what, legacy):
     write_checkpoint(tmp_path, ARGS, "meta")
