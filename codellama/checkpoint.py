@@ -8,11 +8,10 @@ anything but tensors is refused, never executed.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -24,6 +23,7 @@ from .runtime import default_dtype, parse_dtype, resolve_device
 
 # Keys real checkpoints carry that the model does not use; dropped by name, nothing else is.
 IGNORED_META_KEYS = ("rope.freqs",)
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.")
 _HF_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 _HF_LAYER_NAMES = {
@@ -132,55 +132,107 @@ class CheckpointSource:
     num_shards: int = 1
 
 
-def detect_layout(ckpt_dir: str | os.PathLike) -> str:
-    """``"meta"`` or ``"hf"`` from the files in ``ckpt_dir``."""
+META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
+HF_INDEX = "model.safetensors.index.json"
+
+
+def check_checkpoint_dir(ckpt_dir: str | os.PathLike) -> str:
+    """``ckpt_dir`` as a string, or ``FileNotFoundError`` saying that it does not exist or is not a directory.
+
+    Entry points call it first, so a wrong path is reported as that, not as a missing file inside it.
+    """
     ckpt_dir = os.fspath(ckpt_dir)
-    if not os.path.isdir(ckpt_dir):
+    if not os.path.exists(ckpt_dir):
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
-    if os.path.isfile(os.path.join(ckpt_dir, "params.json")):
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} is a file, not a checkpoint directory (pass the directory that holds "
+                                "params.json + consolidated.*.pth or config.json + model.safetensors)")
+    return ckpt_dir
+
+
+def detect_layout(ckpt_dir: str | os.PathLike) -> str:
+    """``"meta"`` or ``"hf"`` from the files in ``ckpt_dir``; a directory holding both layouts is refused, not guessed."""
+    ckpt_dir = check_checkpoint_dir(ckpt_dir)
+    names = os.listdir(ckpt_dir)
+    meta, hf = "params.json" in names, "config.json" in names
+    if meta and hf:
+        meta_weights = any(META_SHARD.fullmatch(n) for n in names)
+        hf_weights = any(n.endswith(".safetensors") or n == HF_INDEX for n in names)
+        if meta_weights == hf_weights:
+            raise ValueError(f"{ckpt_dir} is ambiguous: it holds params.json (Meta layout) and config.json (Hugging Face "
+                             f"layout) and {'weights of both' if meta_weights else 'weights of neither'}; keep one "
+                             "checkpoint per directory")
+        return "meta" if meta_weights else "hf"
+    if meta:
         return "meta"
-    if os.path.isfile(os.path.join(ckpt_dir, "config.json")):
+    if hf:
         return "hf"
     raise FileNotFoundError(
         f"{ckpt_dir} is not a checkpoint: expected params.json + consolidated.*.pth (Meta) "
-        f"or config.json + model.safetensors (Hugging Face); found {sorted(os.listdir(ckpt_dir))}")
+        f"or config.json + model.safetensors (Hugging Face); found {sorted(names)}")
 
 
 def open_checkpoint(ckpt_dir: str | os.PathLike) -> CheckpointSource:
-    """Read a checkpoint's configuration and index its tensors (nothing large is read yet)."""
+    """Read a checkpoint's configuration and index its tensors (nothing large is read yet).
+
+    Everything that can be checked without reading the weights is checked here: the files are complete
+    and consistent with each other, and the config describes the tensors the files hold.
+    """
     ckpt_dir = os.fspath(ckpt_dir)
     return _open_meta(ckpt_dir) if detect_layout(ckpt_dir) == "meta" else _open_hf(ckpt_dir)
 
 
 def _meta_shard_paths(ckpt_dir: str) -> List[str]:
-    paths = glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth"))
-    numbered = []
-    for p in paths:
-        m = re.fullmatch(r"consolidated\.(\d+)\.pth", os.path.basename(p))
+    """``consolidated.00.pth … consolidated.NN.pth``, refusing a gap or two files for one shard."""
+    shards: Dict[int, List[str]] = {}
+    for name in sorted(os.listdir(ckpt_dir)):
+        m = META_SHARD.fullmatch(name)
         if m:
-            numbered.append((int(m.group(1)), p))
-    numbered.sort()
-    if not numbered:
+            shards.setdefault(int(m.group(1)), []).append(name)
+    if not shards:
         raise FileNotFoundError(f"no consolidated.*.pth files in {ckpt_dir} (next to params.json)")
-    indices = [i for i, _ in numbered]
-    if indices != list(range(len(indices))):
-        raise FileNotFoundError(f"{ckpt_dir}: shard files are not numbered 0…{len(indices) - 1}: {indices}")
-    return [p for _, p in numbered]
+    doubled = [names for names in shards.values() if len(names) > 1]
+    if doubled:
+        raise ValueError(f"{ckpt_dir} is ambiguous: {' and '.join(doubled[0])} are the same shard")
+    missing = [f"consolidated.{i:02d}.pth" for i in range(max(shards) + 1) if i not in shards]
+    if missing:
+        raise FileNotFoundError(f"{ckpt_dir}: shard(s) {', '.join(missing)} missing; the shards must be numbered "
+                                f"00…{max(shards):02d} without gaps (found {[n for ns in shards.values() for n in ns]})")
+    return [os.path.join(ckpt_dir, shards[i][0]) for i in sorted(shards)]
 
 
 def load_pth(path: str) -> Dict[str, torch.Tensor]:
-    """A ``.pth`` state dict, memory-mapped, refusing any pickle payload that is not plain tensors."""
+    """A ``.pth`` state dict, memory-mapped, refusing any pickle payload that is not plain tensors.
+
+    A legacy (pre-zip, ``_use_new_zipfile_serialization=False``) file cannot be memory-mapped, so it is read
+    whole, under the same ``weights_only`` rule.
+    """
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
     try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError for a corrupt zip, …
-        raise ValueError(f"refusing to load {path}: not a weights-only PyTorch state dict ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        sd = torch.load(path, map_location="cpu", mmap=is_zip, weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError for a corrupt zip, EOFError, …
+        raise ValueError(f"refusing to load {path}: {_describe_pth_error(e, is_zip)}") from None
     if not isinstance(sd, dict):
         raise ValueError(f"{path} holds a {type(sd).__name__}, expected a dict of tensors")
     for k, v in sd.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, expected a tensor")
+            nested = " (a nested dict: save the model's state_dict() itself)" if isinstance(v, dict) else ""
+            raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, expected a tensor{nested}")
     return sd
+
+
+def _describe_pth_error(e: Exception, is_zip: bool) -> str:
+    """What a ``.pth`` that ``torch.load(weights_only=True)`` refused is, in one line."""
+    kind = "PyTorch zip file" if is_zip else "legacy-format PyTorch file"
+    forbidden = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if forbidden:
+        return (f"not a weights-only state dict: this {kind} pickles {forbidden.group(1)} (an object or a call, "
+                "not only tensors), so it was not unpickled; re-save it with torch.save(model.state_dict(), path)")
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else "unexpected end of file"
+    if is_zip:
+        return f"not a weights-only state dict: a corrupt or truncated {kind} ({type(e).__name__}: {first_line})"
+    return f"not a weights-only state dict: not a PyTorch file, or a corrupt one ({type(e).__name__}: {first_line})"
 
 
 def _open_meta(ckpt_dir: str) -> CheckpointSource:
@@ -192,61 +244,93 @@ def _open_meta(ckpt_dir: str) -> CheckpointSource:
         diff = set(keys) ^ (set(s) - set(IGNORED_META_KEYS))
         if diff:
             raise ValueError(f"{p} and {paths[0]} hold different keys: {sorted(diff)[:10]}")
-
-    tensors: Dict[str, LazyTensor] = {}
-    for k in keys:
-        parts = [s[k] for s in shards]
-        dim = split_dim(k, parts[0].dim()) if len(parts) > 1 else None
-        if dim is None:
-            tensors[k] = LazyTensor(tuple(parts[0].shape), parts[0].dtype,
-                                    (lambda block, ps=parts: _read_pieces(ps, None, block)))
-        else:
-            if any(p.dim() <= dim for p in parts):
-                raise ValueError(f"{k}: shards have shapes {[tuple(p.shape) for p in parts]}, cannot concatenate along dim {dim}")
-            shape = list(parts[0].shape)
-            shape[dim] = sum(p.shape[dim] for p in parts)
-            tensors[k] = LazyTensor(tuple(shape), parts[0].dtype,
-                                    (lambda block, ps=parts, d=dim: _read_pieces(ps, d, block)))
-    args = _resolve_vocab(params, tensors, ckpt_dir)
+    tensors = {k: _merge_meta_shards(k, [s[k] for s in shards], paths) for k in keys}
+    args = _match_config(params, tensors, ckpt_dir, meta_shards=len(paths))
     return CheckpointSource("meta", ckpt_dir, args, tensors, num_shards=len(paths))
 
 
-def _hf_files(ckpt_dir: str) -> Dict[str, str]:
-    """HF tensor name → safetensors file path."""
-    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+def _merge_meta_shards(key: str, parts: List[torch.Tensor], paths: List[str]) -> LazyTensor:
+    """Tensor ``key`` of Meta's model-parallel shards: joined along its split axis, or replicated.
+
+    Shards may differ only along the axis Meta splits ``key`` on; a replicated tensor (the norms) must be
+    the same in every shard, or which shard's copy is right is unknowable.
+    """
+    first = parts[0]
+    dim = split_dim(key, first.dim()) if len(parts) > 1 else None
+    for part, path in zip(parts[1:], paths[1:]):
+        if part.dtype != first.dtype:
+            raise ValueError(f"{key} is {part.dtype} in {path} but {first.dtype} in {paths[0]}")
+        same_shape = part.dim() == first.dim() and all(
+            a == b for i, (a, b) in enumerate(zip(part.shape, first.shape)) if i != dim)
+        if not same_shape:
+            rule = (f"shards may differ only along dim {dim}, the axis Meta splits it on" if dim is not None else
+                    "it is replicated (not split), so every shard must hold the same tensor")
+            raise ValueError(f"{key} has shape {tuple(part.shape)} in {path} but {tuple(first.shape)} in {paths[0]}: "
+                             + rule)
+        if dim is None and not torch.equal(part, first):
+            raise ValueError(f"{key} differs between {paths[0]} and {path}: it is replicated (not split), so every "
+                             "shard must hold the same values")
+    if dim is None:
+        return LazyTensor(tuple(first.shape), first.dtype, lambda block: _read_pieces(parts, None, block))
+    shape = list(first.shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    return LazyTensor(tuple(shape), first.dtype, lambda block: _read_pieces(parts, dim, block))
+
+
+def _hf_files(ckpt_dir: str) -> Tuple[Dict[str, str], str]:
+    """HF tensor name → safetensors file path, and the file that says so (the index or ``model.safetensors``)."""
+    index = os.path.join(ckpt_dir, HF_INDEX)
     single = os.path.join(ckpt_dir, "model.safetensors")
+    if os.path.isfile(index) and os.path.isfile(single):
+        raise ValueError(f"{ckpt_dir} is ambiguous: it holds both model.safetensors and {HF_INDEX} (shards); "
+                         "remove the one that is stale")
     if os.path.isfile(index):
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} is not a safetensors index: it needs a 'weight_map' object")
-        files = {name: os.path.join(ckpt_dir, fname) for name, fname in weight_map.items()}
-        for path in sorted(set(files.values())):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} is listed in {index} but missing")
-        return files
+        return _read_hf_index(index), index
     if os.path.isfile(single):
-        from safetensors import safe_open
-        with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in _safe_open(single).keys()}, single
     found = sorted(os.listdir(ckpt_dir))
     hint = " (.bin checkpoints are pickles: convert them to safetensors)" if any(f.endswith(".bin") for f in found) else ""
-    raise FileNotFoundError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json{hint}; found {found}")
+    raise FileNotFoundError(f"{ckpt_dir}: no model.safetensors or {HF_INDEX}{hint}; found {found}")
+
+
+def _read_hf_index(index: str) -> Dict[str, str]:
+    """The ``weight_map`` of a sharded safetensors checkpoint, every value a shard file next to the index."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} is not a safetensors index: it needs a non-empty 'weight_map' object")
+    ckpt_dir = os.path.dirname(index)
+    files = {}
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str) or fname in ("", ".", "..") or os.path.basename(fname) != fname:
+            raise ValueError(f"{index}: weight_map[{name!r}] is {fname!r}; each value must be the name of a "
+                             f"safetensors file in {ckpt_dir} (no directories)")
+        files[name] = os.path.join(ckpt_dir, fname)
+    for path in sorted(set(files.values())):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is listed in {index} but missing")
+    return files
+
+
+def _safe_open(path: str) -> Any:
+    """A safetensors file opened lazily (header only); ``ValueError`` naming it when it is truncated or corrupt."""
+    from safetensors import safe_open
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError: bad header length, invalid JSON, data not covering the file, …
+        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt): {e}") from None
 
 
 def _open_hf(ckpt_dir: str) -> CheckpointSource:
-    from safetensors import safe_open
-
     config = read_json(os.path.join(ckpt_dir, "config.json"))
     params = ModelArgs.from_hf_config(config)
-    files = _hf_files(ckpt_dir)
-    handles: Dict[str, object] = {}
+    files, listing = _hf_files(ckpt_dir)
+    handles: Dict[str, Any] = {}  # path -> open safetensors file
+    held: Dict[str, frozenset] = {}  # path -> the tensor names it holds
 
     def handle(path: str):
         if path not in handles:
-            try:
-                handles[path] = safe_open(path, framework="pt", device="cpu")
-            except Exception as e:
-                raise ValueError(f"{path} is not a safetensors file: {e}") from None
+            handles[path] = _safe_open(path)
+            held[path] = frozenset(handles[path].keys())
         return handles[path]
 
     tensors: Dict[str, LazyTensor] = {}
@@ -258,11 +342,15 @@ def _open_hf(ckpt_dir: str) -> CheckpointSource:
         if meta_name is None:
             unexpected.append(name)
             continue
-        sl = handle(path).get_slice(name)
+        f = handle(path)
+        if name not in held[path]:
+            raise ValueError(f"{listing} places tensor {name} in {path}, which does not hold it")
+        sl = f.get_slice(name)
         shape = tuple(sl.get_shape())
         dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
         if dtype is None:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {sl.get_dtype()}")
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {sl.get_dtype()}; valid: "
+                             f"{', '.join(_SAFETENSORS_DTYPES)}")
         permuted = _rope_heads(meta_name, params) is not None
 
         def read(block: Block, path=path, name=name, permuted=permuted) -> torch.Tensor:
@@ -281,20 +369,44 @@ def _open_hf(ckpt_dir: str) -> CheckpointSource:
         raise ValueError(f"{ckpt_dir}: unexpected tensor(s) {sorted(unexpected)[:10]} (not Llama weights)")
     if "output.weight" not in tensors and config.get("tie_word_embeddings") and "tok_embeddings.weight" in tensors:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
-    args = _resolve_vocab(params, tensors, ckpt_dir)
+    args = _match_config(params, tensors, ckpt_dir)
     return CheckpointSource("hf", ckpt_dir, args, tensors)
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def _resolve_vocab(args: ModelArgs, tensors: Dict[str, LazyTensor], where: str) -> ModelArgs:
+def _match_config(args: ModelArgs, tensors: Dict[str, LazyTensor], where: str,
+                  meta_shards: Optional[int] = None) -> ModelArgs:
+    """``args`` with ``vocab_size`` read from the weights, after checking that the config describes these tensors.
+
+    Checked before the model is built, so a config asking for 1000 layers of a 2-layer checkpoint fails now,
+    not after building 1000 layers. Only the sizes that say which model this is are compared here; every
+    key and shape is checked against the built model by ``materialize``. ``meta_shards``: how many Meta
+    shards were merged, to recognise a checkpoint with shards missing (its embedding is too narrow).
+    """
     emb = tensors.get("tok_embeddings.weight")
     if emb is None:
         raise ValueError(f"{where}: missing key(s) ['tok_embeddings.weight']")
-    vocab = emb.shape[0]
+    if len(emb.shape) != 2:
+        raise ValueError(f"{where}: tok_embeddings.weight has shape {emb.shape}, expected (vocab_size, dim)")
+    vocab, dim = emb.shape
     if args.vocab_size not in (-1, vocab):
         raise ValueError(f"{where}: vocab_size {args.vocab_size} in the config, but tok_embeddings.weight has {vocab} rows")
+    if dim != args.dim:
+        per_shard = dim // (meta_shards or 1)
+        if meta_shards and 0 < per_shard and dim < args.dim and args.dim % per_shard == 0:  # Meta splits it along dim
+            missing = [f"consolidated.{i:02d}.pth" for i in range(meta_shards, args.dim // per_shard)]
+            raise FileNotFoundError(
+                f"{where}: shard(s) {', '.join(missing)} missing: dim is {args.dim} in params.json, and each of the "
+                f"{meta_shards} shard(s) found holds {per_shard} columns of tok_embeddings.weight")
+        raise ValueError(f"{where}: dim {args.dim} in the config, but tok_embeddings.weight has {dim} columns")
+    layers = {int(m.group(1)) for m in map(_LAYER_KEY.match, tensors) if m}
+    if layers != set(range(args.n_layers)):
+        gaps = sorted(set(range(max(layers, default=0))) - layers)
+        held = "no layers" if not layers else \
+            f"{len(layers)} layer(s), numbered {min(layers)}…{max(layers)}" + (f" without {gaps[:5]}" if gaps else "")
+        raise ValueError(f"{where}: n_layers {args.n_layers} in the config, but the checkpoint holds {held}")
     return replace(args, vocab_size=vocab)
 
 

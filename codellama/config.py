@@ -10,7 +10,13 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
+
+# Valid ranges of the float fields: wide enough for every released Llama-family model, narrow enough that a
+# typo (norm_eps 1e5 for 1e-5, a swapped rope_theta) fails here instead of loading a model that prints garbage.
+NORM_EPS_RANGE = (1e-12, 1e-2)  # released models: 1e-5 or 1e-6; below 1e-12 it no longer guards the division
+ROPE_THETA_RANGE = (10.0, 1e12)  # released models: 1e4 - 1e6, long-context ones up to ~4e9
+FFN_MULTIPLIER_RANGE = (1e-2, 1e2)  # released models: 1.0 - 1.3
 
 
 @dataclass(frozen=True)
@@ -33,29 +39,24 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "multiple_of"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
-        if self.n_kv_heads is not None and (
-            not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0
-        ):
-            raise ValueError(f"ModelArgs.n_kv_heads must be a positive integer or None, got {self.n_kv_heads!r}")
-        if not isinstance(self.vocab_size, int) or (self.vocab_size <= 0 and self.vocab_size != -1):
-            raise ValueError(f"ModelArgs.vocab_size must be positive or -1 (from the tokenizer), got {self.vocab_size!r}")
+            check_size(name, getattr(self, name))
+        if self.n_kv_heads is not None:
+            check_size("n_kv_heads", self.n_kv_heads, also="or None (= n_heads)")
+        if self.vocab_size != -1:
+            check_size("vocab_size", self.vocab_size, also="or -1 (take it from the tokenizer)")
+        check_number("norm_eps", self.norm_eps, NORM_EPS_RANGE)
+        check_number("rope_theta", self.rope_theta, ROPE_THETA_RANGE)
+        if self.ffn_dim_multiplier is not None:
+            check_number("ffn_dim_multiplier", self.ffn_dim_multiplier, FFN_MULTIPLIER_RANGE, also="or None")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} (dim / n_heads) must be even for rotary embeddings")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
-        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise ValueError(f"ModelArgs.norm_eps must be a positive number, got {self.norm_eps!r}")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ValueError(f"ModelArgs.rope_theta must be a positive number, got {self.rope_theta!r}")
-        if self.ffn_dim_multiplier is not None and not (
-            isinstance(self.ffn_dim_multiplier, (int, float)) and self.ffn_dim_multiplier > 0
-        ):
-            raise ValueError(f"ModelArgs.ffn_dim_multiplier must be a positive number or None, got {self.ffn_dim_multiplier!r}")
+        if self.hidden_dim < 1:
+            raise ValueError(f"the FFN hidden size is {self.hidden_dim} for dim={self.dim}, multiple_of={self.multiple_of}, "
+                             f"ffn_dim_multiplier={self.ffn_dim_multiplier}; it must be at least 1")
 
     # ----------------------------------------------------------------- derived sizes
     @property
@@ -81,6 +82,8 @@ class ModelArgs:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelArgs":
         """A named Code Llama release, e.g. ``"7b"``, ``"13b-Python"``, ``"70b-Instruct"``."""
+        if not isinstance(name, str):
+            raise ValueError(f"a preset name is a string, got {name!r}; valid presets: {', '.join(PRESETS)}")
         key = _PRESET_ALIASES.get(name.lower().replace("_", "-").removeprefix("codellama-"))
         if key is None:
             raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
@@ -99,43 +102,61 @@ class ModelArgs:
 
     @classmethod
     def from_params_json(cls, path: str | os.PathLike) -> "ModelArgs":
-        """From Meta's ``params.json``."""
-        return cls.from_dict(read_json(path))
+        """From Meta's ``params.json``; a bad value is a ``ValueError`` naming the file, the key and what is valid."""
+        params = read_json(path)
+        try:
+            return cls.from_dict(params)
+        except ValueError as e:
+            raise ValueError(f"{os.fspath(path)}: {e}") from None
 
     @classmethod
     def from_hf_config(cls, config: str | os.PathLike | Dict[str, Any]) -> "ModelArgs":
-        """From a Hugging Face ``config.json`` (a path or the loaded dict) of a ``LlamaForCausalLM``."""
+        """From a Hugging Face ``config.json`` (a path or the loaded dict) of a ``LlamaForCausalLM``.
+
+        Every value is checked under HF's own key name; an error names the file, the key and what is valid.
+        """
         cfg = config if isinstance(config, dict) else read_json(config)
         where = "config.json" if isinstance(config, dict) else str(config)
+        try:
+            return cls._from_hf_dict(cfg)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    @classmethod
+    def _from_hf_dict(cls, cfg: Dict[str, Any]) -> "ModelArgs":
         required = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
         missing = [k for k in required if k not in cfg]
         if missing:
-            raise ValueError(f"{where}: missing key(s) {missing}; a Llama config needs {required}")
+            raise ValueError(f"missing key(s) {missing}; a Llama config needs {required}")
         model_type = cfg.get("model_type", "llama")
         if model_type != "llama":
-            raise ValueError(f"{where}: model_type {model_type!r} is not supported; only 'llama'")
-        rope_theta = _hf_rope_theta(cfg, where)
+            raise ValueError(f"model_type {model_type!r} is not supported; only 'llama'")
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported; only 'silu'")
+            raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported; only 'silu'")
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
-                raise ValueError(f"{where}: {flag}=true is not supported; Llama layers have no biases")
-        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+                raise ValueError(f"{flag}=true is not supported; Llama layers have no biases")
+        for key in required:
+            check_size(key, cfg[key])
+        n_heads, n_kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads")
+        if n_kv_heads is not None:
+            check_size("num_key_value_heads", n_kv_heads, also="or null (= num_attention_heads)")
+        norm_eps = cfg.get("rms_norm_eps", 1e-6)
+        check_number("rms_norm_eps", norm_eps, NORM_EPS_RANGE)
+        dim = cfg["hidden_size"]
         if cfg.get("head_dim") not in (None, dim // n_heads):
-            raise ValueError(f"{where}: head_dim={cfg['head_dim']} differs from hidden_size / num_attention_heads = {dim // n_heads}")
+            raise ValueError(f"head_dim={cfg['head_dim']!r} differs from hidden_size / num_attention_heads = {dim // n_heads}")
         multiple_of, multiplier = _ffn_params_for(dim, cfg["intermediate_size"])
-        n_kv_heads = cfg.get("num_key_value_heads") or n_heads
-        n_kv_heads = None if n_kv_heads == n_heads else n_kv_heads  # as Meta writes params.json without GQA
         return cls(
             dim=dim,
             n_layers=cfg["num_hidden_layers"],
             n_heads=n_heads,
-            n_kv_heads=n_kv_heads,
+            n_kv_heads=None if n_kv_heads in (None, n_heads) else n_kv_heads,  # as Meta writes params.json without GQA
             vocab_size=cfg["vocab_size"],
             multiple_of=multiple_of,
             ffn_dim_multiplier=multiplier,
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=rope_theta,
+            norm_eps=norm_eps,
+            rope_theta=_hf_rope_theta(cfg),
         )
 
     # ----------------------------------------------------------------- serialisation
@@ -170,24 +191,27 @@ class ModelArgs:
         }
 
 
-def _hf_rope_theta(cfg: Dict[str, Any], where: str) -> float:
+def _hf_rope_theta(cfg: Dict[str, Any]) -> float:
     """RoPE base from a HF config: top-level ``rope_theta`` (transformers 4) or ``rope_parameters`` (5).
 
     Only plain RoPE is accepted: a scaled variant silently read as plain would give garbage.
     """
     theta = cfg.get("rope_theta")
+    if theta is not None:
+        check_number("rope_theta", theta, ROPE_THETA_RANGE)
     for key in ("rope_parameters", "rope_scaling"):
         params = cfg.get(key)
         if not params:
             continue
         if not isinstance(params, dict):
-            raise ValueError(f"{where}: {key} must be an object, got {params!r}")
+            raise ValueError(f"{key} must be an object, got {params!r}")
         kind = params.get("rope_type", params.get("type", "default"))
         if kind != "default":
-            raise ValueError(f"{where}: {key} has rope_type {kind!r}; only plain RoPE ('default') is supported")
+            raise ValueError(f"{key} has rope_type {kind!r}; only plain RoPE ('default') is supported")
         if "rope_theta" in params:
-            if theta is not None and float(theta) != float(params["rope_theta"]):
-                raise ValueError(f"{where}: rope_theta {theta} disagrees with {key}.rope_theta {params['rope_theta']}")
+            check_number(f"{key}.rope_theta", params["rope_theta"], ROPE_THETA_RANGE)
+            if theta is not None and theta != params["rope_theta"]:
+                raise ValueError(f"rope_theta {theta} disagrees with {key}.rope_theta {params['rope_theta']}")
             theta = params["rope_theta"]
     return float(theta) if theta is not None else 10000.0
 
@@ -218,16 +242,32 @@ def _ffn_params_for(dim: int, hidden_dim: int) -> tuple[int, Optional[float]]:
     raise ValueError(f"cannot express intermediate_size={hidden_dim} for dim={dim} as Meta FFN parameters")
 
 
+def check_size(name: str, value: Any, also: str = "") -> None:
+    """Refuse a size that is not a positive integer (``"64"``, ``64.0``, ``True``, ``0``), naming it and what is valid."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer{' ' + also if also else ''}, got {value!r}")
+
+
+def check_number(name: str, value: Any, valid: Tuple[float, float], also: str = "") -> None:
+    """Refuse a value that is not a finite number within ``valid`` (NaN, ``true``, ``"1e-5"``, a typo'd exponent)."""
+    low, high = valid
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}]{' ' + also if also else ''}, got {value!r}")
+
+
 def read_json(path: str | os.PathLike) -> Dict[str, Any]:
-    """A JSON object from ``path``, with errors that name the file."""
+    """A JSON object from ``path``, with errors that name the file (not JSON, not UTF-8, not an object)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))  # decoded here, so an error's offset is the file's
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data

@@ -10,15 +10,22 @@ query heads use (KV heads are replicated, never split).
 from __future__ import annotations
 
 import atexit
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .config import ModelArgs
+
+# How long a rank waits in a collective for the others before it gives up. Ranks meet first in the first
+# forward, after each has loaded its weights, so the wait covers the slowest rank's load (minutes for a
+# 70B from a slow disk); after that a wait this long means a rank is stuck (stopped, hung, swapping).
+TIMEOUT_ENV = "CODELLAMA_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -28,11 +35,12 @@ class TensorParallel:
     rank: int = 0
     world: int = 1
     group: Any = None
+    timeout_s: Optional[float] = None  # the process group's collective timeout, for the message when it expires
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the ranks (in place)."""
         if self.world > 1:
-            dist.all_reduce(x, group=self.group)
+            self._collective(dist.all_reduce, x)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,15 +48,29 @@ class TensorParallel:
         if self.world == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        self._collective(dist.all_gather, parts, x.contiguous())
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``x`` on every rank (so all ranks continue with the same sampled tokens)."""
         if self.world > 1:
-            dist.broadcast(x, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
-                           group=self.group)
+            self._collective(dist.broadcast, x, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0)
         return x
+
+    def _collective(self, op: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run ``op`` on this group; gloo's timeout error becomes a ``TimeoutError`` naming this rank and the timeout.
+
+        (NCCL runs collectives asynchronously: its watchdog aborts the process on a timeout and logs the rank
+        and the timeout itself.)
+        """
+        try:
+            op(*args, group=self.group, **kwargs)
+        except RuntimeError as e:
+            if not _is_timeout(e):
+                raise
+            raise TimeoutError(f"rank {self.rank} of {self.world}: {op.__name__} got no answer from the other rank(s) "
+                               f"within {_seconds(self.timeout_s)} ({TIMEOUT_ENV}): a rank is stuck (stopped, hung, "
+                               f"swapping) or gone [{_first_line(e)}]") from None
 
 
     def broadcast_object(self, obj: Any) -> Any:
@@ -73,36 +95,79 @@ def env_world() -> Tuple[int, int, int]:
         raise ValueError(f"WORLD_SIZE / RANK / LOCAL_RANK must be integers: {e}") from None
 
 
-def init_tensor_parallel(world: int, rank: int, device: torch.device) -> TensorParallel:
-    """Join (or create) the default process group: NCCL for CUDA devices, gloo otherwise."""
+def collective_timeout(seconds: Optional[float] = None) -> float:
+    """The collective timeout in seconds: ``seconds`` if given, else ``$CODELLAMA_DIST_TIMEOUT``, else 10 minutes."""
+    name = "timeout_s"
+    if seconds is None:
+        text = os.environ.get(TIMEOUT_ENV)
+        if text is None:
+            return DEFAULT_TIMEOUT_S
+        name = TIMEOUT_ENV
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = text
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+        raise ValueError(f"{name} must be a positive number of seconds (e.g. 600), got {seconds!r}")
+    return float(seconds)
+
+
+def init_tensor_parallel(world: int, rank: int, device: torch.device,
+                         timeout_s: Optional[float] = None) -> TensorParallel:
+    """Join (or create) the default process group: NCCL for CUDA devices, gloo otherwise.
+
+    ``timeout_s`` (default: ``collective_timeout()``) bounds every wait for the other ranks, so a stuck rank
+    makes the others fail with a ``TimeoutError`` naming the rank and the timeout instead of blocking forever.
+    """
     if world == 1:
         return SINGLE
     if not dist.is_available():
         raise ValueError("this torch build has no torch.distributed: tensor parallelism is unavailable")
+    seconds = collective_timeout(timeout_s)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, world_size=world, rank=rank,
-                                device_id=device if device.type == "cuda" else None)
-        atexit.register(close_process_group)
+        try:
+            dist.init_process_group(backend=backend, world_size=world, rank=rank, timeout=timedelta(seconds=seconds),
+                                    device_id=device if device.type == "cuda" else None)
+        except RuntimeError as e:
+            if not _is_timeout(e):
+                raise
+            raise TimeoutError(f"rank {rank} of {world}: the other ranks did not all join the process group within "
+                               f"{_seconds(seconds)} ({TIMEOUT_ENV}) [{_first_line(e)}]") from None
+        atexit.register(close_process_group, seconds)
     if dist.get_world_size() != world:
         raise ValueError(f"the process group has {dist.get_world_size()} ranks but model_parallel_size is {world}")
-    return TensorParallel(rank=dist.get_rank(), world=world, group=None)
+    return TensorParallel(rank=dist.get_rank(), world=world, group=None, timeout_s=seconds)
 
 
-def close_process_group() -> bool:
+def close_process_group(timeout_s: Optional[float] = None) -> bool:
     """Tear down the process group (after a barrier, on gloo), if there is one; return whether there was.
 
     Registered to run at exit by ``init_tensor_parallel``, so a process group left to the interpreter's
-    shutdown is still closed in order."""
+    shutdown is still closed in order. The barrier waits at most a minute (less with a shorter collective
+    timeout): at exit, a rank that does not answer is given up on rather than waited for."""
     if not dist.is_available() or not dist.is_initialized():
         return False
     if dist.get_backend() == "gloo":  # every rank done with its collectives before any connection closes
         try:
-            dist.monitored_barrier(timeout=timedelta(seconds=60))  # gives up on a dead rank instead of hanging
+            dist.monitored_barrier(timeout=timedelta(seconds=min(60.0, collective_timeout(timeout_s))))
         except RuntimeError:
             pass
     dist.destroy_process_group()
     return True
+
+
+def _is_timeout(e: Exception) -> bool:
+    """Whether a torch.distributed error is a timeout (gloo: "Timed out waiting …", then "Application timeout …")."""
+    return any(word in str(e).lower() for word in ("timed out", "timeout"))
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _seconds(timeout_s: Optional[float]) -> str:
+    return f"{timeout_s:g} s" if timeout_s is not None else "the process group's timeout"
 
 
 def check_parallel(args: ModelArgs, world: int) -> None:
