@@ -54,6 +54,9 @@ def run(main: Callable[[], None]) -> None:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TimeoutError as e:  # a stalled rank under torchrun: the message names the rank and the timeout
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     if close_process_group():
         # Under torchrun, gloo's C++ teardown at interpreter exit sometimes aborts a rank that has finished
         # its work ("terminate called without an active exception"): leave without it.

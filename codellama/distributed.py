@@ -72,14 +72,13 @@ class TensorParallel:
                                f"within {_seconds(self.timeout_s)} ({TIMEOUT_ENV}): a rank is stuck (stopped, hung, "
                                f"swapping) or gone [{_first_line(e)}]") from None
 
-
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's picklable ``obj`` on every rank (e.g. the engine's plan for a step)."""
         if self.world == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0,
-                                   group=self.group)
+        self._collective(dist.broadcast_object_list, box,
+                         src=dist.get_global_rank(self.group, 0) if self.group is not None else 0)
         return box[0]
 
 

@@ -16,7 +16,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 
 import torch
 
-from .checkpoint import BUNDLED_CKPT_DIR, check_tokenizer, load_model, open_checkpoint
+from .checkpoint import BUNDLED_CKPT_DIR, check_checkpoint_dir, check_tokenizer, load_model, open_checkpoint
 from .distributed import check_parallel, env_world, init_tensor_parallel
 from .engine import Engine, SamplingParams
 from .speculative import check_speculation, make_speculator
@@ -85,7 +85,7 @@ class Llama:
         if ckpt_dir is None:
             ckpt_dir = DEFAULT_CKPT_DIR
             print(f"codellama: no checkpoint given, using the bundled tiny model ({ckpt_dir})", file=sys.stderr)
-        ckpt_dir = os.fspath(ckpt_dir)
+        ckpt_dir = check_checkpoint_dir(os.fspath(ckpt_dir))
         tokenizer_path = os.fspath(tokenizer_path) if tokenizer_path is not None else os.path.join(ckpt_dir, "tokenizer.model")
         if not os.path.isfile(tokenizer_path):
             raise FileNotFoundError(f"tokenizer not found: {tokenizer_path} (pass tokenizer_path=…)")

@@ -238,6 +238,14 @@ def test_build_needs_a_tokenizer(tmp_path):
         Llama.build(str(tmp_path), device="cpu")
 
 
+def test_build_names_a_wrong_checkpoint_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
+        Llama.build(str(tmp_path / "nope"), device="cpu")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint directory"):
+        Llama.build(str(tmp_path / "file"), device="cpu")
+
+
 def test_tokenizer_matching_the_vocab_is_accepted(tmp_path, codellama_tokenizer_path):
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32016)
     write_checkpoint(tmp_path, args, "meta", tokenizer=str(codellama_tokenizer_path))

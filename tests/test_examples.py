@@ -72,7 +72,7 @@ def test_completion_under_torchrun(stories_dir):
 
 def test_bad_checkpoint_dir_is_one_clear_line(tmp_path):
     r = run("example_completion.py", "--ckpt_dir", str(tmp_path / "missing"))
-    assert r.returncode == 2 and r.stderr.startswith("error: tokenizer not found") and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: checkpoint directory not found") and "Traceback" not in r.stderr
 
 
 # ----------------------------------------------------------------------------- the bundled tiny model

@@ -127,7 +127,7 @@ def test_top_k_1_and_tiny_top_p_are_greedy(tiny):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=-0.1), r"temperature must be ≥ 0.*-0.1"),
+    (dict(temperature=-0.1), r"temperature must be a finite number ≥ 0.*-0.1"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
     (dict(top_k=0), "top_k must be a positive integer"),

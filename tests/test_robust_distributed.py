@@ -1,6 +1,7 @@
 """A stuck rank makes the others fail with a message naming the rank and the timeout, instead of a hang."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_a_stopped_rank_makes_the_other_fail_within_the_timeout():
     waited = float(out.split("gave up after ")[1].split(" s")[0])
     assert 2.5 < waited < 30, out
     message = err.strip().splitlines()[-1]
-    assert "TimeoutError: rank 0 of 2: all_gather got no answer" in message, err[-2000:]
+    assert re.search(r"TimeoutError: rank 0 of 2: \w+ got no answer", message), err[-2000:]
     assert f"within 3 s ({TIMEOUT_ENV})" in message
 
 

@@ -98,5 +98,5 @@ def test_bad_tokenizer_files(tmp_path):
 
 
 def test_encode_rejects_non_strings(codellama_tok):
-    with pytest.raises(ValueError, match="expects a str"):
+    with pytest.raises(ValueError, match="must be a str"):
         codellama_tok.encode(["a"], bos=True, eos=False)
