@@ -7,12 +7,15 @@ code runs untrusted programs without a sandbox.
 
 from __future__ import annotations
 
+import ast
 import gzip
 import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
+
+from .sandbox import Program
 
 BENCHMARKS = ("humaneval", "mbpp")
 HUMANEVAL_KEYS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
@@ -34,11 +37,25 @@ class Task:
     entry_point: str = ""  # the function under test
     test_list: Tuple[str, ...] = ()  # MBPP: the assertions shown to the model in the prompt
 
-    def program(self, completion: str) -> str:
-        """The complete program that passes exactly when ``completion`` is right."""
+    def program(self, completion: str) -> Program:
+        """What the sandbox runs for ``completion``: it passes exactly when the completion is right.
+
+        HumanEval: the prompt and the completion, then the tests; the prompt is also the reference, so the
+        tests use its helper functions (``poly``, ``encode_cyclic``) even if the completion redefines them.
+        MBPP: the completion, then the tests; the names under test are those the dataset's solution defines.
+        """
         if self.benchmark == "humaneval":
-            return self.prompt + completion + "\n\n" + self.tests
-        return completion + "\n\n" + self.tests
+            return Program(self.prompt + completion, self.tests, self.prompt, (self.entry_point,))
+        return Program(completion, self.tests, entry_points=_defined_names(self.solution))
+
+
+def _defined_names(code: str) -> Tuple[str, ...]:
+    """The functions and classes ``code`` defines at its top level: MBPP's names under test."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return ()
+    return tuple(n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))
 
 
 @dataclass(frozen=True)
