@@ -8,8 +8,8 @@ system is a fresh tmpfs root, read-only after set-up, that holds only
   directory is hidden in any case;
 - the system's shared libraries (``/usr/lib``, ``/lib``, ``/usr/lib64``, ``/lib64``, ``/etc/ld.so.cache``),
   read-only, because the interpreter links against them;
-- a new ``/dev`` (``null``, ``zero``, ``full``, ``random``, ``urandom``, ``tty``) and a size-capped
-  tmpfs at ``/tmp``, the working directory and the only writable place.
+- a new, read-only ``/dev`` (``null``, ``zero``, ``full``, ``random``, ``urandom``, ``tty``; no ``shm``
+  to fill) and a size-capped tmpfs at ``/tmp``, the working directory and the only writable place.
 
 There is no ``/proc`` at all (Python does not need one; it would show the program its own memory), no
 host ``/tmp``, ``/run``, home, project or site-packages directory, and no network interface but a
@@ -122,7 +122,7 @@ def bwrap_argv(bwrap: str, scratch_bytes: int, seccomp_fd: int, as_root: bool, s
     else:
         argv += ["--unshare-user"]
     argv += mounts(site_packages)
-    argv += ["--dev", "/dev", "--perms", "1777", "--size", str(scratch_bytes), "--tmpfs", "/tmp",
+    argv += ["--dev", "/dev", "--remount-ro", "/dev", "--perms", "1777", "--size", str(scratch_bytes), "--tmpfs", "/tmp",
              "--remount-ro", "/", "--chdir", "/tmp", "--seccomp", str(seccomp_fd), "--"]
     return argv
 
