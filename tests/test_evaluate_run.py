@@ -14,7 +14,7 @@ from codellama.evaluate.data import Benchmark, Task
 from codellama.evaluate.passk import pass_at_k
 from codellama.evaluate.run import (evaluate, format_report, generate_samples, llama_sampler, read_jsonl,
                                     result_paths, score_samples)
-from codellama.evaluate.sandbox import REASONS, Limits
+from codellama.evaluate.sandbox import REASONS, Limits, SandboxUnavailable
 
 LIMITS = Limits(timeout_s=2.0, isolation="process")  # the harness's logic; isolation has tests of its own
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -312,6 +312,15 @@ def test_cli_refuses_without_bubblewrap_in_one_line(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "apt-get install bubblewrap" in err and "--isolation process" in err
     assert not (tmp_path / "samples_results.jsonl").exists()  # refused before anything was written
+
+
+def test_evaluate_refuses_before_generating(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap: minutes of generation must not be spent first
+    with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+        evaluate(str(tmp_path / "no-checkpoint-here"), "humaneval", str(tmp_path / "eval"))
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        evaluate(str(tmp_path / "no-checkpoint-here"), workers=0, limits=LIMITS)
+    assert not (tmp_path / "eval").exists()
 
 
 def test_cli_never_prints_a_traceback():

@@ -296,8 +296,9 @@ def main() -> None:
             if claim[0] == word:
                 report(word.encode("ascii"), claim[1])
         report(b"error", b"the tests ended with an unknown result")
-    except BaseException:  # noqa: B902 -- e.g. MemoryError in this thread: never a pass
-        report(b"error", b"the runner failed (out of memory or interrupted)")
+    except BaseException as e:  # noqa: B902 -- raised by the interpreter in this thread: never a pass
+        # e.g. MemoryError, KeyboardInterrupt, or "can't start new thread" at the process limit
+        report(b"error", b"the runner failed: " + describe(e))
 
 
 if __name__ == "__runner__":
