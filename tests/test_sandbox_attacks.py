@@ -15,7 +15,7 @@ import string
 import subprocess
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest
 
