@@ -14,6 +14,8 @@ from codellama.evaluate.sandbox import Limits, run_program
 from codellama.prompts import has_special_tags, validate_dialog
 from conftest import shared_path
 
+LIMITS = Limits(timeout_s=5.0, isolation="process")  # the data and its programs; isolation has tests of its own
+
 
 @pytest.fixture(scope="module")
 def humaneval():
@@ -35,7 +37,9 @@ def test_humaneval_is_read_without_running_its_package(humaneval):
     assert first.entry_point == "has_close_elements" and first.prompt.startswith("from typing import List")
     assert first.tests.rstrip().endswith("check(has_close_elements)")
     program = first.program(first.solution)
-    assert program.startswith(first.prompt + first.solution) and "def check(candidate)" in program
+    assert program.code == first.prompt + first.solution and program.tests.startswith("\n\nMETADATA")
+    assert "def check(candidate)" in program.tests and program.tests.rstrip().endswith("check(has_close_elements)")
+    assert program.reference == first.prompt and program.entry_points == ("has_close_elements",)
 
 
 def test_mbpp_test_split_and_shots(mbpp):
@@ -45,7 +49,9 @@ def test_mbpp_test_split_and_shots(mbpp):
     assert all(len(t.test_list) == 3 for t in mbpp.tasks)
     with_setup = next(t for t in mbpp.tasks if t.task_id == "MBPP/367")  # one of two tasks with setup code
     assert with_setup.tests.startswith("root = Node(1) \nroot.left = Node(2)")  # setup code, Unix line ends
-    assert mbpp.tasks[0].program("X") == "X\n\n" + "\n".join(mbpp.tasks[0].test_list) + "\n"
+    program = mbpp.tasks[0].program("X")
+    assert (program.code, program.tests) == ("X", "\n".join(mbpp.tasks[0].test_list) + "\n")
+    assert program.reference == "" and program.entry_points == ("remove_Occ",)  # what the dataset's code defines
 
 
 def test_load_benchmark_choices_and_limit(tmp_path, mbpp):
@@ -69,7 +75,7 @@ def test_humaneval_from_a_path_plain_or_gzipped(tmp_path):
         f.write(json.dumps(row) + "\n")
     for path in (plain, packed):
         bench = load_benchmark("humaneval", str(path))
-        assert len(bench.tasks) == 1 and run_program(bench.tasks[0].program("    return 1\n")).passed
+        assert len(bench.tasks) == 1 and run_program(bench.tasks[0].program("    return 1\n"), LIMITS).passed
 
 
 def test_bad_data_files(tmp_path):
@@ -130,7 +136,7 @@ def test_chat_answers_become_runnable_completions(humaneval, mbpp):
     answer = ("Here is the function:\n```python\n" + task.prompt + task.solution + "```\n"
               "It checks every pair.\n```python\nprint(has_close_elements([1.0], 0.5))\n```")
     completion = completion_from_generation(humaneval, task, answer, chat=True)
-    assert run_program(task.program(completion), Limits(timeout_s=5.0)).passed
+    assert run_program(task.program(completion), LIMITS).passed
     body = completion_from_generation(humaneval, task, "```python\n" + task.solution + "```", chat=True)
     assert body == task.solution
     mtask = mbpp.tasks[0]
@@ -138,5 +144,5 @@ def test_chat_answers_become_runnable_completions(humaneval, mbpp):
                    mtask.solution + "\n\nassert similar_elements((1,), (1,)) == (1,)\n"):
         completion = completion_from_generation(mbpp, mtask, answer, chat=True)
         assert completion.strip() == mtask.solution.strip(), answer
-        assert run_program(mtask.program(completion)).passed
+        assert run_program(mtask.program(completion), LIMITS).passed
     assert extract_code("no code at all") == "no code at all\n"

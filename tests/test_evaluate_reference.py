@@ -1,4 +1,9 @@
-"""The datasets' own solutions pass in the sandbox (pass@1 = 1.0) and wrong ones fail: the harness is sound."""
+"""The datasets' own solutions pass in the sandbox (pass@1 = 1.0) and wrong ones fail: the harness is sound.
+
+Under bubblewrap wherever it can run (else with the process-only layers, so that a fresh clone still
+checks the harness): every eighth HumanEval task and every tenth MBPP task by default, all of them as
+``slow`` tests.
+"""
 
 import importlib.util
 import json
@@ -7,11 +12,15 @@ import pytest
 
 from codellama.evaluate.data import load_humaneval, load_mbpp
 from codellama.evaluate.run import score_samples
-from codellama.evaluate.sandbox import Limits
+from codellama.evaluate.sandbox import Limits, SandboxUnavailable, check_isolation
 from conftest import shared_path
 
 # Generous: these tests share two cores with others, and a reference solution must not time out.
 LIMITS = Limits(timeout_s=20.0)
+try:
+    check_isolation(LIMITS)
+except SandboxUnavailable:
+    LIMITS = Limits(timeout_s=20.0, isolation="process")
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +41,23 @@ def _failures(path):
     return [(r["task_id"], r["reason"], r["detail"]) for r in map(json.loads, open(path)) if not r["passed"]]
 
 
-def test_humaneval_canonical_solutions_all_pass(humaneval, tmp_path):
-    report = _score(humaneval, [t.solution for t in humaneval.tasks], tmp_path / "canonical.jsonl")
+def _canonical_pass(bench, tmp_path):
+    report = _score(bench, [t.solution for t in bench.tasks], tmp_path / "canonical.jsonl")
     assert _failures(report["results_file"]) == []
-    assert report["pass@1"] == 1.0 and report["tasks"] == 164 and report["reasons"]["passed"] == 164
+    assert report["pass@1"] == 1.0 and report["reasons"]["passed"] == len(bench.tasks)
+    assert report["sandbox"]["isolation"] == LIMITS.isolation
+
+
+def test_humaneval_canonical_solutions_pass(humaneval, tmp_path):
+    # Every eighth task, including those whose tests call the prompt's helpers (32 poly, 38 encode_cyclic).
+    picked = sorted(set(range(0, 164, 8)) | {32, 38, 50, 53, 162})
+    _canonical_pass(type(humaneval)(humaneval.name, tuple(humaneval.tasks[i] for i in picked)), tmp_path)
+
+
+@pytest.mark.slow
+def test_humaneval_canonical_solutions_all_pass(humaneval, tmp_path):
+    assert len(humaneval.tasks) == 164
+    _canonical_pass(humaneval, tmp_path)
 
 
 def test_humaneval_wrong_solutions_fail(humaneval, tmp_path):

@@ -14,9 +14,9 @@ from codellama.evaluate.data import Benchmark, Task
 from codellama.evaluate.passk import pass_at_k
 from codellama.evaluate.run import (evaluate, format_report, generate_samples, llama_sampler, read_jsonl,
                                     result_paths, score_samples)
-from codellama.evaluate.sandbox import REASONS, Limits
+from codellama.evaluate.sandbox import REASONS, Limits, SandboxUnavailable
 
-LIMITS = Limits(timeout_s=2.0)
+LIMITS = Limits(timeout_s=2.0, isolation="process")  # the harness's logic; isolation has tests of its own
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,7 +69,8 @@ def test_generate_then_score_greedy(tmp_path):
     assert report["pass@1"] == 0.25 and report["tasks"] == 4 and report["samples_per_task"] == 1
     assert report["reasons"] == {"passed": 1, "failed": 1, "timed out": 1, "error": 1}
     assert report["generation"] == {"temperature": 0.0, "top_p": 0.95, "max_gen_len": 64, "chat": False}
-    assert "guard" in report["sandbox"]["layers"] and report["sandbox"]["limits"]["timeout_s"] == 2.0
+    assert report["sandbox"]["isolation"] == "process" and "verdict-nonce" in report["sandbox"]["layers"]
+    assert report["sandbox"]["limits"]["timeout_s"] == 2.0
     results = _records(result_paths(path)[0])
     assert [(r["task_id"], r["passed"], r["reason"]) for r in results] == [
         ("HumanEval/0", True, "passed"), ("HumanEval/1", False, "failed"), ("HumanEval/2", False, "timed out"),
@@ -174,16 +175,44 @@ def test_scoring_foreign_samples_and_errors(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         score_samples(BENCH, str(tmp_path / "missing.jsonl"))
-    for bad, match in ([{"task_id": "HumanEval/0"}], "needs a str 'task_id' and a str 'completion'"), \
-                      ([{"task_id": "MBPP/11", "completion": ""}], r"task_id\(s\) \['MBPP/11'\]"), \
-                      ([{"task_id": "HumanEval/0", "sample": 0, "completion": ""}] * 2, "repeats sample 0"), \
-                      ([], "holds no samples"):
+    for bad, match in ([{"task_id": "MBPP/11", "completion": ""}], r"task_id\(s\) \['MBPP/11'\]"), \
+                      ([], "holds no samples"), ([{"completion": ""}], "holds no samples; line 1 needs a str 'task_id'"):
         path.write_text("".join(json.dumps(r) + "\n" for r in bad))
         with pytest.raises(ValueError, match=match):
             score_samples(BENCH, str(path), limits=LIMITS, progress=False)
     path.write_text('{"task_id": "HumanEval/0", "completion": ""}\n{"task')
     with pytest.raises(ValueError, match="last line is incomplete"):
         read_jsonl(str(path))
+
+
+def test_a_bad_sample_is_its_own_error_and_the_rest_are_scored(tmp_path):
+    # Issue 12, item 8 and issue 13, item 5: one bad line costs only itself, never the run.
+    lines = [json.dumps({"task_id": "HumanEval/0", "completion": "    return a + b + 0\n"}).encode(),
+             json.dumps({"task_id": "HumanEval/0", "sample": [1], "completion": "    return a + b\n"}).encode(),
+             json.dumps({"task_id": "HumanEval/1", "completion": "    return '\ud800'\n"}).encode(),  # lone surrogate
+             b'{"task_id": "HumanEval/2", "completion": "    return \xff\xfe\\n"}',  # not UTF-8
+             json.dumps({"task_id": "HumanEval/3", "completion": 7}).encode(),
+             json.dumps({"task_id": "HumanEval/3", "completion": "    print('x' * 10**9)\n"}).encode(),  # huge output
+             json.dumps({"task_id": "HumanEval/1", "completion": "    return a + b + 1\n"}).encode(),
+             b"[1, 2]", b"{not json", json.dumps({"task_id": 5, "completion": ""}).encode(),
+             json.dumps({"task_id": "HumanEval/0", "sample": 0, "completion": "again"}).encode()]
+    path = tmp_path / "samples.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    report = score_samples(BENCH, str(path), limits=LIMITS, workers=2, progress=False)
+    results = {(r["task_id"], r["sample"]): r for r in _records(report["results_file"])}
+    assert results[("HumanEval/0", 0)]["passed"] and results[("HumanEval/1", 1)]["passed"]
+    assert "'sample' must be an integer >= 0, got [1]" in results[("HumanEval/0", 1)]["detail"]
+    assert "not valid Unicode: surrogates not allowed" in results[("HumanEval/1", 0)]["detail"]
+    assert "line 4 is not valid UTF-8 (byte 0xff" in results[("HumanEval/2", 0)]["detail"]
+    assert "'completion' must be a str, got int" in results[("HumanEval/3", 0)]["detail"]
+    assert results[("HumanEval/3", 1)]["reason"] == "error"  # its output pipe was closed past the limit
+    assert len(results) == 7 and all(not r["passed"] for k, r in results.items() if k not in
+                                     {("HumanEval/0", 0), ("HumanEval/1", 1)})
+    assert [(x["line"], x["detail"][:20]) for x in report["invalid_lines"]] == [
+        (8, "is a JSON list, not "), (9, "is not valid JSON: E"), (10, "needs a str 'task_id"),
+        (11, "repeats sample 0 of ")]
+    assert report["samples"] == 7 and report["pass@1"] == pytest.approx((1 / 2 + 1 / 2 + 0 + 0) / 4)
+    assert "warning: 4 line(s) of the samples file are no sample" in format_report(report)
 
 
 def test_llama_sampler_batches_and_reads_answers():
@@ -209,20 +238,97 @@ def test_llama_sampler_batches_and_reads_answers():
                              ("chat", 2, 0.0, 0.9, 5), ("chat", 1, 0.0, 0.9, 5)]
 
 
-def test_cli_score(tmp_path, capsys):
-    path = tmp_path / "samples.jsonl"
+def _humaneval_file(tmp_path):
     data = tmp_path / "he.jsonl"
     data.write_text("".join(json.dumps({"task_id": t.task_id, "prompt": t.prompt, "canonical_solution": t.solution,
                                         "test": t.tests.rsplit("\n\ncheck(", 1)[0], "entry_point": t.entry_point})
                             + "\n" for t in BENCH.tasks))
+    return data
+
+
+def test_cli_score(tmp_path, capsys):
+    path = tmp_path / "samples.jsonl"
+    data = _humaneval_file(tmp_path)
     path.write_text("".join(json.dumps({"task_id": t.task_id, "completion": t.solution}) + "\n" for t in BENCH.tasks))
-    assert main(["score", str(path), "--data", str(data), "--timeout", "3", "--workers", "2", "--no-progress"]) == 0
+    assert main(["score", str(path), "--data", str(data), "--timeout", "3", "--workers", "2", "--no-progress",
+                 "--isolation", "process"]) == 0
     out = capsys.readouterr().out
     assert "humaneval: 4 tasks × 1 sample   pass@1 100.0%" in out and '{"pass@1": 1.0}' in out
-    assert json.load(open(tmp_path / "samples_report.json"))["pass@1"] == 1.0
-    path.write_text('{"task_id": "Other/1", "completion": ""}\n')
-    with pytest.raises(ValueError, match="cannot tell the benchmark"):
-        main(["score", str(path), "--no-progress"])
+    report = json.load(open(tmp_path / "samples_report.json"))
+    assert report["pass@1"] == 1.0 and report["sandbox"]["isolation"] == "process"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--timeout", "-1"], "timeout_s must be a positive number of seconds, got -1.0"),
+    (["--timeout", "nan"], "timeout_s must be a positive number"),
+    (["--workers", "0"], "workers must be a positive integer, got 0"),
+    (["--workers", "two"], "argument --workers: invalid int value: 'two'"),
+    (["--memory-mb", "8"], "memory_mb=8 is too small"),
+    (["--limit", "0"], "limit must be a positive integer"),
+    (["--isolation", "none"], "argument --isolation: invalid choice: 'none'"),
+    (["--data", "{missing}"], "no such file"),
+    (["--benchmark", "mbpp"], "MBPP needs the path of mbpp.jsonl"),
+])
+def test_cli_argument_errors_are_one_line_and_status_2(tmp_path, capsys, args, message):
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"task_id": "HumanEval/0", "completion": ""}) + "\n")
+    args = [a.replace("{missing}", str(tmp_path / "missing.jsonl")) for a in args]
+    assert _status(["score", str(path), "--no-progress", "--isolation", "process", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert err.startswith("python -m codellama.evaluate: error: ")
+
+
+def _status(argv) -> int:
+    """The exit status of the command line (argparse's own errors exit; the others return)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe\x00garbage\n", "holds no samples; line 1 is not valid UTF-8"),
+    (b'{"task_id": "Other/1", "completion": ""}\n', "not in the humaneval selection"),
+    (b"", "holds no samples"),
+])
+def test_cli_malformed_samples_files_are_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "samples.jsonl"
+    path.write_bytes(content)
+    assert main(["score", str(path), "--no-progress", "--isolation", "process"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot tell the benchmark" in err, err
+    assert main(["score", str(path), "--benchmark", "humaneval", "--data", str(_humaneval_file(tmp_path)),
+                 "--no-progress", "--isolation", "process"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_cli_refuses_without_bubblewrap_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"task_id": "HumanEval/0", "completion": ""}) + "\n")
+    assert main(["score", str(path), "--data", str(_humaneval_file(tmp_path)), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "apt-get install bubblewrap" in err and "--isolation process" in err
+    assert not (tmp_path / "samples_results.jsonl").exists()  # refused before anything was written
+
+
+def test_evaluate_refuses_before_generating(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap: minutes of generation must not be spent first
+    with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+        evaluate(str(tmp_path / "no-checkpoint-here"), "humaneval", str(tmp_path / "eval"))
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        evaluate(str(tmp_path / "no-checkpoint-here"), workers=0, limits=LIMITS)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_cli_never_prints_a_traceback():
+    done = subprocess.run([sys.executable, "-m", "codellama.evaluate", "score", "x.jsonl", "--timeout", "-1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "python -m codellama.evaluate: error: timeout_s must be a positive number of seconds, " \
+                          "got -1.0\n"
 
 
 # ------------------------------------------------------------------------------------------ end to end

@@ -7,7 +7,7 @@
     report["pass@1"]
 
 One module per concept: ``data`` (benchmarks), ``prompts`` (prompts, stop sequences, completions),
-``sandbox`` and ``guard`` (isolated execution), ``passk`` (the estimator), ``run`` (generate, score,
+``sandbox``, ``isolation``, ``seccomp`` and ``runner`` (isolated execution), ``passk`` (the estimator), ``run`` (generate, score,
 resume), ``progress`` (the progress bar).
 """
 
@@ -15,8 +15,9 @@ from .data import Benchmark, Task, load_benchmark, load_humaneval, load_mbpp
 from .passk import estimate, pass_at_k
 from .prompts import build_prompt, completion_from_generation, truncate
 from .run import evaluate, generate, generate_samples, llama_sampler, score_samples
-from .sandbox import Limits, Outcome, active_layers, run_program, run_programs
+from .sandbox import Limits, Outcome, Program, SandboxUnavailable, active_layers, check_isolation, run_program, run_programs
 
 __all__ = ["Benchmark", "Task", "load_benchmark", "load_humaneval", "load_mbpp", "estimate", "pass_at_k",
            "build_prompt", "completion_from_generation", "truncate", "evaluate", "generate", "generate_samples",
-           "llama_sampler", "score_samples", "Limits", "Outcome", "active_layers", "run_program", "run_programs"]
+           "llama_sampler", "score_samples", "Limits", "Outcome", "Program", "SandboxUnavailable", "active_layers",
+           "check_isolation", "run_program", "run_programs"]

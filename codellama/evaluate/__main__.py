@@ -12,8 +12,18 @@ import sys
 from typing import List, Optional
 
 from .data import BENCHMARKS, load_benchmark
+from .isolation import ISOLATIONS
 from .run import evaluate, format_report, generate, infer_benchmark, score_samples
-from .sandbox import Limits
+from .sandbox import Limits, SandboxUnavailable
+
+PROG = "python -m codellama.evaluate"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{PROG}: error: {message} (see --help)\n")
 
 
 def _add_generation(p: argparse.ArgumentParser) -> None:
@@ -45,10 +55,13 @@ def _add_sandbox(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="programs run at once (default: CPU count)")
     p.add_argument("--site-packages", action="store_true",
                    help="let programs import installed third-party packages (default: standard library only)")
+    p.add_argument("--isolation", choices=ISOLATIONS, default=Limits.isolation,
+                   help="bwrap: each program in kernel namespaces under bubblewrap (default); process: no OS "
+                        "isolation, only limits (for code you trust)")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m codellama.evaluate",
+    parser = _Parser(prog=PROG,
                                      description="HumanEval and MBPP pass@k: generate samples with a checkpoint, "
                                                  "execute them in a sandbox, report pass@k.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,7 +82,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; an error in the arguments or the files is one line on stderr and status 2."""
     args = parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, OSError, SandboxUnavailable) as e:
+        message = " ".join(str(e).split("\n")) or type(e).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     gen_kwargs = {}
     if args.command in ("run", "generate"):
@@ -81,7 +104,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         path = generate(args.ckpt_dir, args.benchmark, args.out_dir, progress=progress, **gen_kwargs)
         print(f"samples: {path}")
         return 0
-    limits = Limits(timeout_s=args.timeout, memory_mb=args.memory_mb, site_packages=args.site_packages)
+    limits = Limits(timeout_s=args.timeout, memory_mb=args.memory_mb, site_packages=args.site_packages,
+                    isolation=args.isolation)
     if args.command == "run":
         report = evaluate(args.ckpt_dir, args.benchmark, args.out_dir, limits=limits, workers=args.workers,
                           progress=progress, **gen_kwargs)

@@ -7,12 +7,17 @@ code runs untrusted programs without a sandbox.
 
 from __future__ import annotations
 
+import ast
+import functools
 import gzip
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
+
+from .sandbox import Program
 
 BENCHMARKS = ("humaneval", "mbpp")
 HUMANEVAL_KEYS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
@@ -34,11 +39,41 @@ class Task:
     entry_point: str = ""  # the function under test
     test_list: Tuple[str, ...] = ()  # MBPP: the assertions shown to the model in the prompt
 
-    def program(self, completion: str) -> str:
-        """The complete program that passes exactly when ``completion`` is right."""
+    def program(self, completion: str) -> Program:
+        """What the sandbox runs for ``completion``: it passes exactly when the completion is right.
+
+        HumanEval: the prompt and the completion, then the tests; the prompt is also the reference (where
+        it parses on its own, as HumanEval's do), so the tests use its helper functions (``poly``,
+        ``encode_cyclic``) even if the completion redefines them.
+        MBPP: the completion, then the tests; the names under test are those the dataset's solution defines.
+        """
         if self.benchmark == "humaneval":
-            return self.prompt + completion + "\n\n" + self.tests
-        return completion + "\n\n" + self.tests
+            reference = self.prompt if _parses(self.prompt) else ""
+            return Program(self.prompt + completion, self.tests, reference, (self.entry_point,))
+        return Program(completion, self.tests, entry_points=_defined_names(self.solution))
+
+
+def _parse(code: str) -> Optional[ast.Module]:
+    """``code``'s syntax tree, or None; quietly (MBPP's code has escapes such as "\\w" that Python warns about)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return ast.parse(code)
+        except (SyntaxError, ValueError):
+            return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _parses(code: str) -> bool:
+    return _parse(code) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _defined_names(code: str) -> Tuple[str, ...]:
+    """The functions and classes ``code`` defines at its top level: MBPP's names under test."""
+    tree = _parse(code)
+    kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    return tuple(n.name for n in tree.body if isinstance(n, kinds)) if tree else ()
 
 
 @dataclass(frozen=True)
@@ -50,34 +85,58 @@ class Benchmark:
     shots: Tuple[Task, ...] = ()
 
 
-def read_jsonl(path: str, repair: bool = False) -> List[dict]:
-    """The records of a JSON Lines file.
+def jsonl_lines(path: str, repair: bool = False) -> List[Tuple[int, Optional[dict], str]]:
+    """Every non-blank line of a JSON Lines file as ``(number, record, problem)``, so that one bad line
+    costs only itself. ``problem`` is empty for a JSON object in UTF-8; otherwise it says what is wrong, and
+    ``record`` is None, or, for a line that is JSON once its invalid bytes are replaced, that best reading
+    (enough to tell which sample the line was).
 
     With ``repair``, a torn last line (a write cut off by an interrupt: no final newline) is removed from
-    the file first, so appending goes on cleanly; any other malformed line is a ``ValueError``.
+    the file first, so appending goes on cleanly; without, it is a line with a problem.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         data = f.read()
-    if data and not data.endswith(b"\n"):
+    torn = bool(data) and not data.endswith(b"\n")
+    if torn and repair:
         keep = data.rfind(b"\n") + 1
-        if not repair:
-            raise ValueError(f"{path}: the last line is incomplete (an interrupted write?); "
-                             "the run that wrote it repairs it when resumed")
         with open(path, "r+b") as f:
             f.truncate(keep)
-        data = data[:keep]
-    records = []
-    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
+        data, torn = data[:keep], False
+    lines = data.split(b"\n")
+    out = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
+        if torn and number == len(lines):
+            out.append((number, None, "the last line is incomplete (an interrupted write?)"))
+            continue
+        problem = ""
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number} is not valid JSON: {e}") from None
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problem = f"is not valid UTF-8 (byte 0x{raw[e.start]:02x} at position {e.start})"
+            text = raw.decode("utf-8", "replace")
+        try:
+            record = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            out.append((number, None, problem or f"is not valid JSON: {e}"))
+            continue
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number} is not a JSON object")
+            out.append((number, None, problem or f"is a JSON {type(record).__name__}, not an object"))
+            continue
+        out.append((number, record, problem))
+    return out
+
+
+def read_jsonl(path: str, repair: bool = False) -> List[dict]:
+    """The records of a JSON Lines file; a malformed line is a ``ValueError`` naming it (see :func:`jsonl_lines`)."""
+    records = []
+    for number, record, problem in jsonl_lines(path, repair):
+        if problem:
+            raise ValueError(f"{path}:{number} {problem}" + ("; the run that wrote it repairs it when resumed"
+                                                            if "incomplete" in problem else ""))
         records.append(record)
     return records
 

@@ -9,22 +9,24 @@ at most the batch in flight and resumes where it stopped:
 - results (``{stem}_results.jsonl``): ``task_id, sample, completion, passed, reason, detail`` with
   ``reason`` one of ``passed / failed / timed out / error``.
 - report (``{stem}_report.json``): pass@k for each k the sample count allows, counts by reason, the
-  sandbox's layers and limits, and the file names.
+  sandbox's isolation, layers and limits, the file names, and the lines of the samples file that were
+  no sample at all (``invalid_lines``, when there are any).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .data import Benchmark, load_benchmark, read_jsonl
+from .data import Benchmark, jsonl_lines, load_benchmark, read_jsonl
 from .passk import DEFAULT_KS, estimate
 from .progress import Progress
 from .prompts import Prompt, build_prompt, completion_from_generation
-from .sandbox import REASONS, Limits, active_layers, limits_dict, run_programs
+from .sandbox import REASONS, Limits, Outcome, active_layers, check_isolation, limits_dict, run_programs
 
 # sampler(prompts, temperature, top_p, max_gen_len) -> one raw generation per prompt
 Sampler = Callable[[List[Prompt], float, float, int], List[str]]
@@ -154,22 +156,37 @@ def result_paths(samples_path: str) -> Tuple[str, str]:
     return stem + "_results.jsonl", stem + "_report.json"
 
 
-def _indexed_samples(records: List[dict], path: str) -> List[dict]:
-    # Other tools' files may lack "sample": number each task's samples in file order.
+def _read_samples(path: str) -> Tuple[List[dict], List[dict]]:
+    """The samples of a samples file, numbered, and the lines that are no sample at all.
+
+    Other tools' files may lack ``sample``: each task's samples are then numbered in file order. A line
+    that names a task but is otherwise wrong (invalid UTF-8, a ``completion`` that is not a str, a
+    ``sample`` that is not an int) is a sample with an ``error``, scored as that error. A line without a
+    str ``task_id``, or one that repeats a sample, is returned in the second list (``line``, ``detail``)
+    and not scored.
+    """
     seen: Counter = Counter()
     keys = set()
-    out = []
-    for number, r in enumerate(records, 1):
-        if not isinstance(r.get("task_id"), str) or not isinstance(r.get("completion"), str):
-            raise ValueError(f"{path}: record {number} needs a str 'task_id' and a str 'completion', got keys "
-                             f"{sorted(r)}")
-        s = r.get("sample", seen[r["task_id"]])
-        seen[r["task_id"]] += 1
-        if (r["task_id"], s) in keys:
-            raise ValueError(f"{path}: record {number} repeats sample {s} of {r['task_id']}")
-        keys.add((r["task_id"], s))
-        out.append({**r, "sample": s})
-    return out
+    samples, invalid = [], []
+    for number, r, problem in jsonl_lines(path):
+        if r is None or not isinstance(r.get("task_id"), str):
+            invalid.append({"line": number, "detail": problem or f"needs a str 'task_id', got keys {sorted(r)}"})
+            continue
+        task_id, s = r["task_id"], r.get("sample")
+        error = f"line {number} {problem}" if problem else ""
+        if "sample" in r and (not isinstance(s, int) or isinstance(s, bool) or s < 0):
+            error = error or f"line {number}: 'sample' must be an integer >= 0, got {s!r}"
+            s = None
+        if not error and not isinstance(r.get("completion"), str):
+            error = f"line {number}: 'completion' must be a str, got {type(r.get('completion')).__name__}"
+        s = seen[task_id] if s is None else s
+        seen[task_id] += 1
+        if (task_id, s) in keys:
+            invalid.append({"line": number, "detail": f"repeats sample {s} of {task_id}"})
+            continue
+        keys.add((task_id, s))
+        samples.append({**r, "sample": s, "completion": r.get("completion"), **({"error": error} if error else {})})
+    return samples, invalid
 
 
 def score_samples(bench: Benchmark, samples_path: str, *, limits: Limits = Limits(), workers: Optional[int] = None,
@@ -177,19 +194,27 @@ def score_samples(bench: Benchmark, samples_path: str, *, limits: Limits = Limit
     """Execute every sample of ``samples_path`` in the sandbox and report pass@k; returns the report.
 
     Writes the results and report beside the samples (:func:`result_paths`). Results already in the
-    results file for the same completion are reused, so an interrupted scoring resumes.
+    results file for the same completion are reused, so an interrupted scoring resumes. A bad sample is
+    that sample's error (see :func:`_read_samples`); the others are scored all the same. Raises before
+    anything is written for bad arguments, a file with no sample, or where the sandbox cannot run
+    (:class:`~codellama.evaluate.sandbox.SandboxUnavailable`).
     """
+    if workers is not None:
+        _positive_int("workers", workers)
     if not os.path.isfile(samples_path):
         raise FileNotFoundError(f"samples file not found: {samples_path}")
-    samples = _indexed_samples(read_jsonl(samples_path), samples_path)
+    samples, invalid = _read_samples(samples_path)
     if not samples:
-        raise ValueError(f"{samples_path} holds no samples")
+        first = f"; line {invalid[0]['line']} {invalid[0]['detail']}" if invalid else ""
+        raise ValueError(f"{samples_path} holds no samples{first}")
     _check_task_ids(samples, bench, samples_path)
+    layers = active_layers(limits)
     results_path, report_path = result_paths(samples_path)
     known = {}
     if os.path.exists(results_path):
-        for r in read_jsonl(results_path, repair=True):
-            known[(r.get("task_id"), r.get("sample"))] = r
+        for _, r, problem in jsonl_lines(results_path, repair=True):
+            if not problem:  # a damaged result is simply executed again
+                known[(r.get("task_id"), r.get("sample"))] = r
     results, todo = {}, []
     for r in samples:
         key = (r["task_id"], r["sample"])
@@ -199,13 +224,14 @@ def score_samples(bench: Benchmark, samples_path: str, *, limits: Limits = Limit
         else:
             todo.append(r)
     by_id = {t.task_id: t for t in bench.tasks}
-    programs = [by_id[r["task_id"]].program(r["completion"]) for r in todo]
-    layers = active_layers(limits)
+    runnable = [r for r in todo if "error" not in r]
+    programs = [by_id[r["task_id"]].program(r["completion"]) for r in runnable]
     with open(results_path, "a", encoding="utf-8") as f, \
             Progress(len(todo), f"execute {bench.name}", enabled=progress and bool(todo)) as bar:
         passed = 0
-        for i, outcome in run_programs(programs, limits, workers=workers):
-            r = todo[i]
+        finished = [(r, Outcome("error", r["error"])) for r in todo if "error" in r]
+        outcomes = ((runnable[i], outcome) for i, outcome in run_programs(programs, limits, workers=workers))
+        for r, outcome in itertools.chain(finished, outcomes):
             record = {"task_id": r["task_id"], "sample": r["sample"], "completion": r["completion"],
                       "passed": outcome.passed, "reason": outcome.reason, "detail": outcome.detail}
             _append(f, record)
@@ -217,6 +243,8 @@ def score_samples(bench: Benchmark, samples_path: str, *, limits: Limits = Limit
     ordered = sorted(results.values(), key=lambda r: (order[r["task_id"]], r["sample"]))
     _write_atomic(results_path, "".join(json.dumps(r) + "\n" for r in ordered))
     report = _report(bench, samples, ordered, ks, layers, limits, samples_path, results_path)
+    if invalid:
+        report["invalid_lines"] = invalid
     report["report_file"] = os.path.abspath(report_path)
     _write_atomic(report_path, json.dumps(report, indent=2) + "\n")
     return report
@@ -239,7 +267,7 @@ def _report(bench: Benchmark, samples: List[dict], results: List[dict], ks: Sequ
         **estimate({t: (n, c) for t, (n, c) in counts.items()}, ks),
         "reasons": {reason: sum(r["reason"] == reason for r in results) for reason in REASONS},
         "generation": {k: samples[0][k] for k in SETTINGS if k in samples[0]},
-        "sandbox": {"layers": layers, "limits": limits_dict(limits)},
+        "sandbox": {"isolation": limits.isolation, "layers": layers, "limits": limits_dict(limits)},
         "samples_file": os.path.abspath(samples_path),
         "results_file": os.path.abspath(results_path),
     }
@@ -255,6 +283,10 @@ def format_report(report: dict) -> str:
     lines = [f"{report['benchmark']}: {report['tasks']} tasks × {n} sample{'s' if n != 1 else ''}   {scores}",
              "outcomes: " + ", ".join(f"{k} {v}" for k, v in report["reasons"].items()),
              f"results: {report['results_file']}", f"report: {report['report_file']}"]
+    if report.get("invalid_lines"):
+        bad = report["invalid_lines"]
+        lines.insert(1, f"warning: {len(bad)} line(s) of the samples file are no sample and were not scored "
+                        f"(line {bad[0]['line']} {bad[0]['detail']})")
     if report["tasks_without_samples"]:
         lines.insert(1, f"warning: {report['tasks_without_samples']} tasks have no samples; pass@k covers the "
                         f"{report['tasks']} that do")
@@ -294,6 +326,9 @@ def evaluate(ckpt_dir: str, benchmark: str = "humaneval", out_dir: str = "eval",
     ``generation`` takes :func:`generate`'s keyword arguments; returns the report (also written to
     ``out_dir/{benchmark}_report.json``).
     """
+    if workers is not None:
+        _positive_int("workers", workers)
+    check_isolation(limits)  # before generating: minutes of model time would be lost
     samples_path = generate(ckpt_dir, benchmark, out_dir, progress=progress, **generation)
     bench = load_benchmark(benchmark, generation.get("data_path"), generation.get("limit"))
     return score_samples(bench, samples_path, limits=limits, workers=workers, progress=progress)
@@ -301,7 +336,8 @@ def evaluate(ckpt_dir: str, benchmark: str = "humaneval", out_dir: str = "eval",
 
 def infer_benchmark(samples_path: str) -> str:
     """The benchmark a samples file belongs to, from its task ids (``HumanEval/…`` or ``MBPP/…``)."""
-    prefixes = {str(r.get("task_id", "")).split("/", 1)[0] for r in read_jsonl(samples_path)}
+    prefixes = {r["task_id"].split("/", 1)[0] for _, r, _ in jsonl_lines(samples_path)
+                if r is not None and isinstance(r.get("task_id"), str)}
     names = {"HumanEval": "humaneval", "MBPP": "mbpp"}
     if len(prefixes) != 1 or next(iter(prefixes)) not in names:
         raise ValueError(f"cannot tell the benchmark of {samples_path} from its task ids (prefixes "
