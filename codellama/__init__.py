@@ -2,11 +2,14 @@
 
 from .checkpoint import load_model, open_checkpoint
 from .config import PRESETS, ModelArgs
-from .generation import Llama, TextStream
+from .engine import Engine, EngineFull, Event, Request, SamplingParams
+from .generation import ChatPrediction, CompletionPrediction, InfillingPrediction, Llama
 from .model import KVCache, Transformer
+from .prompts import Dialog, Message, Role
 from .save import convert_checkpoint
-from .tokenizer import Tokenizer
+from .tokenizer import TextStream, Tokenizer
 
-__all__ = ["Llama", "TextStream", "ModelArgs", "PRESETS", "Transformer", "KVCache", "Tokenizer", "load_model",
-           "open_checkpoint", "convert_checkpoint"]
+__all__ = ["Llama", "CompletionPrediction", "InfillingPrediction", "ChatPrediction", "Dialog", "Message", "Role",
+           "Engine", "EngineFull", "Event", "Request", "SamplingParams", "TextStream", "ModelArgs", "PRESETS",
+           "Transformer", "KVCache", "Tokenizer", "load_model", "open_checkpoint", "convert_checkpoint"]
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
@@ -22,14 +22,41 @@ from .engine import Engine, SamplingParams
 from .speculative import check_speculation, make_speculator
 from .model import Transformer
 from .ops import select_ops
-from .prompts import (UNSAFE_ERROR, Dialog, chat_prompt_tokens, has_special_tags, infilling_prompt_tokens,
+from .prompts import (UNSAFE_ERROR, Dialog, Message, chat_prompt_tokens, has_special_tags, infilling_prompt_tokens,
                       step_dialog_prompt_tokens, validate_dialog)
-from .runtime import resolve_device
+from .runtime import parse_dtype, resolve_device
 from .tokenizer import TextStream, Tokenizer
 
 StopTokens = Union[None, int, Iterable[int]]
 
+
+class CompletionPrediction(TypedDict, total=False):
+    """One result of ``text_completion`` (``tokens`` and ``logprobs`` with ``logprobs=True``), as Meta's."""
+
+    generation: str
+    tokens: List[str]
+    logprobs: List[float]
+
+
+class InfillingPrediction(CompletionPrediction, total=False):
+    """One result of ``text_infilling``: the middle, and ``prefix + middle + suffix``."""
+
+    full_text: str
+
+
+class ChatPrediction(TypedDict, total=False):
+    """One result of ``chat_completion``."""
+
+    generation: Message
+    tokens: List[str]
+    logprobs: List[float]
+
 DEFAULT_CKPT_DIR = BUNDLED_CKPT_DIR  # the name earlier releases used
+# The bundled model is a demonstration: it rarely stops by itself, so answers are capped unless asked otherwise.
+BUNDLED_MAX_GEN_LEN = 128
+BUNDLED_NOTICE = ("codellama: no checkpoint given: using the bundled tiny demonstration model (5M parameters, trained "
+                  f"on the Python standard library; answers capped at {BUNDLED_MAX_GEN_LEN} new tokens). "
+                  "For real work pass a Code Llama checkpoint: Llama.build(ckpt_dir) or --ckpt_dir DIR.")
 
 
 class Llama:
@@ -53,6 +80,7 @@ class Llama:
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         self.device = model.tok_embeddings.weight.device
+        self.default_max_gen_len: Optional[int] = None  # what max_gen_len=None means (None: max_seq_len - 1)
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed,
                              compile=compile, max_tokens_per_step=max_tokens_per_step, speculator=speculator)
 
@@ -82,18 +110,20 @@ class Llama:
         if model_parallel_size != world:
             raise ValueError(f"model_parallel_size={model_parallel_size} but this job has WORLD_SIZE={world}: launch "
                              f"`torchrun --nproc_per_node {model_parallel_size} …` (or leave model_parallel_size=None)")
-        if ckpt_dir is None:
-            ckpt_dir = DEFAULT_CKPT_DIR
-            print(f"codellama: no checkpoint given, using the bundled tiny model ({ckpt_dir})", file=sys.stderr)
-        ckpt_dir = check_checkpoint_dir(os.fspath(ckpt_dir))
-        tokenizer_path = os.fspath(tokenizer_path) if tokenizer_path is not None else os.path.join(ckpt_dir, "tokenizer.model")
-        if not os.path.isfile(tokenizer_path):
-            raise FileNotFoundError(f"tokenizer not found: {tokenizer_path} (pass tokenizer_path=…)")
+        # Every argument is checked before anything is loaded.
         device = resolve_device(device)
         if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
             device = torch.device("cuda", local_rank)  # under torchrun: this rank's GPU
-        select_ops(attention, device)  # reject a bad choice before the (slow) load
+        dtype = parse_dtype(dtype)
+        select_ops(attention, device)
         speculate = check_speculation(speculate, draft_ckpt_dir, speculate_tokens, world)
+        bundled = ckpt_dir is None
+        ckpt_dir = check_checkpoint_dir(os.fspath(DEFAULT_CKPT_DIR if bundled else ckpt_dir))
+        tokenizer_path = os.fspath(tokenizer_path) if tokenizer_path is not None else os.path.join(ckpt_dir, "tokenizer.model")
+        if not os.path.isfile(tokenizer_path):
+            raise FileNotFoundError(f"tokenizer not found: {tokenizer_path} (pass tokenizer_path=…)")
+        if bundled and rank == 0:
+            print(BUNDLED_NOTICE, file=sys.stderr)
         tokenizer = Tokenizer(tokenizer_path)
         source = open_checkpoint(ckpt_dir)
         check_parallel(source.args, world)  # every rank fails alike, before any collective could hang
@@ -108,6 +138,8 @@ class Llama:
         # max_batch_size × max_seq_len; it is allocated by the first such forward, not here. (Generation
         # uses the engine's own slot cache.)
         model.setup_cache(max_batch_size, max_seq_len, lazy=True)
+        if bundled:
+            llama.default_max_gen_len = BUNDLED_MAX_GEN_LEN
         return llama
 
     # ------------------------------------------------------------------ token-level API
@@ -138,8 +170,8 @@ class Llama:
 
     def _params(self, max_gen_len: Optional[int], temperature: float, top_p: float, top_k: Optional[int],
                 stop_token: StopTokens, logprobs: bool = False, prompt_logprobs: bool = False) -> SamplingParams:
-        if max_gen_len is None:
-            max_gen_len = self.max_seq_len - 1
+        if max_gen_len is None:  # Meta: until the context is full (the bundled model: its cap)
+            max_gen_len = self.default_max_gen_len or self.max_seq_len - 1
         if not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool) or max_gen_len < 0:
             raise ValueError(f"max_gen_len must be a non-negative integer or None, got {max_gen_len!r}")
         return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_gen_len,
@@ -177,7 +209,7 @@ class Llama:
     # ------------------------------------------------------------------ text-level API
     def text_completion(self, prompts: List[str], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False, echo: bool = False, *,
-                        top_k: Optional[int] = None) -> List[Dict]:
+                        top_k: Optional[int] = None) -> List[CompletionPrediction]:
         """Continue each prompt: ``[{"generation": str, "tokens"?: [str], "logprobs"?: [float]}]``."""
         _check_strings(prompts, "prompts")
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
@@ -186,7 +218,7 @@ class Llama:
 
     def text_infilling(self, prefixes: List[str], suffixes: List[str], temperature: float = 0.6, top_p: float = 0.9,
                        max_gen_len: Optional[int] = None, logprobs: bool = False, suffix_first: bool = False, *,
-                       top_k: Optional[int] = None) -> List[Dict]:
+                       top_k: Optional[int] = None) -> List[InfillingPrediction]:
         """Fill the middle between each prefix and suffix: ``[{"generation", "full_text", …}]``.
 
         Stops at ``<EOT>`` (and EOS), neither of which appears in the text; ``full_text`` is
@@ -207,7 +239,7 @@ class Llama:
 
     def chat_completion(self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False, *,
-                        top_k: Optional[int] = None) -> List[Dict]:
+                        top_k: Optional[int] = None) -> List[ChatPrediction]:
         """Answer each dialog: ``[{"generation": {"role": "assistant", "content": str}, …}]``.
 
         Uses the ``[INST]`` format, or the 70B-Instruct ``<step>`` format when the tokenizer has ``<step>``.

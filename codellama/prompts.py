@@ -6,11 +6,21 @@ turned into ``ValueError``s that say what is wrong.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import List, Literal, Sequence, TypedDict
 
 from .tokenizer import Tokenizer
 
-Message = Dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+Role = Literal["system", "user", "assistant"]
+
+
+class Message(TypedDict, total=False):
+    """One turn of a dialog, as Meta's reference types it (``destination`` only in 70B-Instruct's format)."""
+
+    role: Role
+    content: str
+    destination: str
+
+
 Dialog = Sequence[Message]
 
 B_INST, E_INST = "[INST]", "[/INST]"

@@ -82,7 +82,7 @@ def test_bad_checkpoint_dir_is_one_clear_line(tmp_path):
 def test_examples_run_with_no_arguments(script, marker, count):
     r = run(script)
     assert r.returncode == 0, r.stderr
-    assert "using the bundled tiny model" in r.stderr
+    assert "using the bundled tiny demonstration model" in r.stderr and "--ckpt_dir DIR" in r.stderr
     assert r.stdout.count(marker) == count
 
 
@@ -98,3 +98,47 @@ def test_infill_example_completes_a_missing_return_line_with_valid_python():
     middle = full_text[len(prefix):len(full_text) - len(suffix)]
     assert middle.strip() == "return result"
     ast.parse(full_text)  # the filled function is valid Python
+
+
+# ----------------------------------------------------------------------------- python -m codellama
+def module(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "codellama", *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=env)
+
+
+def test_one_entry_point_lists_every_command():
+    r = module()
+    assert r.returncode == 0
+    for name in ("complete", "infill", "chat", "convert", "evaluate"):
+        assert f"\n  {name} " in r.stdout
+    r = module("frobnicate")
+    assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr
+
+
+def test_help_keeps_the_usage_lines_and_shows_defaults():
+    r = module("infill", "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: python -m codellama infill")
+    assert "\n    python -m codellama infill --prompt $'def area(r):\\n    <FILL>\\n'\n" in r.stdout
+    assert "(default: 128)" in r.stdout and "(default: 256)" in r.stdout  # max_gen_len, max_seq_len
+
+
+def test_the_entry_point_runs_the_programs_and_says_errors_in_one_line():
+    r = module("complete", "--prompt", "def add(a, b):", "--max_gen_len", "8", "--temperature", "0")
+    assert r.returncode == 0 and r.stdout.startswith("def add(a, b):\n> "), r.stderr
+    r = module("convert", "--help")
+    assert r.returncode == 0 and "--to" in r.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_an_unavailable_device_is_one_line():
+    r = run("example_completion.py", "--device", "cuda")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: device 'cuda' is not available")
+
+
+def test_the_bundled_model_notice_is_said_once_under_torchrun():
+    r = run("example_completion.py", "--max_gen_len", "4",
+            launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("bundled tiny demonstration model") == 1
