@@ -368,3 +368,13 @@ def test_end_to_end_cli_chat_sampling_with_stories260k(stories_dir, tmp_path):
     report = json.load(open(os.path.join(out_dir, "humaneval_report.json")))
     _check_valid_report(report, out_dir, "humaneval", tasks=3, n=2)
     assert report["generation"] == {"temperature": 0.8, "top_p": 0.95, "max_gen_len": 16, "chat": True}
+
+
+def test_run_defaults_to_the_bundled_model_as_the_examples_do(tmp_path):
+    _need_humaneval()
+    out_dir = str(tmp_path / "eval")
+    cmd = [sys.executable, "-m", "codellama.evaluate", "run", "--limit", "1", "--max-gen-len", "4",
+           "--max-seq-len", "512", "--no-progress", "--out-dir", out_dir]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bundled tiny demonstration model" in done.stderr and "humaneval: 1 tasks × 1 sample" in done.stdout

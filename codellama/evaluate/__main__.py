@@ -27,8 +27,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_generation(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt-dir", required=True, help="checkpoint folder (Meta or Hugging Face layout)")
-    p.add_argument("--tokenizer-path", default=None, help="default: CKPT_DIR/tokenizer.model")
+    p.add_argument("--ckpt-dir", "--ckpt_dir", dest="ckpt_dir", default=None,
+                   help="checkpoint folder, Meta or Hugging Face layout (default: the bundled demonstration model, "
+                        "as the examples)")
+    p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", default=None,
+                   help="default: CKPT_DIR/tokenizer.model")
     p.add_argument("--benchmark", choices=BENCHMARKS, default="humaneval")
     p.add_argument("--out-dir", default="eval", help="samples, results and report go here (default: eval)")
     p.add_argument("--n", type=int, default=1, help="samples per task (default 1: greedy pass@1)")
