@@ -68,6 +68,8 @@ class TorchOps:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
             if T == 1 and L == start_pos + 1:  # decode step: every cached key is visible
                 return _grouped_sdpa(q, k, v, None)
+            if L == start_pos + T and q.device.type == "cpu" and _CPU_FLASH is not None:
+                return _chunk_attention_cpu(q, k, v, start_pos)
         # General case (chunked prefill, ragged rows): a boolean mask of T × L per row.
         starts = torch.as_tensor(start_pos, device=q.device).reshape(-1, 1, 1)  # (B|1, 1, 1)
         q_pos = starts + torch.arange(T, device=q.device).view(1, T, 1)
@@ -87,6 +89,34 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     if mask is not None:
         mask = mask.repeat(1, 1, rep, 1)  # (B|1, 1, rep*T, L), row order (rep, t) like qg
     return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask).view(B, H, T, hd)
+
+
+# CPU flash attention that also returns the log-sum-exp of each query's scores (an ATen op behind SDPA).
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _chunk_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """A prefill chunk (queries at ``start … start+T-1``) over a cache of ``start + T`` keys, with no mask.
+
+    Given a mask, CPU SDPA converts it to a float (T × L) tensor, so the memory of a chunk would grow with
+    the whole prompt. Instead: the keys before the chunk are visible to every query (attention without a
+    mask), the chunk's own keys causally (``is_causal``, aligned since query i is key i); the two partial
+    results are merged by their log-sum-exps. Memory stays that of the chunk, whatever ``start``.
+    """
+    B, H, T, hd = q.shape
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    qg = q.reshape(B, Hkv, rep * T, hd)  # grouped-query attention over the prefix: no k/v copies
+    out_a, lse_a = _CPU_FLASH(qg, k[:, :, :start], v[:, :, :start], 0.0, False)
+    kc, vc = k[:, :, start:], v[:, :, start:]
+    if rep > 1:  # the chunk's own keys: T of them, cheap to repeat per query head
+        kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
+    out_b, lse_b = _CPU_FLASH(q, kc, vc, 0.0, True)
+    lse_a, lse_b = lse_a.reshape(B, H, T, 1), lse_b.reshape(B, H, T, 1)
+    m = torch.maximum(lse_a, lse_b)
+    w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    out = (out_a.reshape(B, H, T, hd).float() * w_a + out_b.float() * w_b) / (w_a + w_b)
+    return out.to(q.dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
