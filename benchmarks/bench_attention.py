@@ -139,7 +139,7 @@ def bench_decode(dtype: torch.dtype, lengths: Sequence[int], peak: Optional[floa
 # ----------------------------------------------------------------------------- RMSNorm and RoPE
 def bench_norm_rope(dtype: torch.dtype, peak: Optional[float], tokens: Sequence[int] = (1, 4096, 16384)) -> None:
     from codellama.model import rope_angles, rope_inv_freq
-from codellama.ops import TorchOps
+    from codellama.ops import TorchOps
     from codellama.kernels.rmsnorm import rms_norm
     from codellama.kernels.rope import rotary
     rows = []
