@@ -129,26 +129,22 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.num_params() / 1e6:.0f}M "
           f"parameters ({a.size})")
     print("| dtype | figure | baseline | engine | ratio |\n|---|---|---|---|---|")
+    figures = {  # name → (what is measured, the run, how its two numbers read, their ratio)
+        "batching": (f"decode tok/s, {a.batch} concurrent vs one at a time",
+                     lambda m: bench_batching(m, a.batch, a.new_tokens),
+                     lambda x, y: (f"{x:.1f}", f"{y:.1f}", f"**{y / x:.2f}×**")),
+        "prefix": ("time to first token, 2,000-token prompt, 20 new (s)", bench_prefix,
+                   lambda x, y: (f"{x:.3f} cold", f"{y:.3f} reused", f"**{x / y:.1f}× faster**")),
+        "compile": ("decode tok/s at batch 1, compiled vs eager", lambda m: bench_compile(m, a.new_tokens),
+                    lambda x, y: (f"{x:.1f}", f"{y:.1f}", f"**{y / x:.2f}×**")),
+        "gap": ("inter-token gap while a 4,000-token prompt is admitted (ms)", bench_gap,
+                lambda x, y: (f"{x * 1e3:.0f} median", f"{y * 1e3:.0f} worst", f"{y / x:.1f}×")),
+    }
     for name in a.dtype:
-        dtype = parse_dtype(name)
-        model = optimize_for_cpu(random_model(args, seed=0, dtype=dtype))  # what load_model does on CPU
-        if "batching" not in a.skip:
-            seq, conc = bench_batching(model, a.batch, a.new_tokens)
-            print(f"| {name} | decode tok/s, {a.batch} concurrent vs one at a time | {seq:.1f} | {conc:.1f} | "
-                  f"**{conc / seq:.2f}×** |", flush=True)
-        if "prefix" not in a.skip:
-            cold, warm = bench_prefix(model)
-            print(f"| {name} | time to first token, 2,000-token prompt, 20 new (s) | {cold:.3f} cold | "
-                  f"{warm:.3f} reused | **{cold / warm:.1f}× faster** |", flush=True)
-        if "compile" not in a.skip:
-            eager, compiled = bench_compile(model, a.new_tokens)
-            print(f"| {name} | decode tok/s at batch 1, compiled vs eager | {eager:.1f} | {compiled:.1f} | "
-                  f"**{compiled / eager:.2f}×** |", flush=True)
-        if "gap" not in a.skip:
-            median, worst = bench_gap(model)
-            print(f"| {name} | inter-token gap while a 4,000-token prompt is admitted (ms) | {median * 1e3:.0f} median "
-                  f"| {worst * 1e3:.0f} worst | {worst / median:.1f}× |", flush=True)
-
+        model = optimize_for_cpu(random_model(args, seed=0, dtype=parse_dtype(name)))  # what load_model does on CPU
+        for key, (what, measure, cells) in figures.items():
+            if key not in a.skip:
+                print(f"| {name} | {what} | " + " | ".join(cells(*measure(model))) + " |", flush=True)
 
 if __name__ == "__main__":
     main()
