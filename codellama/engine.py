@@ -333,10 +333,20 @@ class Engine:
         return self.max_batch_size * self.max_seq_len * KVCache.bytes_per_token(self.model.args, dtype, self.model.tp)
 
     def _ensure_cache(self) -> KVCache:
+        """The slot cache, allocated once; a clear error (with the sizes) when it does not fit."""
         if self.cache is None:
             a, ref = self.model.args, self.model.tok_embeddings.weight
-            self.cache = KVCache(a.n_layers, self.max_batch_size, self.max_seq_len, local_heads(a, self.model.tp)[1],
-                                 a.head_dim, ref.dtype, ref.device)
+            need = (f"the KV cache needs {self.cache_bytes / 2**30:.2f} GiB ({self.max_batch_size} slots × "
+                    f"{self.max_seq_len} positions × {self.cache_bytes // (self.max_batch_size * self.max_seq_len)} "
+                    "bytes); lower max_batch_size or max_seq_len")
+            if ref.device.type == "cuda" and self.cache_bytes > torch.cuda.mem_get_info(ref.device)[0]:
+                raise ValueError(f"{need}: only {torch.cuda.mem_get_info(ref.device)[0] / 2**30:.2f} GiB are free "
+                                 f"on {ref.device}")
+            try:
+                self.cache = KVCache(a.n_layers, self.max_batch_size, self.max_seq_len,
+                                     local_heads(a, self.model.tp)[1], a.head_dim, ref.dtype, ref.device)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                raise ValueError(f"{need} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
         return self.cache
 
     # ----------------------------------------------------------------- submitting

@@ -266,6 +266,14 @@ def test_the_cache_is_allocated_once_at_the_stated_size(tiny):
     assert engine.cache is cache
 
 
+def test_a_cache_that_cannot_fit_is_refused_with_its_size(tiny):
+    engine = Engine(tiny.model, tiny.tokenizer, max_batch_size=10**5, max_seq_len=10**6)
+    r = engine.submit(encode(tiny, PROMPTS[0]), GREEDY)
+    with pytest.raises(ValueError, match=r"the KV cache needs .* GiB \(100000 slots × 1000000 positions"):
+        r.result()
+    assert r.finish_reason == "error"
+
+
 def test_background_thread_serves_and_stops_cleanly(tiny, solo):
     engine = fresh(tiny).start()
     try:
