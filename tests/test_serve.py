@@ -292,6 +292,7 @@ def test_wrong_types_and_values_are_400_in_the_protocol_shape(http, path, body, 
 def test_bad_bodies_unknown_fields_and_unknown_paths(http):
     assert http.post("/v1/completions", content=b"{oops").json()["error"]["type"] == "invalid_request_error"
     assert "JSON object" in http.post("/api/generate", content=b"[1]").json()["error"]
+    assert http.post("/completion", content=b"[" * 100_000).status_code == 400  # too deep for the parser
     ok = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "frequency_penalty": 0.5, "user": "me"})
     assert ok.status_code == 200  # unknown optional fields are ignored
     form = http.post("/api/generate", content=json.dumps({"model": NAME, "prompt": "x", "stream": False,

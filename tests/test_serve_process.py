@@ -1,7 +1,6 @@
 """``python -m codellama.serve`` as a user runs it: one command, the bundled model, a clean stop on SIGINT/SIGTERM
 with the in-flight stream ending on a final event; and the package's place in the layering."""
 
-import json
 import re
 import signal
 import subprocess

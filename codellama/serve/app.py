@@ -17,7 +17,6 @@ from typing import List, Optional
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -75,9 +74,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, e: HTTPException) -> Response:
         return error_response(request.url.path, e.status_code, str(e.detail), getattr(e, "headers", None))
 
-    async def validation_error(request: Request, e: RequestValidationError) -> Response:
-        return error_response(request.url.path, 400, "; ".join(str(err.get("msg")) for err in e.errors()))
-
     async def client_gone(request: Request, e: ClientGone) -> Response:
         return Response(status_code=499)  # nobody reads it; the access log says the client left
 
@@ -86,7 +82,6 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ClientGone, client_gone)
     app.add_exception_handler(Exception, unexpected)
 

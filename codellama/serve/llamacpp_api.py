@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from ..engine import Request as EngineRequest
 from ..engine import SamplingParams
 from .service import Generation, ModelService, Prompt, ServiceError, sampling
-from .web import SSE, Body, Stream, json_body, service_of, sse, start, results
+from .web import SSE, Body, Stream, json_body, results, service_of, sse, start
 
 router = APIRouter()
 

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from ..engine import Request as EngineRequest
 from ..engine import SamplingParams
 from .service import Generation, ModelService, Prompt, ServiceError, sampling
-from .web import NDJSON, Body, Stream, json_body, ndjson, service_of, start, results
+from .web import NDJSON, Body, Stream, json_body, ndjson, results, service_of, start
 
 router = APIRouter(prefix="/api")
 FIM_TEMPLATE = "{{- if .Suffix }}<PRE> {{ .Prompt }} <SUF>{{ .Suffix }} <MID>{{- else }}{{ .Prompt }}{{- end }}"

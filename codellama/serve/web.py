@@ -10,6 +10,7 @@ from typing import Any, AsyncIterator, List, Sequence, Tuple, Type, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -63,13 +64,16 @@ async def _read_json(request: Request) -> dict:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise ClientGone() from None
     try:
         data = json.loads(raw)
-    except ValueError as e:  # also bytes that are not UTF-8
+    except (ValueError, RecursionError) as e:  # also bytes that are not UTF-8, and absurdly deep nesting
         raise ServiceError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ServiceError(400, f"the request body must be a JSON object, got {type(data).__name__}")
