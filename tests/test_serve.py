@@ -51,6 +51,13 @@ def infilled(tiny, prefix=PREFIX, suffix=SUFFIX, **kw):
     return tiny.text_infilling([prefix], [suffix], temperature=0, max_gen_len=N, **kw)[0]["generation"]
 
 
+def completed(tiny, prompt, n=N):
+    """The server's completion of ``prompt``: ``text_completion``'s tokens, read as a continuation (keeping the
+    first token's leading space, which ``text_completion`` drops as Meta's reference does)."""
+    [tokens], _ = tiny.generate([tiny.tokenizer.encode(prompt, bos=True, eos=False)], n, temperature=0)
+    return tiny.tokenizer.decode_infilling(tokens)
+
+
 def ndjson_lines(response):
     return [json.loads(line) for line in response.iter_lines() if line]
 
@@ -118,14 +125,17 @@ def test_openai_prompts_choices_echo_and_logprobs(tiny, oai):
         assert c.text.startswith(prompt)
         assert "".join(c.logprobs.tokens).endswith(c.text[len(prompt):])
         assert c.logprobs.token_logprobs[0] is None and all(v <= 0 for v in c.logprobs.token_logprobs[1:])
-    solo = tiny.text_completion([PROMPTS[0]], temperature=0, max_gen_len=8)[0]["generation"]
-    assert out.choices[0].text == PROMPTS[0] + solo == out.choices[1].text
+    assert out.choices[0].text == PROMPTS[0] + completed(tiny, PROMPTS[0], 8) == out.choices[1].text
 
 
 def test_openai_token_prompt_and_sampled_choices(tiny, oai):
     ids = tiny.tokenizer.encode(PROMPTS[1], bos=True, eos=False)
     out = oai.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0)
-    assert out.choices[0].text == tiny.text_completion([PROMPTS[1]], temperature=0, max_gen_len=8)[0]["generation"]
+    assert out.choices[0].text == completed(tiny, PROMPTS[1], 8)
+    for prompt in ("x =", "print(a,", "import"):  # the new text continues the prompt, leading space and all
+        [tokens], _ = tiny.generate([tiny.tokenizer.encode(prompt, bos=True, eos=False)], 4, temperature=0)
+        text = oai.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0).choices[0].text
+        assert prompt + text == tiny.tokenizer.decode(tiny.tokenizer.encode(prompt, bos=False, eos=False) + tokens)
     seeded = [oai.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=8, temperature=1, seed=3, n=2)
               for _ in range(2)]
     assert [c.text for c in seeded[0].choices] == [c.text for c in seeded[1].choices]  # a seed reproduces
@@ -181,13 +191,13 @@ def test_llamacpp_infill_and_completion(tiny, http):
     assert "".join(e["content"] for e in events) == expected
     assert events[-1]["stop"] and not any(e["stop"] for e in events[:-1]) and events[-1]["tokens_predicted"] <= N
     completion = http.post("/completion", json={"prompt": PROMPTS[2], "n_predict": 8, "temperature": 0}).json()
-    assert completion["content"] == tiny.text_completion([PROMPTS[2]], temperature=0, max_gen_len=8)[0]["generation"]
+    assert completion["content"] == completed(tiny, PROMPTS[2], 8)
     assert http.get("/health").json() == {"status": "ok"}
 
 
 # ----------------------------------------------------------------------------- many clients
 def test_concurrent_streaming_clients_each_get_their_solo_output(tiny, srv):
-    solo = [tiny.text_completion([p], temperature=0, max_gen_len=N)[0]["generation"] for p in PROMPTS]
+    solo = [completed(tiny, p) for p in PROMPTS]
 
     async def one(client, prompt):
         body = {"model": NAME, "prompt": prompt, "max_tokens": N, "temperature": 0, "stream": True}

@@ -119,10 +119,12 @@ class ModelService:
 
     # ------------------------------------------------------------------ prompts
     def completion(self, text: str) -> Prompt:
-        """Text to continue, after BOS, as ``text_completion`` does."""
+        """Text to continue, after BOS as ``text_completion`` does. The new text keeps the leading space of
+        its first token (``decode_infilling``), so that ``prompt + text`` reads as the model meant it
+        (``text_completion`` drops that space, as Meta's reference does)."""
         with bad_request():
             ids = self.tokenizer.encode(text, bos=True, eos=False)
-        return Prompt(ids, text, self.tokenizer.decode, (self.tokenizer.eos_id,))
+        return Prompt(ids, text, self.tokenizer.decode_infilling, (self.tokenizer.eos_id,))
 
     def raw(self, text: str) -> Prompt:
         """Prompt text as editors send it: the FIM format spelled as text is infilling, anything else completion."""
@@ -140,10 +142,10 @@ class ModelService:
         return Prompt(ids, prefix if text is None else text, t.decode_infilling, (t.eot_id, t.eos_id))
 
     def token_ids(self, ids: List[int]) -> Prompt:
-        """A prompt given as token ids, used as given (no BOS added)."""
+        """A prompt given as token ids, used as given (no BOS added); its new text as :meth:`completion`'s."""
         with bad_request():
             ids = self.engine.check_prompt(ids)
-        return Prompt(ids, self.tokenizer.decode(ids), self.tokenizer.decode, (self.tokenizer.eos_id,))
+        return Prompt(ids, self.tokenizer.decode(ids), self.tokenizer.decode_infilling, (self.tokenizer.eos_id,))
 
     def chat(self, dialog: Dialog) -> Prompt:
         """The instruct prompt of a dialog, as ``chat_completion`` builds it; a 400 for a model without an
