@@ -6,22 +6,71 @@ import asyncio
 import copy
 import json
 import re
+import socket
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
 
 import httpx
 import openai
 import pytest
 
 from codellama import Llama
-from codellama.serve.service import split_fim_text
-from serve_helpers import MAX_SEQ_LEN, NAME, make_service, running
+from codellama.engine import Engine
+from codellama.serve.app import Server, server
+from codellama.serve.service import ModelService, split_fim_text
 
 PREFIX, SUFFIX = "def total(xs):\n    result = 0\n    for x in xs:\n", "\n    return result\n"
 PROMPTS = ["import os\nimport sys\n", "def fibonacci(n):\n    if n < 2:\n", "class Stack:\n", "    for line in f:\n",
            "x = [i * i for i in range(10)]\n", "try:\n    import json\n", "@dataclass\nclass Point:\n", "# utils\n"]
 DIALOG = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "Reverse a string."}]
 N = 24  # new tokens per request: enough to show the texts agree, small enough to stay fast
+MAX_SEQ_LEN = 256
+NAME = "codellama-tiny"
+
+
+# ----------------------------------------------------------------------------- servers (in-process, ephemeral ports)
+def make_service(llama, *, max_batch_size: int = 8, tokenizer=None, chat_format: str = "auto",
+                 **engine_kw) -> ModelService:
+    """A service with its own engine (and cache) over ``llama``'s model."""
+    engine = Engine(llama.model, llama.tokenizer, max_batch_size=max_batch_size, max_seq_len=MAX_SEQ_LEN,
+                    **engine_kw)
+    return ModelService(engine, tokenizer or llama.tokenizer, NAME, chat_format=chat_format)
+
+
+@dataclass
+class Running:
+    url: str
+    server: Server
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the server did not stop"
+
+
+@contextmanager
+def running(service: ModelService, **kw) -> Iterator[Running]:
+    """Serve ``service`` on a thread until the block ends; nothing is left running after it."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = server(service, host="127.0.0.1", port=sock.getsockname()[1], log_level="warning", **kw)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="test-server")
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    handle = Running(f"http://127.0.0.1:{sock.getsockname()[1]}", srv, thread)
+    try:
+        yield handle
+    finally:
+        if thread.is_alive():
+            handle.stop()
+        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +127,8 @@ def test_openai_completion_with_suffix_is_text_infilling(tiny, oai, stream):
         assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
     else:
         text = out.choices[0].text
-        assert out.usage.completion_tokens <= N and out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+        usage = out.usage
+        assert usage.completion_tokens <= N and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert text == infilled(tiny)
 
 
