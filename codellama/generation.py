@@ -68,7 +68,8 @@ class Llama:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int = 2048, max_batch_size: int = 4,
-                 seed: int = 1, *, compile: bool = False, max_tokens_per_step: int = 512, speculator=None):
+                 seed: int = 1, *, compile: bool = False, max_tokens_per_step: int = 512, speculator=None,
+                 max_waiting: Optional[int] = None):
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -82,14 +83,16 @@ class Llama:
         self.device = model.tok_embeddings.weight.device
         self.default_max_gen_len: Optional[int] = None  # what max_gen_len=None means (None: max_seq_len - 1)
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed,
-                             compile=compile, max_tokens_per_step=max_tokens_per_step, speculator=speculator)
+                             compile=compile, max_tokens_per_step=max_tokens_per_step, speculator=speculator,
+                             max_waiting=max_waiting)
 
     @staticmethod
     def build(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 2048,
               max_batch_size: int = 4, model_parallel_size: Optional[int] = None, *,
               device: Union[None, str, torch.device] = None, dtype: Union[None, str, torch.dtype] = None,
               seed: int = 1, attention: str = "auto", compile: bool = False, speculate: Optional[str] = None,
-              draft_ckpt_dir: Optional[str] = None, speculate_tokens: Optional[int] = None) -> "Llama":
+              draft_ckpt_dir: Optional[str] = None, speculate_tokens: Optional[int] = None,
+              max_waiting: Optional[int] = None) -> "Llama":
         """Load a checkpoint (Meta or Hugging Face layout) and its tokenizer.
 
         Positional arguments are the reference's. ``ckpt_dir=None`` uses the tiny model bundled with the
@@ -99,7 +102,7 @@ class Llama:
         ``compile=True`` decodes with a ``torch.compile``d static-shape step (CUDA graphs on CUDA).
         ``speculate="prompt"`` (prompt lookup) or ``"draft"`` (``draft_ckpt_dir``: a small model with the same
         tokenizer) turns on speculative decoding, which never changes what is generated;
-        ``speculate_tokens`` is the longest proposal.
+        ``speculate_tokens`` is the longest proposal. ``max_waiting`` bounds the engine's queue (servers).
         Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is split across the ranks (tensor parallelism,
         ``model_parallel_size`` defaulting to the world size): each rank joins the process group, takes
         its GPU (``LOCAL_RANK``) and loads only its slices, whatever the checkpoint's shard count.
@@ -133,7 +136,7 @@ class Llama:
         speculator = make_speculator(speculate, draft_ckpt_dir, speculate_tokens, tokenizer, max_batch_size,
                                      max_seq_len, device, dtype)
         llama = Llama(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed,
-                      compile=compile, speculator=speculator)
+                      compile=compile, speculator=speculator, max_waiting=max_waiting)
         # As in Meta's reference, generator.model.forward(tokens, start_pos) reads and writes a KV cache of
         # max_batch_size × max_seq_len; it is allocated by the first such forward, not here. (Generation
         # uses the engine's own slot cache.)

@@ -16,10 +16,10 @@ import sys
 from typing import List, Optional
 
 from ..checkpoint import BUNDLED_CKPT_DIR
-from ..engine import Engine
 from ..generation import Llama
 from ..ops import ATTENTION_CHOICES
 from ..runtime import DTYPES
+from ..speculative import SPECULATE_CHOICES
 from .app import MAX_BODY_BYTES, server
 from .service import CHAT_FORMATS, ModelService
 
@@ -51,6 +51,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
+    p.add_argument("--speculate", default=None, choices=SPECULATE_CHOICES,
+                   help="speculative decoding: prompt lookup, or a draft model (--draft_ckpt_dir); output unchanged")
+    p.add_argument("--draft_ckpt_dir", "--draft-ckpt-dir", default=None,
+                   help="the draft model for --speculate draft (same tokenizer)")
     return p
 
 
@@ -65,10 +69,9 @@ def build_service(args: argparse.Namespace) -> ModelService:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("the server runs in one process: start it with python, not torchrun")
     llama = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size,
-                        device=args.device, dtype=args.dtype, attention=args.attention)
-    engine = Engine(llama.model, llama.tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                    max_waiting=args.max_waiting, compile=args.compile)
-    return ModelService(engine, llama.tokenizer, args.model_name or default_name(args.ckpt_dir),
+                        device=args.device, dtype=args.dtype, attention=args.attention, compile=args.compile,
+                        speculate=args.speculate, draft_ckpt_dir=args.draft_ckpt_dir, max_waiting=args.max_waiting)
+    return ModelService(llama.engine, llama.tokenizer, args.model_name or default_name(args.ckpt_dir),
                         chat_format=args.chat_format)
 
 
