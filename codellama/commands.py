@@ -73,10 +73,11 @@ def say(*lines: str) -> None:
             print(line)
 
 
-def run(main: Callable[[Optional[List[str]]], None], argv: Optional[List[str]] = None) -> None:
-    """Run a program's ``main``, turning the library's input errors into one line and exit status 2."""
+def run(main: Callable[..., None], argv: Optional[List[str]] = None) -> None:
+    """Run a program's ``main`` (with ``argv`` when given, else as ``main()``: its arguments from ``sys.argv``),
+    turning the library's input errors into one line and exit status 2."""
     try:
-        main(argv)
+        main() if argv is None else main(argv)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

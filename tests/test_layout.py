@@ -66,6 +66,12 @@ def test_dependencies_point_one_way(module):
         assert not stray, f"{path.relative_to(ROOT)} imports codellama.{sorted(stray)} at module level"
 
 
+def test_nothing_imports_the_server():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "serve" not in path.relative_to(PACKAGE).parts:
+            assert "serve" not in library_imports(path), f"{path.relative_to(ROOT)} imports the server"
+
+
 def test_no_top_level_kernels_package():
     """A top-level ``kernels`` would collide with the PyPI package of that name."""
     assert not (ROOT / "kernels").exists()

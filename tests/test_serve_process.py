@@ -11,10 +11,8 @@ import httpx
 import pytest
 
 from conftest import ROOT
-from test_layout import PACKAGE, library_imports
 
 # What the server may use of the library (at module level): the engine and what builds it, never the reverse.
-SERVE_USES = {"serve", "engine", "generation", "prompts", "tokenizer", "checkpoint", "ops", "runtime"}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -63,10 +61,3 @@ def test_a_bad_checkpoint_is_one_line_and_status_2(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_the_server_depends_on_the_engine_and_nothing_depends_on_the_server():
-    for path in sorted((PACKAGE / "serve").glob("*.py")):
-        stray = library_imports(path) - SERVE_USES
-        assert not stray, f"{path.relative_to(ROOT)} imports codellama.{sorted(stray)}"
-    for path in sorted(PACKAGE.rglob("*.py")):
-        if "serve" not in path.relative_to(PACKAGE).parts:
-            assert "serve" not in library_imports(path), f"{path.relative_to(ROOT)} imports the server"
