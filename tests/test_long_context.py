@@ -40,7 +40,7 @@ import resource, sys, torch
 from codellama import ModelArgs
 from codellama.testing import random_model
 length, chunk = int(sys.argv[1]), int(sys.argv[2])
-args = ModelArgs(dim=256, n_layers=4, n_heads=4, vocab_size=512, multiple_of=32, rope_theta=1e6)
+args = ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, rope_theta=1e6)
 model = random_model(args)
 cache = model.setup_cache(1, 8192)
 cache.k.fill_(1), cache.v.fill_(1)  # the whole cache resident before measuring: what grows is the rest
