@@ -441,7 +441,16 @@ class Engine:
                         break
                 if self._stopped:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as error:  # e.g. a collective timed out: fail what is left, never leave waiters hanging
+                with self._lock:
+                    for request in list(self._requests.values()):
+                        request.error = error
+                        self._finish(request, "error")
+                    self._thread, self._stopped = None, True
+                    self._wake.notify_all()
+                return
 
     def _drive(self, done: Callable[[], bool]) -> None:
         """Block until ``done()``: run steps on this thread while no other thread is (or wait for the

@@ -274,6 +274,20 @@ def test_a_cache_that_cannot_fit_is_refused_with_its_size(tiny):
     assert r.finish_reason == "error"
 
 
+def test_a_background_thread_that_fails_fails_its_requests_instead_of_hanging(tiny, monkeypatch):
+    engine = fresh(tiny)
+
+    def broken_plan():
+        raise RuntimeError("a collective timed out (test)")
+
+    monkeypatch.setattr(engine, "_plan", broken_plan)
+    engine.start()
+    r = engine.submit(encode(tiny, PROMPTS[0]), GREEDY)
+    with pytest.raises(RuntimeError, match="generation failed: RuntimeError: a collective timed out"):
+        r.result()
+    assert r.finish_reason == "error" and not any(t.name == "codellama-engine" for t in threading.enumerate())
+
+
 def test_background_thread_serves_and_stops_cleanly(tiny, solo):
     engine = fresh(tiny).start()
     try:
