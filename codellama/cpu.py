@@ -16,6 +16,7 @@ single row ``x``. Two facts of torch's CPU kernels, measured by ``benchmarks/ben
 from __future__ import annotations
 
 import functools
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,28 +44,53 @@ def bf16_packing_supported() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def fp32_packing_supported() -> bool:
+    """Whether oneDNN can pack and multiply fp32 weights here (any x86-64 CPU with a oneDNN build of torch)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        w = torch.arange(256, dtype=torch.float32).reshape(16, 16).div(256)
+        x = torch.ones(1, 16)
+        got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none", [], "")
+        return bool(torch.allclose(got, F.linear(x, w), atol=1e-5, rtol=1e-5))
+    except RuntimeError:
+        return False
+
+
+def packing_supported(dtype: torch.dtype) -> bool:
+    """Whether ``PackedLinear`` can hold a weight of ``dtype`` packed on this CPU."""
+    if dtype == torch.float32:
+        return fp32_packing_supported()
+    return dtype == torch.bfloat16 and bf16_packing_supported()
+
+
 def bf16_path() -> str:
     """How bf16 linear layers run here, in words (benchmarks print it)."""
     return "oneDNN packed bf16" if bf16_packing_supported() else "F.linear on bf16 (no oneDNN bf16 on this CPU)"
 
 
-def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's packed copy of a dense (out, in) weight, as bf16."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16).contiguous(), 1)
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's packed copy of a dense (out, in) fp32 or bf16 weight, for a matrix–vector product.
+
+    Packing for one row costs nothing at 8 rows (the engine's decode batches) and gives 1.5–2× the
+    bandwidth of BLAS on an fp32 matrix–vector product here: BLAS runs it on one thread, oneDNN on all.
+    """
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
 
 
 class PackedLinear(nn.Module):
-    """A bias-free ``nn.Linear`` whose bf16 weight lives only in oneDNN's packed format.
+    """A bias-free ``nn.Linear`` whose fp32 or bf16 weight lives only in oneDNN's packed format.
 
     The packed weight is a registered buffer (``packed``), so ``buffers()``, ``state_dict()`` and memory
-    accounting see it. Moved or cast away from bf16 on the CPU (``.to("cuda")``, ``.float()``), it holds a
+    accounting see it. Moved or cast where it cannot stay packed (``.to("cuda")``, ``.half()``), it holds a
     plain dense weight and computes with ``F.linear``; cast back, it packs again.
     """
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("packed", pack_bf16(weight))
+        self.register_buffer("packed", pack_weight(weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed.is_mkldnn:
@@ -78,8 +104,7 @@ class PackedLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         dense = fn(self.weight)
-        packable = dense.device.type == "cpu" and dense.dtype == torch.bfloat16 and bf16_packing_supported()
-        self.packed = pack_bf16(dense) if packable else dense
+        self.packed = pack_weight(dense) if dense.device.type == "cpu" and packing_supported(dense.dtype) else dense
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -96,13 +121,61 @@ class PackedLinear(nn.Module):
             error_msgs.append(f"size mismatch for {key}: checkpoint {tuple(w.shape)}, "
                               f"model {(self.out_features, self.in_features)}")
             return
-        self.packed = pack_bf16(w)
+        self.packed = pack_weight(w.to(self.packed.dtype))
 
     def extra_repr(self) -> str:
-        layout = "packed bf16" if self.packed.is_mkldnn else f"dense {self.packed.dtype}"
+        layout = f"packed {self.packed.dtype}" if self.packed.is_mkldnn else f"dense {self.packed.dtype}"
         return f"in_features={self.in_features}, out_features={self.out_features}, {layout}"
 
 
+# ----------------------------------------------------------------------------- integer weights
+# torch's weight-only kernels (``aten::_weight_int8pack_mm``, ``aten::_weight_int4pack_mm_for_cpu``) read
+# the integer codes directly. Both are fast only with bf16 activations (their fp32 and fp16 paths are 8–15×
+# slower here, on AVX-512 and AVX2 alike), so other dtypes are computed in bf16 and cast back.
+INT8_BF16_K_MULTIPLE = 16  # the bf16 int8 kernel reads past the row (segfaults) when K is not a multiple of 16
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (scales · weight).T`` for x (…, K), int8 weight (N, K) and scales (N,): (…, N) in x's dtype.
+
+    Activations go to the kernel in bf16; a K that the bf16 kernel cannot take uses its (slower) fp32 path.
+    """
+    K = weight.shape[1]
+    compute = torch.bfloat16 if K % INT8_BF16_K_MULTIPLE == 0 else torch.float32
+    x2 = x.reshape(-1, K).to(compute).contiguous()
+    out = torch.ops.aten._weight_int8pack_mm(x2, weight, scales.to(compute))
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel takes
+INT4_N_MULTIPLE = 16  # its packing works on blocks of 16 output rows
+
+
+def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              group_size: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """torch's CPU int4 layout of ``codellama.quantize``'s int4 weights: ``(packed codes, scales_and_zeros)``.
+
+    ``codes`` (N, K) 0…15, ``scales``/``zeros`` (N, K/group_size). The kernel computes
+    ``(q − 8) · scale + zero`` as ``codellama.quantize`` defines the codes; its scales and zeros are
+    (K/group_size, N, 2) in bf16. None when the kernel cannot take this shape (N not a multiple of 16, or
+    a group size it lacks): the layer then computes with the PyTorch reference.
+    """
+    if codes.shape[0] % INT4_N_MULTIPLE or group_size not in INT4_GROUP_SIZES:
+        return None
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+    scales_and_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous()  # (G, N, 2)
+    return packed, scales_and_zeros
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x @ W.T`` for x (…, K) and a weight packed by ``pack_int4``: (…, N) in x's dtype (computed in bf16)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K).to(torch.bfloat16).contiguous()
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_and_zeros)
+    return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+
+
+# ----------------------------------------------------------------------------- loading steps
 def fuse_projections(model: nn.Module) -> nn.Module:
     """Loading step: ``wq|wk|wv`` and ``w1|w3`` as one matmul each (longer weight streams, fewer calls)."""
     if hasattr(model, "fuse"):
@@ -113,15 +186,20 @@ def fuse_projections(model: nn.Module) -> nn.Module:
 def cpu_layout(model: nn.Module) -> nn.Module:
     """Loading step: re-lay out a CPU model's linear weights for fast decoding, in place.
 
-    fp32 weights keep their values and shape but are stored column-major; bf16 weights are packed for
-    oneDNN. Results, parameter names and ``state_dict`` values are unchanged.
+    fp32 and bf16 weights are packed for oneDNN (``PackedLinear``) where this CPU supports it; otherwise
+    fp32 weights keep their values and shape but are stored column-major, and bf16 weights stay plain.
+    Quantized layers add the packed copy their CPU kernel reads (``to_cpu_layout``). Results, parameter
+    names and ``state_dict`` values are unchanged.
     """
     for module in list(model.modules()):
+        if hasattr(module, "to_cpu_layout"):
+            module.to_cpu_layout()
+            continue
         for name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear) or child.bias is not None or child.weight.device.type != "cpu":
                 continue
             w = child.weight
-            if w.dtype == torch.bfloat16 and bf16_packing_supported():
+            if packing_supported(w.dtype):
                 setattr(module, name, PackedLinear(w))
             elif w.dtype == torch.float32 and w.stride(0) != 1:
                 # Same values and shape; the storage becomes (in, out) so x @ W.T streams contiguous rows.

@@ -329,12 +329,12 @@ class Engine:
     @property
     def cache_bytes(self) -> int:
         """Bytes of the KV cache: slots × max_seq_len × ``KVCache.bytes_per_token``."""
-        dtype = self.model.tok_embeddings.weight.dtype
+        dtype = self.model.norm.weight.dtype  # a float weight (a quantized embedding holds integer codes)
         return self.max_batch_size * self.max_seq_len * KVCache.bytes_per_token(self.model.args, dtype, self.model.tp)
 
     def _ensure_cache(self) -> KVCache:
         if self.cache is None:
-            a, ref = self.model.args, self.model.tok_embeddings.weight
+            a, ref = self.model.args, self.model.norm.weight
             self.cache = KVCache(a.n_layers, self.max_batch_size, self.max_seq_len, local_heads(a, self.model.tp)[1],
                                  a.head_dim, ref.dtype, ref.device)
         return self.cache
