@@ -133,18 +133,29 @@ class PackedLinear(nn.Module):
 # the integer codes directly. Both are fast only with bf16 activations (their fp32 and fp16 paths are 8–15×
 # slower here, on AVX-512 and AVX2 alike), so other dtypes are computed in bf16 and cast back.
 INT8_BF16_K_MULTIPLE = 16  # the bf16 int8 kernel reads past the row (segfaults) when K is not a multiple of 16
+INT8_ALIGNMENT = 64  # ... and when the codes do not start on a 64-byte boundary (a tensor read from a file may not)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x @ (scales · weight).T`` for x (…, K), int8 weight (N, K) and scales (N,): (…, N) in x's dtype.
 
-    Activations go to the kernel in bf16; a K that the bf16 kernel cannot take uses its (slower) fp32 path.
+    Activations go to the kernel in bf16; a K that the bf16 kernel cannot take uses its (slower) fp32 path,
+    and codes the kernel cannot read safely (not 64-byte aligned: ``aligned`` copies them) the reference.
     """
     K = weight.shape[1]
+    if weight.data_ptr() % INT8_ALIGNMENT or not weight.is_contiguous():
+        return F.linear(x, weight.to(x.dtype) * scales.to(x.dtype).unsqueeze(1))
     compute = torch.bfloat16 if K % INT8_BF16_K_MULTIPLE == 0 else torch.float32
     x2 = x.reshape(-1, K).to(compute).contiguous()
     out = torch.ops.aten._weight_int8pack_mm(x2, weight, scales.to(compute))
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy of it starting on a 64-byte boundary (what the int8 kernel needs)."""
+    if t.data_ptr() % INT8_ALIGNMENT == 0 and t.is_contiguous():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)  # torch's CPU allocator aligns to 64 bytes
 
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel takes

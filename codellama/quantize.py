@@ -271,6 +271,10 @@ class Int8Linear(QuantizedLinear):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return dequantize_int8(self.weight, self.scales, dtype)
 
+    def to_cpu_layout(self) -> None:
+        """Codes where torch's CPU int8 kernel can read them (64-byte aligned; a file-backed tensor may not be)."""
+        self.weight = cpu.aligned(self.weight)
+
     def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         return cpu.int8_linear(x, self.weight, self.scales)
 

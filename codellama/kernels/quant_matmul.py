@@ -5,9 +5,10 @@
 
 (the layouts of ``codellama.quantize``: in each int4 group, byte ``j`` holds inputs ``j`` and ``j + G/2``;
 ``Kp`` is K rounded up to whole groups). Each program computes a (BLOCK_M, BLOCK_N) tile of the output,
-walking K: it loads a tile of codes, turns it into the activations' dtype in registers (int4: one group's
-scale and zero per row), and accumulates ``tl.dot`` in float32. int8's per-row scale is applied once, at
-the end. A decode step (M = 1 … 16 rows) is memory-bound: it reads each code once.
+walking K: it loads a tile of codes, turns it into the activations' dtype in registers (int4: with its
+group's scale and zero per row, each nibble plane multiplying its own contiguous half of the group's
+activations), and accumulates ``tl.dot`` in float32. int8's per-row scale is applied once, at the end. A
+decode step (M = 1 … 16 rows) is memory-bound: it reads each code once.
 
     bytes: N·K (int8) or N·Kp/2 + 2·N·Kp/G·size(scale) (int4)  +  M·K·size(x)  +  M·N·size(out)
 
@@ -47,8 +48,9 @@ def _quant_matmul_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_sn, stride_om,
     INT4: tl.constexpr,
-    GROUP: tl.constexpr,  # int4: inputs per group (the K step); int8: BLOCK_K
+    GROUP: tl.constexpr,  # int4: inputs per group
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # inputs per step (int4: a divisor of GROUP; half from each nibble plane)
     UPCAST: tl.constexpr,  # multiply in float32 (Triton's interpreter mis-multiplies bf16 tiles)
     PRECISION: tl.constexpr,
 ):
@@ -62,32 +64,34 @@ def _quant_matmul_kernel(
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if INT4:
-        HALF: tl.constexpr = GROUP // 2
-        offs_h = tl.arange(0, HALF)  # (HALF,) byte within the group
+        HALF: tl.constexpr = GROUP // 2  # bytes per group: byte j holds inputs j (low nibble) and j + HALF (high)
+        STEP: tl.constexpr = BLOCK_K // 2  # bytes per step
+        offs_b = tl.arange(0, STEP)
         for g in range(0, tl.cdiv(K, GROUP)):
-            k0 = g * GROUP
-            packed = tl.load(w_rows + (g * HALF + offs_h)[None, :], mask=n_ok[:, None], other=0)  # (BLOCK_N, HALF)
             scale = tl.load(Scales + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             zero = tl.load(Zeros + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            w_lo = ((packed & 15).to(tl.float32) - 8) * scale + zero  # inputs k0 … k0 + HALF - 1
-            w_hi = ((packed >> 4).to(tl.float32) - 8) * scale + zero  # inputs k0 + HALF … k0 + GROUP - 1
-            k_lo = k0 + offs_h
-            k_hi = k_lo + HALF
-            x_lo = tl.load(x_rows + k_lo[None, :], mask=m_ok[:, None] & (k_lo < K)[None, :], other=0.0)
-            x_hi = tl.load(x_rows + k_hi[None, :], mask=m_ok[:, None] & (k_hi < K)[None, :], other=0.0)
-            if UPCAST:
-                x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
-            acc = tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)), acc, input_precision=PRECISION)
-            acc = tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)), acc, input_precision=PRECISION)
+            for j in tl.static_range(0, HALF, STEP):
+                byte = g * HALF + j + offs_b  # (STEP,)
+                packed = tl.load(w_rows + byte[None, :], mask=n_ok[:, None], other=0)  # (BLOCK_N, STEP) uint8
+                k_lo = g * GROUP + j + offs_b  # the inputs of the low nibbles; the high ones are HALF further
+                k_hi = k_lo + HALF
+                x_lo = tl.load(x_rows + k_lo[None, :], mask=m_ok[:, None] & (k_lo < K)[None, :], other=0.0)
+                x_hi = tl.load(x_rows + k_hi[None, :], mask=m_ok[:, None] & (k_hi < K)[None, :], other=0.0)
+                if UPCAST:
+                    x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
+                w_lo = ((packed & 15).to(tl.float32) - 8) * scale + zero  # (BLOCK_N, STEP)
+                acc = tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)), acc, input_precision=PRECISION)
+                w_hi = ((packed >> 4).to(tl.float32) - 8) * scale + zero
+                acc = tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)), acc, input_precision=PRECISION)
     else:
-        offs_k = tl.arange(0, GROUP)
-        for k0 in range(0, K, GROUP):
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < K
-            x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, GROUP)
+            x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
             if UPCAST:
                 x = x.to(tl.float32)
-            q = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)  # (BLOCK_N, GROUP) int8
+            q = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)  # (BLOCK_N, BLOCK_K) int8
             acc = tl.dot(x, tl.trans(q.to(x.dtype)), acc, input_precision=PRECISION)
         acc *= tl.load(Scales + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out_ptrs = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -96,19 +100,20 @@ def _quant_matmul_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 def quant_matmul_config(M: int, scheme: str, group_size: Optional[int]) -> Tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, K step, num_warps, num_stages) for M rows.
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for M rows.
 
     Decode (M ≤ 16) takes the smallest tile ``tl.dot`` allows in M and narrow N tiles, so a 4096-wide layer
-    has enough programs for a GPU's SMs; prefill takes square 64 tiles. int4 walks K a group at a time.
-    Chosen from the kernel's structure, untimed (no GPU was available to tune them). The interpreter gets
-    the smallest tiles, so tests cross every boundary cheaply.
+    has enough programs for a GPU's SMs, and long K steps; prefill takes 64 × 64 tiles on 8 warps. Chosen
+    from compile statistics (no register spills on sm_90 and sm_80, ``tests/test_quantize_kernels.py``),
+    untimed: no GPU was available to tune them. The interpreter gets the smallest tiles, so tests cross
+    every boundary cheaply.
     """
-    k_step = group_size if scheme == "int4" else 64
+    group = group_size or 128
     if interpreting():
-        return 16, 16, k_step if scheme == "int4" else 32, 1, 1
+        return 16, 16, min(32, group), 1, 1
     if M <= 16:
-        return 16, 32, k_step if scheme == "int4" else 128, 4, 4
-    return 64, 64, k_step, 4, 3
+        return 16, 32, 128 if scheme == "int8" else min(64, group), 4, 4
+    return 64, 64, min(32, group), 8, 3
 
 
 def _matmul_problem(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
@@ -190,13 +195,13 @@ def launch_quant_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     if M == 0:
         return out.view(*x.shape[:-1], N)
     int4 = zeros is not None
-    BLOCK_M, BLOCK_N, k_step, warps, stages = quant_matmul_config(M, "int4" if int4 else "int8", group_size)
+    BLOCK_M, BLOCK_N, BLOCK_K, warps, stages = quant_matmul_config(M, "int4" if int4 else "int8", group_size)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     _quant_matmul_kernel[grid](
         x2, weight, scales, zeros if int4 else scales, out,
         M, N, K,
         x2.stride(0), weight.stride(0), scales.stride(0), out.stride(0),
-        INT4=int4, GROUP=k_step, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        INT4=int4, GROUP=group_size or BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         UPCAST=interpreting() and x.dtype == torch.bfloat16,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 inputs: no silent TF32 rounding
         num_warps=warps, num_stages=stages,
