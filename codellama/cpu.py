@@ -79,6 +79,18 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
 
 
+@torch.library.custom_op("codellama::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` with W packed by ``pack_weight``, as an operator ``torch.compile`` calls but does not look into
+    (its compiler would reach for the packed tensor's storage, which oneDNN's opaque tensors do not have)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
 class PackedLinear(nn.Module):
     """A bias-free ``nn.Linear`` whose fp32 or bf16 weight lives only in oneDNN's packed format.
 
@@ -91,20 +103,29 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("packed", pack_weight(weight))
+        self._is_packed = True
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether the weight is oneDNN's packed copy (a plain attribute check, so ``torch.compile`` sees it too)."""
+        return self._is_packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed.is_mkldnn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        return F.linear(x, self.packed)
+        if not self.is_packed:
+            return F.linear(x, self.packed)
+        if torch.compiler.is_compiling():
+            return packed_linear(x, self.packed)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")  # eager: no op dispatch
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense (out, in) weight (a copy while packed: for saving and inspection, not for compute)."""
-        return self.packed.to_dense() if self.packed.is_mkldnn else self.packed
+        return self.packed.to_dense() if self.is_packed else self.packed
 
     def _apply(self, fn, recurse=True):
         dense = fn(self.weight)
-        self.packed = pack_weight(dense) if dense.device.type == "cpu" and packing_supported(dense.dtype) else dense
+        self._is_packed = dense.device.type == "cpu" and packing_supported(dense.dtype)
+        self.packed = pack_weight(dense) if self._is_packed else dense
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -121,10 +142,10 @@ class PackedLinear(nn.Module):
             error_msgs.append(f"size mismatch for {key}: checkpoint {tuple(w.shape)}, "
                               f"model {(self.out_features, self.in_features)}")
             return
-        self.packed = pack_weight(w.to(self.packed.dtype))
+        self.packed = pack_weight(w.to(self.packed.dtype)) if self.is_packed else w.to(self.packed)
 
     def extra_repr(self) -> str:
-        layout = f"packed {self.packed.dtype}" if self.packed.is_mkldnn else f"dense {self.packed.dtype}"
+        layout = f"packed {self.packed.dtype}" if self.is_packed else f"dense {self.packed.dtype}"
         return f"in_features={self.in_features}, out_features={self.out_features}, {layout}"
 
 
