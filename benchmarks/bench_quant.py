@@ -12,7 +12,8 @@ and, when ``llama-cpp-python`` is installed (a test-only peer, never a dependenc
 the same weights: written as a Hugging Face checkpoint by this library (``save_hf``, what ``convert --to
 hf`` writes), turned into GGUF with the ``gguf`` package as llama.cpp's ``convert_hf_to_gguf.py`` does
 (F32), and quantized by llama.cpp's own quantizer (BF16, Q8_0, Q4_0; its Q4_0 keeps the output layer in
-Q6_K). Pairs: fp32 ↔ F32, bf16 ↔ BF16, int8 ↔ Q8_0, int4 ↔ Q4_0. "util" is the bytes one decode step
+Q6_K). Pairs: fp32 ↔ F32, bf16 ↔ BF16, int8 ↔ Q8_0, int4 ↔ Q4_0; the two are timed in alternating rounds
+and the ratio is the median of the rounds' ratios. "util" is the bytes one decode step
 reads (every weight but the embedding, in its stored format, plus the KV cache) per second over the
 machine's read bandwidth, measured in the same run (the best of a few streaming reads).
 
@@ -38,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_generate import SIZES, _Vocab, timed  # noqa: E402
 
 from codellama import Llama, ModelArgs  # noqa: E402
-from codellama.cpu import bf16_path, optimize_for_cpu  # noqa: E402
+from codellama.cpu import bf16_path, optimize_for_cpu, pack_weight  # noqa: E402
 from codellama.quantize import QuantConfig, quantize_model  # noqa: E402
 from codellama.save import save_hf  # noqa: E402
 from codellama.testing import random_model  # noqa: E402
@@ -63,16 +64,23 @@ def build(args: ModelArgs, scheme: str, seed: int = 0):
     return optimize_for_cpu(quantize_model(random_model(args, seed=seed, dtype=dtype), config))
 
 
-def our_decode_rate(model, prompts: List[List[int]], new_tokens: int, repeat: int) -> float:
-    """Decode tokens/s of ``Llama.generate`` on ``prompts`` (one row each), prefill excluded."""
-    llama = Llama(model, _Vocab(model.args.vocab_size), max_seq_len=len(prompts[0]) + new_tokens + 1,
-                  max_batch_size=len(prompts))
+class Ours:
+    """``Llama.generate`` on a model, one greedy row per prompt; ``step_seconds()`` times one decode step."""
 
-    def gen(n):
-        llama.generate(prompts, n, temperature=0, stop_token=[])
+    def __init__(self, model, prompts: List[List[int]], new_tokens: int):
+        self.llama = Llama(model, _Vocab(model.args.vocab_size), max_seq_len=len(prompts[0]) + new_tokens + 1,
+                           max_batch_size=len(prompts))
+        self.prompts, self.new_tokens = prompts, new_tokens
+        self.gen(new_tokens)  # warm-up (and the prompt's KV cache, reused by every later call)
 
-    step = (timed(lambda: gen(new_tokens), repeat) - timed(lambda: gen(1), repeat)) / (new_tokens - 1)
-    return len(prompts) / step
+    def gen(self, n: int) -> float:
+        start = time.perf_counter()
+        self.llama.generate(self.prompts, n, temperature=0, stop_token=[])
+        return time.perf_counter() - start
+
+    def step_seconds(self) -> float:
+        """(time for N tokens − time for 1) / (N − 1): decode steps only, prefill excluded."""
+        return (self.gen(self.new_tokens) - self.gen(1)) / (self.new_tokens - 1)
 
 
 def weight_bytes(model) -> int:
@@ -81,12 +89,15 @@ def weight_bytes(model) -> int:
 
 
 def read_bandwidth(repeat: int = 5) -> float:
-    """Bytes/s of the fastest plain streaming read of 1 GiB here (sums in fp32 and bf16)."""
-    best = 0.0
-    for dtype in (torch.float32, torch.bfloat16):
+    """Bytes/s of the fastest plain streaming read here: sums of 1 GiB (fp32, bf16), and oneDNN's matrix–vector
+    product over a 512 MiB fp32 matrix (what the fp32 decode step runs)."""
+    def summed(dtype: torch.dtype) -> float:
         buf = torch.ones(2**30 // dtype.itemsize, dtype=dtype)
-        best = max(best, 2**30 / timed(lambda: buf.sum(), repeat))
-    return best
+        return 2**30 / timed(lambda: buf.sum(), repeat)
+
+    w, x = pack_weight(torch.randn(8192, 16384)), torch.randn(1, 16384)
+    matvec = 2**29 / timed(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), repeat)
+    return max(summed(torch.float32), summed(torch.bfloat16), matvec)
 
 
 # ----------------------------------------------------------------------------- llama.cpp on the same weights
@@ -175,6 +186,7 @@ def _add_vocab(w, hf_dir: str, vocab_size: int) -> None:
 def llama_cpp_quantize(src: str, dst: str, kind: str) -> None:
     """``kind`` (BF16, Q8_0, Q4_0) of an F32 GGUF file, by llama.cpp's own quantizer."""
     import llama_cpp
+    llama_cpp.llama_log_set(_quiet_logs(), ctypes.c_void_p())
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_FTYPES[kind]
     params.nthread = torch.get_num_threads()
@@ -232,9 +244,9 @@ class LlamaCpp:
                 row.append(self._argmax(s))
         return out, time.perf_counter() - start
 
-    def decode_rate(self, prompts: List[List[int]], n: int, repeat: int) -> float:
-        self.greedy(prompts, 4)  # warm-up
-        return len(prompts) * (n - 1) / statistics.median(self.greedy(prompts, n)[1] for _ in range(repeat))
+    def step_seconds(self, prompts: List[List[int]], n: int) -> float:
+        """Seconds of one decode step, from ``n`` greedy tokens of every row."""
+        return self.greedy(prompts, n)[1] / (n - 1)
 
 
 _QUIET = None
@@ -295,25 +307,31 @@ def speed(a) -> None:
             base = None
             for scheme in a.schemes:
                 model = build(args, scheme)
-                ours = our_decode_rate(model, prompts, a.new_tokens, a.repeat)
                 step_bytes = weight_bytes(model) + kv * SCHEMES[scheme][0].itemsize
-                del model
-                base = ours if scheme == "fp32" else base
-                row = (f"| {scheme} | {batch} | {step_bytes / 1e6:.0f} MB | {ours:.1f} | "
-                       f"{ours / base:.2f}× | {step_bytes * ours / batch / bw:.0%} |" if base else
-                       f"| {scheme} | {batch} | {step_bytes / 1e6:.0f} MB | {ours:.1f} | | "
-                       f"{step_bytes * ours / batch / bw:.0%} |")
-                kind = LLAMA_CPP[scheme]
-                if kind in files:
-                    peer = LlamaCpp(files[kind], batch, a.prompt_len + a.new_tokens + 8, torch.get_num_threads())
-                    theirs = peer.decode_rate(prompts, a.new_tokens, a.repeat)
+                ours = Ours(model, prompts, a.new_tokens)
+                kind = LLAMA_CPP[scheme] if LLAMA_CPP[scheme] in files else None
+                peer = LlamaCpp(files[kind], batch, a.prompt_len + a.new_tokens + 8, torch.get_num_threads()) if kind else None
+                if peer:
+                    peer.step_seconds(prompts, 4)  # warm-up
+                # Rounds alternate the two libraries, so a slow stretch of this shared machine hits both alike.
+                times = [(ours.step_seconds(), peer.step_seconds(prompts, a.new_tokens) if peer else None)
+                         for _ in range(a.repeat)]
+                rate = batch / statistics.median(t for t, _ in times)
+                base = rate if scheme == "fp32" else base
+                vs_fp32 = f"{rate / base:.2f}×" if base else ""
+                row = (f"| {scheme} | {batch} | {step_bytes / 1e6:.0f} MB | {rate:.1f} | {vs_fp32} | "
+                       f"{step_bytes * rate / batch / bw:.0%} |")
+                if peer:
                     peer.close()
+                    theirs = batch / statistics.median(t for _, t in times)
+                    ratio = statistics.median(t_peer / t_ours for t_ours, t_peer in times)
                     peer_bytes = gguf_weight_bytes(files[kind]) + kv * (4 if kind == "F32" else 2)
                     row += (f" {kind} | {peer_bytes / 1e6:.0f} MB | {theirs:.1f} | {peer_bytes * theirs / batch / bw:.0%} "
-                            f"| **{ours / theirs:.2f}×** |")
+                            f"| **{ratio:.2f}×** |")
                 else:
                     row += " | | | | |"
                 print(row, flush=True)
+                del model, ours
         if have_peer:
             check_same_weights(build(args, "fp32"), files["F32"], a.prompt_len)
 
@@ -364,7 +382,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--steps", type=int, default=256, help="--accuracy: greedy steps compared")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5, help="alternating timing rounds per row (medians are printed)")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
     if a.threads:

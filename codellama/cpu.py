@@ -1,16 +1,19 @@
-"""Weight layouts that make CPU matrix-vector products (batch-1 decoding) run at memory bandwidth.
+"""CPU weight layouts and kernels that make decoding run near memory bandwidth.
 
-Decoding one token reads every weight once, so on a CPU its speed is the speed of ``x @ W.T`` for a
-single row ``x``. Two facts of torch's CPU kernels, measured by ``benchmarks/bench_generate.py``:
+Decoding reads every weight once per token, so on a CPU its speed is the speed of ``x @ W.T`` for a few
+rows ``x`` (1 at batch 1, up to 8 in the engine's decode batches). What torch's CPU kernels do with that,
+measured here (2 cores of an AVX-512 EPYC) by ``benchmarks/bench_quant.py`` and ``bench_generate.py``:
 
-* fp32: BLAS streams a weight stored as (in, out) much faster than Meta's (out, in) when ``in`` is small
-  (5× for the 32016 × 128 output layer of a small model, 10-30% for 7B's layers). We keep the Meta shape
-  and names but store the data column-major: ``weight`` becomes a transposed view of an (in, out) tensor.
+* fp32 and bf16: oneDNN with the weight packed once (``PackedLinear``) reads it at 25–30 GB/s at batch 1
+  and keeps that at batch 8, where BLAS on the plain fp32 weight runs a matrix–vector product on one
+  thread (16 GB/s) and gets 3× slower at 8 rows. Where oneDNN cannot pack (bf16 on an AVX2-only CPU),
+  fp32 weights are stored column-major (BLAS streams an (in, out) layout faster) and bf16 stays plain.
 * Fusing ``wq, wk, wv`` (and ``w1, w3``) into one matrix lets the hardware prefetcher run along one
-  long weight stream instead of three short ones (about 15% more bandwidth on a 1024-wide model).
-* bf16: ``F.linear`` re-lays out the weight on every call; oneDNN with the weight packed once reads it
-  at close to bandwidth. ``PackedLinear`` holds only the packed copy and gives the dense weight back
-  in ``state_dict`` so checkpoints and conversions see ordinary tensors.
+  long weight stream instead of three short ones, and saves two calls per layer.
+* int8 and int4 weights: torch's weight-only kernels, which read the codes directly and are fast with
+  bf16 activations only (int8: ``int8_linear``, int4: ``pack_int4`` / ``int4_linear``).
+
+Every layout keeps the Meta shape and names: ``state_dict`` gives the checkpoint's tensors back.
 """
 
 from __future__ import annotations
@@ -70,13 +73,16 @@ def bf16_path() -> str:
     return "oneDNN packed bf16" if bf16_packing_supported() else "F.linear on bf16 (no oneDNN bf16 on this CPU)"
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's packed copy of a dense (out, in) fp32 or bf16 weight, for a matrix–vector product.
+# The batch oneDNN's packed layout is chosen for, by dtype. fp32, measured on the 194M model's layers here: a
+# layout for 8 rows is within 10% of one for a single row at batch 1 and 1.5× faster at batch 8 (the engine's
+# decode batches). bf16: a layout for one row, which was no slower at 8 rows in the full benchmark.
+PACKING_ROWS = {torch.float32: 8, torch.bfloat16: 1}
 
-    Packing for one row costs nothing at 8 rows (the engine's decode batches) and gives 1.5–2× the
-    bandwidth of BLAS on an fp32 matrix–vector product here: BLAS runs it on one thread, oneDNN on all.
-    """
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's packed copy of a dense (out, in) fp32 or bf16 weight (BLAS on the plain fp32 weight is slower at
+    batch 1 and 8: it runs a matrix–vector product on one thread)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACKING_ROWS[weight.dtype])
 
 
 @torch.library.custom_op("codellama::packed_linear", mutates_args=())
