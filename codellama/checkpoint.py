@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -20,6 +20,11 @@ from .cpu import CPU_TRANSFORMS
 from .distributed import SINGLE, TensorParallel, rank_block, split_dim
 from .model import Transformer
 from .runtime import default_dtype, parse_dtype, resolve_device
+
+if TYPE_CHECKING:
+    from .quantize import QuantConfig, QuantizeArg
+# ``codellama.quantize`` is imported where it is used: ``python -m codellama.quantize`` must not find the
+# package already holding it (runpy would warn, and run a second copy of its classes).
 
 # Keys real checkpoints carry that the model does not use; dropped by name, nothing else is.
 IGNORED_META_KEYS = ("rope.freqs",)
@@ -37,46 +42,60 @@ _HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.no
 
 # ----------------------------------------------------------------------------- q/k permutation
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's interleaved-pair rows of ``wq``/``wk`` → Hugging Face's rotate-half rows."""
-    out_dim, in_dim = w.shape
-    hd = out_dim // n_heads
-    return w.view(n_heads, hd // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    """Meta's interleaved-pair rows of ``wq``/``wk`` → Hugging Face's rotate-half rows.
+
+    Any tensor with one row per output (a weight, or a quantized layer's codes and scales) is permuted alike.
+    """
+    rows = w.reshape(w.shape[0], -1)  # (out, …): per-row scales (out,) are one column
+    hd = rows.shape[0] // n_heads
+    return rows.view(n_heads, hd // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Hugging Face's rotate-half rows of ``q_proj``/``k_proj`` → Meta's interleaved pairs."""
-    out_dim, in_dim = w.shape
-    hd = out_dim // n_heads
-    return w.view(n_heads, 2, hd // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    """Hugging Face's rotate-half rows of ``q_proj``/``k_proj`` → Meta's interleaved pairs (any per-row tensor)."""
+    rows = w.reshape(w.shape[0], -1)
+    hd = rows.shape[0] // n_heads
+    return rows.view(n_heads, 2, hd // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def _rope_heads(meta_name: str, args: ModelArgs) -> Optional[int]:
-    """The head count to (un)permute ``wq``/``wk`` rows with; None for every other weight."""
-    if meta_name.endswith("attention.wq.weight"):
+    """The head count to (un)permute ``wq``/``wk`` rows with; None for every other tensor."""
+    module = meta_name.rsplit(".", 1)[0]
+    if module.endswith("attention.wq"):
         return args.n_heads
-    if meta_name.endswith("attention.wk.weight"):
+    if module.endswith("attention.wk"):
         return args.kv_heads
     return None
 
 
+# A layer's tensors: its weight, and a quantized layer's scales and zeros (``codellama.quantize``).
+_TENSOR_NAMES = "weight|scales|zeros"
+
+
 def hf_to_meta_name(name: str) -> Optional[str]:
-    if name in _HF_TOP_NAMES:
-        return _HF_TOP_NAMES[name]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    m = re.fullmatch(rf"(.+)\.({_TENSOR_NAMES})", name)
+    if not m:
+        return None
+    module, tensor = m.groups()
+    if module + ".weight" in _HF_TOP_NAMES:
+        return _HF_TOP_NAMES[module + ".weight"].removesuffix("weight") + tensor
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
     if m and m.group(2) in _HF_LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.weight"
+        return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.{tensor}"
     return None
 
 
 def meta_to_hf_name(name: str) -> str:
+    m = re.fullmatch(rf"(.+)\.({_TENSOR_NAMES})", name)
+    module, tensor = m.groups() if m else (name, "")
     for hf, meta in _HF_TOP_NAMES.items():
-        if name == meta:
-            return hf
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
+        if module + ".weight" == meta:
+            return hf.removesuffix("weight") + tensor
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", module)
     inverse = {v: k for k, v in _HF_LAYER_NAMES.items()}
-    if not m or m.group(2) not in inverse:
+    if not tensor or not m or m.group(2) not in inverse:
         raise ValueError(f"unknown parameter {name!r}: not a Llama weight")
-    return f"model.layers.{m.group(1)}.{inverse[m.group(2)]}.weight"
+    return f"model.layers.{m.group(1)}.{inverse[m.group(2)]}.{tensor}"
 
 
 # ----------------------------------------------------------------------------- lazy tensor sources
@@ -130,6 +149,7 @@ class CheckpointSource:
     args: ModelArgs  # vocab_size resolved from the weights
     tensors: Dict[str, LazyTensor]
     num_shards: int = 1
+    quantization: Optional["QuantConfig"] = None  # a checkpoint written by ``python -m codellama.quantize``
 
 
 META_SHARD = re.compile(r"consolidated\.(\d+)\.pth")
@@ -321,8 +341,12 @@ def _safe_open(path: str) -> Any:
 
 
 def _open_hf(ckpt_dir: str) -> CheckpointSource:
+    from .quantize import CONFIG_KEY, QuantConfig
     config = read_json(os.path.join(ckpt_dir, "config.json"))
     params = ModelArgs.from_hf_config(config)
+    quantization = (QuantConfig.from_json(config[CONFIG_KEY], os.path.join(ckpt_dir, "config.json"))
+                    if CONFIG_KEY in config else None)
+    dtypes = {**_SAFETENSORS_DTYPES, **(_SAFETENSORS_CODES if quantization else {})}
     files, listing = _hf_files(ckpt_dir)
     handles: Dict[str, Any] = {}  # path -> open safetensors file
     held: Dict[str, frozenset] = {}  # path -> the tensor names it holds
@@ -347,10 +371,11 @@ def _open_hf(ckpt_dir: str) -> CheckpointSource:
             raise ValueError(f"{listing} places tensor {name} in {path}, which does not hold it")
         sl = f.get_slice(name)
         shape = tuple(sl.get_shape())
-        dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+        dtype = dtypes.get(sl.get_dtype())
         if dtype is None:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {sl.get_dtype()}; valid: "
-                             f"{', '.join(_SAFETENSORS_DTYPES)}")
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {sl.get_dtype()}; valid: {', '.join(dtypes)}"
+                             + ("" if quantization else f" ({', '.join(_SAFETENSORS_CODES)} only in a checkpoint "
+                                                        f"whose config.json has a {CONFIG_KEY})"))
         permuted = _rope_heads(meta_name, params) is not None
 
         def read(block: Block, path=path, name=name, permuted=permuted) -> torch.Tensor:
@@ -369,28 +394,33 @@ def _open_hf(ckpt_dir: str) -> CheckpointSource:
         raise ValueError(f"{ckpt_dir}: unexpected tensor(s) {sorted(unexpected)[:10]} (not Llama weights)")
     if "output.weight" not in tensors and config.get("tie_word_embeddings") and "tok_embeddings.weight" in tensors:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
-    args = _match_config(params, tensors, ckpt_dir)
-    return CheckpointSource("hf", ckpt_dir, args, tensors)
+    args = _match_config(params, tensors, ckpt_dir, quantization=quantization)
+    return CheckpointSource("hf", ckpt_dir, args, tensors, quantization=quantization)
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_SAFETENSORS_CODES = {"I8": torch.int8, "U8": torch.uint8}  # a quantized checkpoint's integer codes
 
 
 def _match_config(args: ModelArgs, tensors: Dict[str, LazyTensor], where: str,
-                  meta_shards: Optional[int] = None) -> ModelArgs:
+                  meta_shards: Optional[int] = None, quantization: Optional["QuantConfig"] = None) -> ModelArgs:
     """``args`` with ``vocab_size`` read from the weights, after checking that the config describes these tensors.
 
     Checked before the model is built, so a config asking for 1000 layers of a 2-layer checkpoint fails now,
     not after building 1000 layers. Only the sizes that say which model this is are compared here; every
     key and shape is checked against the built model by ``materialize``. ``meta_shards``: how many Meta
     shards were merged, to recognise a checkpoint with shards missing (its embedding is too narrow).
+    ``quantization``: the scheme of a quantized checkpoint, whose int4 embedding holds two codes a byte.
     """
+    from .quantize import stored_embedding_width
     emb = tensors.get("tok_embeddings.weight")
     if emb is None:
         raise ValueError(f"{where}: missing key(s) ['tok_embeddings.weight']")
     if len(emb.shape) != 2:
         raise ValueError(f"{where}: tok_embeddings.weight has shape {emb.shape}, expected (vocab_size, dim)")
     vocab, dim = emb.shape
+    if quantization is not None and stored_embedding_width(args.dim, quantization) == dim:
+        dim = args.dim  # codes of a quantized embedding: checked against the model by materialize
     if args.vocab_size not in (-1, vocab):
         raise ValueError(f"{where}: vocab_size {args.vocab_size} in the config, but tok_embeddings.weight has {vocab} rows")
     if dim != args.dim:
@@ -424,28 +454,40 @@ def check_tokenizer(args: ModelArgs, n_words: int, tokenizer_path: str = "the to
 
 def load_model(ckpt_dir: "str | os.PathLike | CheckpointSource | None" = None, *, device: torch.device | str | None = None,
                dtype: torch.dtype | str | None = None, optimize: bool = True, tp: TensorParallel = SINGLE,
-               transforms: Optional[List[Transform]] = None) -> Transformer:
+               transforms: Optional[List[Transform]] = None, quantize: "QuantizeArg" = None) -> Transformer:
     """Build a ``Transformer`` from a Meta or Hugging Face checkpoint directory (None: the bundled tiny model).
 
     A short pipeline of named steps: **read** the checkpoint's config and index its tensors
-    (``open_checkpoint``), **build** the model on the ``meta`` device (no memory), **load** each weight
-    (memory-mapped, merged across shards, converted, moved to ``device`` one at a time, so host memory
-    peaks near one copy of the weights; strict: missing or unexpected keys and shape mismatches raise
-    ``ValueError``), then apply the **transforms** (``default_transforms``: on CPU, fused projections and
-    the CPU weight layout of ``codellama.cpu``; values, names and shapes stay the checkpoint's).
+    (``open_checkpoint``), **build** the model on the ``meta`` device (no memory; a quantized checkpoint's
+    layers are swapped for quantized ones here, so its integer codes load as they are), **load** each
+    weight (memory-mapped, merged across shards, converted, moved to ``device`` one at a time, so host
+    memory peaks near one copy of the weights; strict: missing or unexpected keys and shape mismatches
+    raise ``ValueError``), **quantize** when asked (``quantize="int8"``, ``"int4"`` or a
+    ``codellama.quantize.QuantConfig``: group size, output layer, embeddings), then apply the
+    **transforms** (``default_transforms``: on CPU, fused projections and the CPU weight layout of
+    ``codellama.cpu``; values, names and shapes stay the checkpoint's).
     ``device`` defaults to CUDA, then MPS, then CPU; ``dtype`` to bf16 on CUDA (fp16 where bf16 is not
     supported), fp16 on MPS and fp32 on CPU. ``optimize=False`` skips the default transforms;
     ``transforms`` replaces them. With ``tp`` (a rank of a tensor-parallel group) the model holds, and the
-    loader reads, this rank's slices.
+    loader reads, this rank's slices (of the integer codes and their scales alike).
     """
+    from .quantize import check_quantized_split, parse_quantize, quantization_step, quantize_model
     if ckpt_dir is None:
         ckpt_dir = BUNDLED_CKPT_DIR
+    config = parse_quantize(quantize)
     source = ckpt_dir if isinstance(ckpt_dir, CheckpointSource) else open_checkpoint(ckpt_dir)
     device = resolve_device(device)
     dtype = parse_dtype(dtype) or default_dtype(device)
+    if source.quantization is not None:
+        if config not in (None, source.quantization):
+            raise ValueError(f"{source.path} is already quantized ({source.quantization.describe()}); load it with "
+                             f"quantize=None, or quantize its full-precision checkpoint as {config.describe()}")
+        check_quantized_split(source.args, source.quantization, tp.world)
     model = build_on_meta(source.args, tp)
+    quantize_model(model, source.quantization)
     load_weights(model, source, device=device, dtype=dtype, tp=tp)
-    for transform in (default_transforms(device, optimize) if transforms is None else transforms):
+    steps = [] if source.quantization is not None or config is None else [quantization_step(config)]
+    for transform in steps + (default_transforms(device, optimize) if transforms is None else transforms):
         model = transform(model)
     return model.eval()
 

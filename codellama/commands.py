@@ -16,6 +16,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from .distributed import close_process_group
 from .generation import Llama
 from .ops import ATTENTION_CHOICES
+from .quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES, QuantConfig
 from .runtime import DTYPES
 from .speculative import SPECULATE_CHOICES
 
@@ -52,13 +53,26 @@ def example_parser(description: str, *, temperature: float, top_p: float, max_se
     p.add_argument("--speculate", default=None, choices=SPECULATE_CHOICES,
                    help="speculative decoding: prompt lookup, or a draft model (--draft_ckpt_dir); output unchanged")
     p.add_argument("--draft_ckpt_dir", default=None, help="the draft model for --speculate draft (same tokenizer)")
+    p.add_argument("--quantize", default=None, choices=SCHEMES,
+                   help="weight-only quantization as the checkpoint loads (a quantized checkpoint needs none)")
+    p.add_argument("--group_size", type=int, default=None, choices=GROUP_SIZES,
+                   help=f"int4 only: inputs per scale (default {DEFAULT_GROUP_SIZE})")
     return p
+
+
+def quantize_option(args: argparse.Namespace) -> Optional[QuantConfig]:
+    """``--quantize`` and ``--group_size`` as the ``quantize=`` of ``Llama.build`` (None: no quantization)."""
+    if args.quantize is None:
+        if args.group_size is not None:
+            raise ValueError("--group_size needs --quantize int4")
+        return None
+    return QuantConfig(args.quantize, args.group_size)
 
 
 def build(args: argparse.Namespace) -> Llama:
     return Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size,
                        device=args.device, dtype=args.dtype, attention=args.attention, compile=args.compile,
-                       speculate=args.speculate, draft_ckpt_dir=args.draft_ckpt_dir)
+                       speculate=args.speculate, draft_ckpt_dir=args.draft_ckpt_dir, quantize=quantize_option(args))
 
 
 def is_main_process() -> bool:

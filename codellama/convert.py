@@ -13,6 +13,7 @@ import argparse
 import math
 import signal
 import sys
+from typing import Callable
 
 from .runtime import DTYPES
 from .save import convert_checkpoint
@@ -54,18 +55,30 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty DST, replacing the checkpoint files it holds (other files stay)")
     a = p.parse_args(argv)
+
+    def convert() -> str:
+        convert_checkpoint(a.src, a.dst, a.to, num_shards=a.shards, dtype=a.dtype, max_shard_bytes=a.max_shard_bytes,
+                           force=a.force)
+        return f"wrote {a.to} checkpoint to {a.dst}"
+
+    return run_writer(convert)
+
+
+def run_writer(write: Callable[[], str]) -> int:
+    """Run a command line's checkpoint writer: print what it says and return 0, or one line of error and 2 (bad
+    input) or 1 (the system's: disk full, permission denied). Either way the writer leaves nothing half-written.
+    """
     # A plain `kill` ends the run as Ctrl-C does, through the clean-up that removes the temporary output.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        convert_checkpoint(a.src, a.dst, a.to, num_shards=a.shards, dtype=a.dtype, max_shard_bytes=a.max_shard_bytes,
-                           force=a.force)
+        message = write()
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permission denied: nothing was left behind, say what happened in one line
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {a.to} checkpoint to {a.dst}")
+    print(message)
     return 0
 
 

@@ -1,21 +1,25 @@
-"""Weight layouts that make CPU matrix-vector products (batch-1 decoding) run at memory bandwidth.
+"""CPU weight layouts and kernels that make decoding run near memory bandwidth.
 
-Decoding one token reads every weight once, so on a CPU its speed is the speed of ``x @ W.T`` for a
-single row ``x``. Two facts of torch's CPU kernels, measured by ``benchmarks/bench_generate.py``:
+Decoding reads every weight once per token, so on a CPU its speed is the speed of ``x @ W.T`` for a few
+rows ``x`` (1 at batch 1, up to 8 in the engine's decode batches). What torch's CPU kernels do with that,
+measured here (2 cores of an AVX-512 EPYC) by ``benchmarks/bench_quant.py`` and ``bench_generate.py``:
 
-* fp32: BLAS streams a weight stored as (in, out) much faster than Meta's (out, in) when ``in`` is small
-  (5× for the 32016 × 128 output layer of a small model, 10-30% for 7B's layers). We keep the Meta shape
-  and names but store the data column-major: ``weight`` becomes a transposed view of an (in, out) tensor.
+* fp32 and bf16: oneDNN with the weight packed once (``PackedLinear``) reads it at 25–30 GB/s at batch 1
+  and keeps that at batch 8, where BLAS on the plain fp32 weight runs a matrix–vector product on one
+  thread (16 GB/s) and gets 3× slower at 8 rows. Where oneDNN cannot pack (bf16 on an AVX2-only CPU),
+  fp32 weights are stored column-major (BLAS streams an (in, out) layout faster) and bf16 stays plain.
 * Fusing ``wq, wk, wv`` (and ``w1, w3``) into one matrix lets the hardware prefetcher run along one
-  long weight stream instead of three short ones (about 15% more bandwidth on a 1024-wide model).
-* bf16: ``F.linear`` re-lays out the weight on every call; oneDNN with the weight packed once reads it
-  at close to bandwidth. ``PackedLinear`` holds only the packed copy and gives the dense weight back
-  in ``state_dict`` so checkpoints and conversions see ordinary tensors.
+  long weight stream instead of three short ones, and saves two calls per layer.
+* int8 and int4 weights: torch's weight-only kernels, which read the codes directly and are fast with
+  bf16 activations only (int8: ``int8_linear``, int4: ``pack_int4`` / ``int4_linear``).
+
+Every layout keeps the Meta shape and names: ``state_dict`` gives the checkpoint's tensors back.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,43 +47,91 @@ def bf16_packing_supported() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def fp32_packing_supported() -> bool:
+    """Whether oneDNN can pack and multiply fp32 weights here (any x86-64 CPU with a oneDNN build of torch)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        w = torch.arange(256, dtype=torch.float32).reshape(16, 16).div(256)
+        x = torch.ones(1, 16)
+        got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none", [], "")
+        return bool(torch.allclose(got, F.linear(x, w), atol=1e-5, rtol=1e-5))
+    except RuntimeError:
+        return False
+
+
+def packing_supported(dtype: torch.dtype) -> bool:
+    """Whether ``PackedLinear`` can hold a weight of ``dtype`` packed on this CPU."""
+    if dtype == torch.float32:
+        return fp32_packing_supported()
+    return dtype == torch.bfloat16 and bf16_packing_supported()
+
+
 def bf16_path() -> str:
     """How bf16 linear layers run here, in words (benchmarks print it)."""
     return "oneDNN packed bf16" if bf16_packing_supported() else "F.linear on bf16 (no oneDNN bf16 on this CPU)"
 
 
-def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's packed copy of a dense (out, in) weight, as bf16."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16).contiguous(), 1)
+# The batch oneDNN's packed layout is chosen for, by dtype. fp32, measured on the 194M model's layers here: a
+# layout for 8 rows is within 10% of one for a single row at batch 1 and 1.5× faster at batch 8 (the engine's
+# decode batches). bf16: a layout for one row, which was no slower at 8 rows in the full benchmark.
+PACKING_ROWS = {torch.float32: 8, torch.bfloat16: 1}
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's packed copy of a dense (out, in) fp32 or bf16 weight (BLAS on the plain fp32 weight is slower at
+    batch 1 and 8: it runs a matrix–vector product on one thread)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACKING_ROWS[weight.dtype])
+
+
+@torch.library.custom_op("codellama::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` with W packed by ``pack_weight``, as an operator ``torch.compile`` calls but does not look into
+    (its compiler would reach for the packed tensor's storage, which oneDNN's opaque tensors do not have)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
 class PackedLinear(nn.Module):
-    """A bias-free ``nn.Linear`` whose bf16 weight lives only in oneDNN's packed format.
+    """A bias-free ``nn.Linear`` whose fp32 or bf16 weight lives only in oneDNN's packed format.
 
     The packed weight is a registered buffer (``packed``), so ``buffers()``, ``state_dict()`` and memory
-    accounting see it. Moved or cast away from bf16 on the CPU (``.to("cuda")``, ``.float()``), it holds a
+    accounting see it. Moved or cast where it cannot stay packed (``.to("cuda")``, ``.half()``), it holds a
     plain dense weight and computes with ``F.linear``; cast back, it packs again.
     """
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("packed", pack_bf16(weight))
+        self.register_buffer("packed", pack_weight(weight))
+        self._is_packed = True
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether the weight is oneDNN's packed copy (a plain attribute check, so ``torch.compile`` sees it too)."""
+        return self._is_packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed.is_mkldnn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        return F.linear(x, self.packed)
+        if not self.is_packed:
+            return F.linear(x, self.packed)
+        if torch.compiler.is_compiling():
+            return packed_linear(x, self.packed)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")  # eager: no op dispatch
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense (out, in) weight (a copy while packed: for saving and inspection, not for compute)."""
-        return self.packed.to_dense() if self.packed.is_mkldnn else self.packed
+        return self.packed.to_dense() if self.is_packed else self.packed
 
     def _apply(self, fn, recurse=True):
         dense = fn(self.weight)
-        packable = dense.device.type == "cpu" and dense.dtype == torch.bfloat16 and bf16_packing_supported()
-        self.packed = pack_bf16(dense) if packable else dense
+        self._is_packed = dense.device.type == "cpu" and packing_supported(dense.dtype)
+        self.packed = pack_weight(dense) if self._is_packed else dense
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -96,13 +148,72 @@ class PackedLinear(nn.Module):
             error_msgs.append(f"size mismatch for {key}: checkpoint {tuple(w.shape)}, "
                               f"model {(self.out_features, self.in_features)}")
             return
-        self.packed = pack_bf16(w)
+        self.packed = pack_weight(w.to(self.packed.dtype)) if self.is_packed else w.to(self.packed)
 
     def extra_repr(self) -> str:
-        layout = "packed bf16" if self.packed.is_mkldnn else f"dense {self.packed.dtype}"
+        layout = f"packed {self.packed.dtype}" if self.is_packed else f"dense {self.packed.dtype}"
         return f"in_features={self.in_features}, out_features={self.out_features}, {layout}"
 
 
+# ----------------------------------------------------------------------------- integer weights
+# torch's weight-only kernels (``aten::_weight_int8pack_mm``, ``aten::_weight_int4pack_mm_for_cpu``) read
+# the integer codes directly. Both are fast only with bf16 activations (their fp32 and fp16 paths are 8–15×
+# slower here, on AVX-512 and AVX2 alike), so other dtypes are computed in bf16 and cast back.
+INT8_BF16_K_MULTIPLE = 16  # the bf16 int8 kernel reads past the row (segfaults) when K is not a multiple of 16
+INT8_ALIGNMENT = 64  # ... and when the codes do not start on a 64-byte boundary (a tensor read from a file may not)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ (scales · weight).T`` for x (…, K), int8 weight (N, K) and scales (N,): (…, N) in x's dtype.
+
+    Activations go to the kernel in bf16; a K that the bf16 kernel cannot take uses its (slower) fp32 path,
+    and codes the kernel cannot read safely (not 64-byte aligned: ``aligned`` copies them) the reference.
+    """
+    K = weight.shape[1]
+    if weight.data_ptr() % INT8_ALIGNMENT or not weight.is_contiguous():
+        return F.linear(x, weight.to(x.dtype) * scales.to(x.dtype).unsqueeze(1))
+    compute = torch.bfloat16 if K % INT8_BF16_K_MULTIPLE == 0 else torch.float32
+    x2 = x.reshape(-1, K).to(compute).contiguous()
+    out = torch.ops.aten._weight_int8pack_mm(x2, weight, scales.to(compute))
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy of it starting on a 64-byte boundary (what the int8 kernel needs)."""
+    if t.data_ptr() % INT8_ALIGNMENT == 0 and t.is_contiguous():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)  # torch's CPU allocator aligns to 64 bytes
+
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel takes
+INT4_N_MULTIPLE = 16  # its packing works on blocks of 16 output rows
+
+
+def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              group_size: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """torch's CPU int4 layout of ``codellama.quantize``'s int4 weights: ``(packed codes, scales_and_zeros)``.
+
+    ``codes`` (N, K) 0…15, ``scales``/``zeros`` (N, K/group_size). The kernel computes
+    ``(q − 8) · scale + zero`` as ``codellama.quantize`` defines the codes; its scales and zeros are
+    (K/group_size, N, 2) in bf16. None when the kernel cannot take this shape (N not a multiple of 16, or
+    a group size it lacks): the layer then computes with the PyTorch reference.
+    """
+    if codes.shape[0] % INT4_N_MULTIPLE or group_size not in INT4_GROUP_SIZES:
+        return None
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+    scales_and_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous()  # (G, N, 2)
+    return packed, scales_and_zeros
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x @ W.T`` for x (…, K) and a weight packed by ``pack_int4``: (…, N) in x's dtype (computed in bf16)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K).to(torch.bfloat16).contiguous()
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_and_zeros)
+    return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+
+
+# ----------------------------------------------------------------------------- loading steps
 def fuse_projections(model: nn.Module) -> nn.Module:
     """Loading step: ``wq|wk|wv`` and ``w1|w3`` as one matmul each (longer weight streams, fewer calls)."""
     if hasattr(model, "fuse"):
@@ -113,15 +224,20 @@ def fuse_projections(model: nn.Module) -> nn.Module:
 def cpu_layout(model: nn.Module) -> nn.Module:
     """Loading step: re-lay out a CPU model's linear weights for fast decoding, in place.
 
-    fp32 weights keep their values and shape but are stored column-major; bf16 weights are packed for
-    oneDNN. Results, parameter names and ``state_dict`` values are unchanged.
+    fp32 and bf16 weights are packed for oneDNN (``PackedLinear``) where this CPU supports it; otherwise
+    fp32 weights keep their values and shape but are stored column-major, and bf16 weights stay plain.
+    Quantized layers add the packed copy their CPU kernel reads (``to_cpu_layout``). Results, parameter
+    names and ``state_dict`` values are unchanged.
     """
     for module in list(model.modules()):
+        if hasattr(module, "to_cpu_layout"):
+            module.to_cpu_layout()
+            continue
         for name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear) or child.bias is not None or child.weight.device.type != "cpu":
                 continue
             w = child.weight
-            if w.dtype == torch.bfloat16 and bf16_packing_supported():
+            if packing_supported(w.dtype):
                 setattr(module, name, PackedLinear(w))
             elif w.dtype == torch.float32 and w.stride(0) != 1:
                 # Same values and shape; the storage becomes (in, out) so x @ W.T streams contiguous rows.

@@ -329,13 +329,13 @@ class Engine:
     @property
     def cache_bytes(self) -> int:
         """Bytes of the KV cache: slots × max_seq_len × ``KVCache.bytes_per_token``."""
-        dtype = self.model.tok_embeddings.weight.dtype
+        dtype = self.model.norm.weight.dtype  # a float weight (a quantized embedding holds integer codes)
         return self.max_batch_size * self.max_seq_len * KVCache.bytes_per_token(self.model.args, dtype, self.model.tp)
 
     def _ensure_cache(self) -> KVCache:
         """The slot cache, allocated once; a clear error (with the sizes) when it does not fit."""
         if self.cache is None:
-            a, ref = self.model.args, self.model.tok_embeddings.weight
+            a, ref = self.model.args, self.model.norm.weight  # a quantized embedding holds integers
             need = (f"the KV cache needs {self.cache_bytes / 2**30:.2f} GiB ({self.max_batch_size} slots × "
                     f"{self.max_seq_len} positions × {self.cache_bytes // (self.max_batch_size * self.max_seq_len)} "
                     "bytes); lower max_batch_size or max_seq_len")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
@@ -26,6 +26,9 @@ from .prompts import (UNSAFE_ERROR, Dialog, Message, chat_prompt_tokens, has_spe
                       step_dialog_prompt_tokens, validate_dialog)
 from .runtime import parse_dtype, resolve_device
 from .tokenizer import TextStream, Tokenizer
+
+if TYPE_CHECKING:
+    from .quantize import QuantizeArg  # imported where used, as checkpoint.py explains
 
 StopTokens = Union[None, int, Iterable[int]]
 
@@ -92,7 +95,7 @@ class Llama:
               device: Union[None, str, torch.device] = None, dtype: Union[None, str, torch.dtype] = None,
               seed: int = 1, attention: str = "auto", compile: bool = False, speculate: Optional[str] = None,
               draft_ckpt_dir: Optional[str] = None, speculate_tokens: Optional[int] = None,
-              max_waiting: Optional[int] = None) -> "Llama":
+              max_waiting: Optional[int] = None, quantize: "QuantizeArg" = None) -> "Llama":
         """Load a checkpoint (Meta or Hugging Face layout) and its tokenizer.
 
         Positional arguments are the reference's. ``ckpt_dir=None`` uses the tiny model bundled with the
@@ -103,6 +106,9 @@ class Llama:
         ``speculate="prompt"`` (prompt lookup) or ``"draft"`` (``draft_ckpt_dir``: a small model with the same
         tokenizer) turns on speculative decoding, which never changes what is generated;
         ``speculate_tokens`` is the longest proposal. ``max_waiting`` bounds the engine's queue (servers).
+        ``quantize="int8"`` or ``"int4"`` (or a ``codellama.quantize.QuantConfig``) quantizes the weights as
+        they load (weight-only; a checkpoint written by ``python -m codellama.quantize`` loads quantized
+        without it).
         Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is split across the ranks (tensor parallelism,
         ``model_parallel_size`` defaulting to the world size): each rank joins the process group, takes
         its GPU (``LOCAL_RANK``) and loads only its slices, whatever the checkpoint's shard count.
@@ -119,6 +125,8 @@ class Llama:
             device = torch.device("cuda", local_rank)  # under torchrun: this rank's GPU
         dtype = parse_dtype(dtype)
         select_ops(attention, device)
+        from .quantize import parse_quantize
+        quantize = parse_quantize(quantize)
         speculate = check_speculation(speculate, draft_ckpt_dir, speculate_tokens, world)
         bundled = ckpt_dir is None
         ckpt_dir = check_checkpoint_dir(os.fspath(DEFAULT_CKPT_DIR if bundled else ckpt_dir))
@@ -131,7 +139,7 @@ class Llama:
         source = open_checkpoint(ckpt_dir)
         check_parallel(source.args, world)  # every rank fails alike, before any collective could hang
         tp = init_tensor_parallel(world, rank, device)
-        model = load_model(source, device=device, dtype=dtype, tp=tp)
+        model = load_model(source, device=device, dtype=dtype, tp=tp, quantize=quantize)
         model.set_attention(attention)
         speculator = make_speculator(speculate, draft_ckpt_dir, speculate_tokens, tokenizer, max_batch_size,
                                      max_seq_len, device, dtype)

@@ -130,9 +130,12 @@ class FusableProjections(nn.Module):
         if self.fused_sizes is not None:
             return
         parts = [getattr(self, name) for name in self.PARTS]
-        weight = torch.cat([p.weight.detach() for p in parts])
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        fused.weight = nn.Parameter(weight, requires_grad=parts[0].weight.requires_grad)
+        if hasattr(type(parts[0]), "cat"):  # a layer type that concatenates itself (codellama.quantize's)
+            fused = type(parts[0]).cat(parts)
+        else:
+            weight = torch.cat([p.weight.detach() for p in parts])
+            fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            fused.weight = nn.Parameter(weight, requires_grad=parts[0].weight.requires_grad)
         self.fused_sizes = tuple(p.out_features for p in parts)
         for name in self.PARTS:
             delattr(self, name)
@@ -146,16 +149,25 @@ class FusableProjections(nn.Module):
 
     @staticmethod
     def _split_state(module, state, prefix, _):
+        """Every tensor of the fused layer (its weight; a quantized layer's scales too) back under the parts' names,
+        cut along the output rows."""
         if module.fused_sizes is not None:
-            weight = state.pop(prefix + module.FUSED + ".weight")
-            for name, part in zip(module.PARTS, weight.split(module.fused_sizes)):
-                state[prefix + name + ".weight"] = part
+            fused = prefix + module.FUSED + "."
+            pieces = {key[len(fused):]: state.pop(key).split(module.fused_sizes) for key in list(state)
+                      if key.startswith(fused)}
+            for i, name in enumerate(module.PARTS):
+                for suffix, parts in pieces.items():
+                    state[prefix + name + "." + suffix] = parts[i]
         return state
 
     def _join_state(self, state, prefix, *_):
-        keys = [prefix + name + ".weight" for name in self.PARTS]
-        if self.fused_sizes is not None and all(k in state for k in keys):
-            state[prefix + self.FUSED + ".weight"] = torch.cat([state.pop(k) for k in keys])
+        if self.fused_sizes is None:
+            return
+        first = prefix + self.PARTS[0] + "."
+        for suffix in [k[len(first):] for k in state if k.startswith(first)]:
+            keys = [prefix + name + "." + suffix for name in self.PARTS]
+            if all(k in state for k in keys):
+                state[prefix + self.FUSED + "." + suffix] = torch.cat([state.pop(k) for k in keys])
 
 
 class Attention(FusableProjections):
@@ -261,7 +273,7 @@ class Transformer(nn.Module):
 
     def _allocate_cache(self) -> KVCache:
         slots, length, dtype = self._cache_plan
-        a, ref = self.args, self.tok_embeddings.weight
+        a, ref = self.args, self.norm.weight  # a float weight (a quantized embedding holds integer codes)
         self.cache = KVCache(a.n_layers, slots, length, local_heads(a, self.tp)[1], a.head_dim, dtype or ref.dtype,
                              ref.device)
         return self.cache

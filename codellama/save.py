@@ -13,16 +13,19 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 import torch
 
-from .checkpoint import (HF_INDEX, _rope_heads, check_checkpoint_dir, check_tokenizer, meta_to_hf_name, open_checkpoint,
-                         permute_to_hf)
+from .checkpoint import (HF_INDEX, _rope_heads, build_on_meta, check_checkpoint_dir, check_tokenizer, meta_to_hf_name,
+                         open_checkpoint, permute_to_hf)
 from .config import ModelArgs, check_size
 from .distributed import split_dim
 from .runtime import parse_dtype
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .quantize import QuantConfig, QuantizeArg  # imported where used, as checkpoint.py explains
 
 # Files of either layout that ``convert --force`` replaces in a destination: any of them left behind from an
 # older checkpoint would be read with the new one (a stale index wins over a new model.safetensors, a stale
@@ -83,15 +86,22 @@ def to_hf_state_dict(state: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[st
 
 
 def save_hf(state: Dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os.PathLike,
-            max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (sharded with an index past ``max_shard_bytes``)."""
+            max_shard_bytes: int = 5 * 2**30, quantization: Optional["QuantConfig"] = None) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (sharded with an index past ``max_shard_bytes``).
+
+    ``quantization``: the scheme of a quantized ``state`` (integer codes and scales), recorded in ``config.json``.
+    """
     from safetensors.torch import save_file
 
     check_size("max_shard_bytes", max_shard_bytes)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    dtype = next(iter(state.values())).dtype
-    write_json(os.path.join(out_dir, "config.json"), args.to_hf_config(torch_dtype=str(dtype).removeprefix("torch.")))
+    dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    config = args.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."))
+    if quantization is not None:
+        from .quantize import CONFIG_KEY
+        config[CONFIG_KEY] = quantization.to_json()
+    write_json(os.path.join(out_dir, "config.json"), config)
     hf_state = to_hf_state_dict(state, args)
     groups: List[Dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -223,16 +233,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
     check_size("num_shards", num_shards)
     check_size("max_shard_bytes", max_shard_bytes)
     dtype = parse_dtype(dtype)
-    src, dst = check_checkpoint_dir(src), os.fspath(dst)
-    _refuse_overlap(src, dst)
-    _check_destination(dst, force)
-    source = open_checkpoint(src)
+    src, dst, source, tokenizer = _open_source(src, dst, force)
     if to == "meta":
         check_num_shards(source.args, num_shards)
-    tokenizer_path = os.path.join(src, "tokenizer.model")
-    tokenizer = Tokenizer(tokenizer_path) if os.path.isfile(tokenizer_path) else None
-    if tokenizer is not None:
-        check_tokenizer(source.args, tokenizer.n_words, tokenizer_path)  # the result must be a usable pair
     with _staging(dst) as tmp:
         state = {k: (t.load() if dtype is None else t.load().to(dtype)) for k, t in source.tensors.items()}
         if to == "meta":
@@ -240,12 +243,77 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
         else:
             save_hf(state, source.args, tmp, max_shard_bytes=max_shard_bytes)
         del state
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
-            if to == "hf":
-                save_hf_tokenizer(tokenizer, tmp)
-        open_checkpoint(tmp)  # what was written reads back, before it replaces anything
-        _publish(tmp, dst)
+        _complete(tmp, dst, tokenizer, hf=to == "hf")
+
+
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: "QuantizeArg", *,
+                        dtype: torch.dtype | str | None = None, max_shard_bytes: int = 5 * 2**30,
+                        force: bool = False) -> None:
+    """Write ``src`` quantized with ``config`` (``"int8"``, ``"int4"`` or a ``QuantConfig``) to ``dst``.
+
+    The result is Hugging Face's layout (``config.json`` with the scheme under ``quantization_config``,
+    ``model.safetensors`` holding the integer codes and scales under the names of ``codellama.quantize``,
+    the tokenizer files) and loads directly, without the full-precision weights. Each weight is read,
+    quantized and kept as codes one at a time, so memory peaks near the size of the quantized model.
+    ``dtype`` is that of the scales and of the tensors left in full precision (default: the checkpoint's).
+    Safe as ``convert_checkpoint`` is: ``src`` is only read and a failed run leaves nothing behind.
+    """
+    from .quantize import SCHEMES, parse_quantize, quantize_model, quantize_weight
+    config = parse_quantize(config)
+    if config is None:
+        raise ValueError(f"quantize_checkpoint needs a scheme: one of {', '.join(map(repr, SCHEMES))} or a QuantConfig")
+    dtype = parse_dtype(dtype)
+    check_size("max_shard_bytes", max_shard_bytes)
+    src, dst, source, tokenizer = _open_source(src, dst, force)
+    # Which tensors become codes is what the module swap decides: the keys of a quantized model's state_dict.
+    quantized = {k.rsplit(".", 1)[0] for k in quantize_model(build_on_meta(source.args), config).state_dict()
+                 if k.endswith(".scales")}
+    with _staging(dst) as tmp:
+        state: Dict[str, torch.Tensor] = {}
+        for key, lazy in source.tensors.items():
+            tensor = lazy.load() if dtype is None else lazy.load().to(dtype)
+            module = key.rsplit(".", 1)[0]
+            if module not in quantized:
+                state[key] = tensor
+                continue
+            try:
+                codes = quantize_weight(tensor, config)
+            except ValueError as e:
+                raise ValueError(f"cannot quantize {key} as {config.describe()}: {e}") from None
+            state.update({f"{module}.{name}": t for name, t in codes.items()})
+        save_hf(state, source.args, tmp, max_shard_bytes=max_shard_bytes, quantization=config)
+        del state
+        _complete(tmp, dst, tokenizer, hf=True)
+
+
+def _open_source(src: str | os.PathLike, dst: str | os.PathLike, force: bool):
+    """``(src, dst, source, tokenizer)`` of a conversion, after every check that needs no writing.
+
+    ``src`` must be a full-precision checkpoint, ``dst`` neither inside nor around it and new or empty
+    (unless ``force``); the tokenizer (None when ``src`` has none) must fit the model.
+    """
+    src, dst = check_checkpoint_dir(src), os.fspath(dst)
+    _refuse_overlap(src, dst)
+    _check_destination(dst, force)
+    source = open_checkpoint(src)
+    if source.quantization is not None:
+        raise ValueError(f"{src} is already quantized ({source.quantization.describe()}): convert or quantize "
+                         "its full-precision checkpoint instead")
+    tokenizer_path = os.path.join(src, "tokenizer.model")
+    tokenizer = Tokenizer(tokenizer_path) if os.path.isfile(tokenizer_path) else None
+    if tokenizer is not None:
+        check_tokenizer(source.args, tokenizer.n_words, tokenizer_path)  # the result must be a usable pair
+    return src, dst, source, tokenizer
+
+
+def _complete(tmp: str, dst: str, tokenizer: Optional[Tokenizer], hf: bool) -> None:
+    """Add the tokenizer files to the checkpoint in ``tmp``, check that it reads back, move it to ``dst``."""
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer.model_path, os.path.join(tmp, "tokenizer.model"))
+        if hf:
+            save_hf_tokenizer(tokenizer, tmp)
+    open_checkpoint(tmp)  # what was written reads back, before it replaces anything
+    _publish(tmp, dst)
 
 
 def _inside(path: str, root: str) -> bool:

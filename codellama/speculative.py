@@ -216,7 +216,7 @@ class DraftModel(Speculator):
         if model.tp.world > 1:
             raise ValueError("a draft model cannot be split across ranks: speculative decoding runs in one process")
         self.model, self.num_tokens = model, num_tokens
-        a, ref = model.args, model.tok_embeddings.weight
+        a, ref = model.args, model.norm.weight  # a float weight (a quantized embedding holds integer codes)
         self.cache = KVCache(a.n_layers, max_batch_size, max_seq_len, local_heads(a, model.tp)[1], a.head_dim,
                              ref.dtype, ref.device)
         self._cached: List[List[int]] = [[] for _ in range(max_batch_size)]  # tokens in each draft slot

@@ -2,6 +2,7 @@
 
     python -m training.evaluate_tiny                           # the bundled model (codellama/assets/tiny)
     python -m training.evaluate_tiny --ckpt_dir runs/tiny/model --json runs/tiny/eval.json
+    python -m training.evaluate_tiny --quantize int4 --group_size 32 --bpb_only   # a quantized model's bits per byte
 
 Two measurements, each beside a baseline computed from the training files:
 
@@ -45,6 +46,8 @@ import torch.nn.functional as F
 from codellama import Llama, Tokenizer, Transformer, load_model
 from codellama.generation import DEFAULT_CKPT_DIR
 from codellama.prompts import infilling_prompt_tokens
+from codellama.quantize import GROUP_SIZES, SCHEMES, QuantConfig
+from codellama.runtime import DTYPES
 from training.data import line_chunks, load_corpus
 
 
@@ -279,6 +282,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--suffix_tokens", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--quantize", default=None, choices=SCHEMES, help="weight-only quantization as it loads")
+    parser.add_argument("--group_size", type=int, default=None, choices=GROUP_SIZES, help="int4 only")
+    parser.add_argument("--bpb_only", action="store_true", help="measure bits per byte only (no infilling)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--show", type=int, default=0, help="print this many infilling cases")
     args = parser.parse_args(argv)
@@ -292,10 +299,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               f"differ from the model card's: {corpus.missing_heldout}", file=sys.stderr)
     ckpt_dir = Path(args.ckpt_dir)
     tok = Tokenizer(ckpt_dir / "tokenizer.model")
-    model = load_model(ckpt_dir, device=args.device, dtype=torch.float32)
+    quantize = QuantConfig(args.quantize, args.group_size) if args.quantize else None
+    model = load_model(ckpt_dir, device=args.device, dtype=args.dtype, quantize=quantize)
     heldout, train = corpus.heldout, list(corpus.library.values())
 
     loss = measure_loss(model, tok, list(heldout.values()), train, args.seq_len, args.batch_size)
+    if args.bpb_only:
+        what = f"{args.dtype}" + (f", {quantize.describe()}" if quantize else "")
+        print(f"held-out: {len(heldout)} files, {loss.bytes} bytes, {loss.tokens} tokens ({ckpt_dir}, {what})")
+        print(f"bits per byte: {loss.model_bits_per_byte:.4f} (unigram baseline {loss.unigram_bits_per_byte:.3f})")
+        return
     generator = Llama(model, tok, max_seq_len=args.seq_len, max_batch_size=args.batch_size)
     cases = infill_cases(tok, heldout, args.lines, args.seed, args.prefix_tokens, args.suffix_tokens)
     baseline = most_common_line(train)
