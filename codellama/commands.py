@@ -53,11 +53,16 @@ def example_parser(description: str, *, temperature: float, top_p: float, max_se
     p.add_argument("--speculate", default=None, choices=SPECULATE_CHOICES,
                    help="speculative decoding: prompt lookup, or a draft model (--draft_ckpt_dir); output unchanged")
     p.add_argument("--draft_ckpt_dir", default=None, help="the draft model for --speculate draft (same tokenizer)")
+    add_quantize_flags(p)
+    return p
+
+
+def add_quantize_flags(p: argparse.ArgumentParser) -> None:
+    """``--quantize`` and ``--group_size`` (the examples' and the server's); read them with ``quantize_option``."""
     p.add_argument("--quantize", default=None, choices=SCHEMES,
                    help="weight-only quantization as the checkpoint loads (a quantized checkpoint needs none)")
-    p.add_argument("--group_size", type=int, default=None, choices=GROUP_SIZES,
+    p.add_argument("--group_size", "--group-size", type=int, default=None, choices=GROUP_SIZES,
                    help=f"int4 only: inputs per scale (default {DEFAULT_GROUP_SIZE})")
-    return p
 
 
 def quantize_option(args: argparse.Namespace) -> Optional[QuantConfig]:

@@ -29,7 +29,8 @@ ALLOWED = {
     "engine": {"model", "distributed", "sampling", "tokenizer"},  # never the server, generation or speculation
     "speculative": {"engine", "model", "distributed", "sampling"},
     # The server stands on generation and the engine; no protocol logic below it (nothing imports serve).
-    "serve": {"serve", "engine", "generation", "prompts", "tokenizer", "checkpoint", "ops", "runtime", "speculative"},
+    "serve": {"serve", "engine", "generation", "prompts", "tokenizer", "checkpoint", "ops", "runtime", "speculative",
+              "commands"},
 }
 
 

@@ -433,15 +433,19 @@ def test_shutdown_ends_in_flight_streams_and_leaves_no_thread(tiny):
 
 
 def test_the_command_line_builds_the_llamas_own_engine_with_speculation(tiny):
-    """``python -m codellama.serve --speculate prompt``: the server's engine is the Llama's, queue bound and
-    speculator included, and a completion through it is the plain greedy one."""
+    """``python -m codellama.serve --speculate prompt --quantize int8``: the server's engine is the Llama's, queue
+    bound, quantized weights and speculator included, and a completion through it is the plain greedy one."""
     from codellama.serve.__main__ import build_service, parser
     from codellama.speculative import PromptLookup
     args = parser().parse_args(["--max_seq_len", str(MAX_SEQ_LEN), "--max_waiting", "3", "--speculate", "prompt",
-                                "--device", "cpu"])
+                                "--device", "cpu", "--quantize", "int8"])
     service = build_service(args)
     assert isinstance(service.engine.speculator, PromptLookup) and service.engine.max_waiting == 3
+    from codellama.quantize import model_quantization
+    assert model_quantization(service.engine.model) == "int8"
     with running(service) as handle, httpx.Client(base_url=handle.url, timeout=30) as client:
         body = {"model": NAME, "prompt": PROMPTS[0] * 3, "max_tokens": N, "temperature": 0}
         text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
-    assert text == completed(tiny, PROMPTS[0] * 3)
+    quantized = Llama(service.engine.model, tiny.tokenizer, MAX_SEQ_LEN, 1)
+    [tokens], _ = quantized.generate([tiny.tokenizer.encode(PROMPTS[0] * 3, bos=True, eos=False)], N, temperature=0)
+    assert text == tiny.tokenizer.decode_infilling(tokens)  # speculation changes nothing

@@ -16,6 +16,7 @@ import sys
 from typing import List, Optional
 
 from ..checkpoint import BUNDLED_CKPT_DIR
+from ..commands import add_quantize_flags, quantize_option
 from ..generation import Llama
 from ..ops import ATTENTION_CHOICES
 from ..runtime import DTYPES
@@ -55,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
                    help="speculative decoding: prompt lookup, or a draft model (--draft_ckpt_dir); output unchanged")
     p.add_argument("--draft_ckpt_dir", "--draft-ckpt-dir", default=None,
                    help="the draft model for --speculate draft (same tokenizer)")
+    add_quantize_flags(p)
     return p
 
 
@@ -70,7 +72,8 @@ def build_service(args: argparse.Namespace) -> ModelService:
         raise ValueError("the server runs in one process: start it with python, not torchrun")
     llama = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size,
                         device=args.device, dtype=args.dtype, attention=args.attention, compile=args.compile,
-                        speculate=args.speculate, draft_ckpt_dir=args.draft_ckpt_dir, max_waiting=args.max_waiting)
+                        speculate=args.speculate, draft_ckpt_dir=args.draft_ckpt_dir, max_waiting=args.max_waiting,
+                        quantize=quantize_option(args))
     return ModelService(llama.engine, llama.tokenizer, args.model_name or default_name(args.ckpt_dir),
                         chat_format=args.chat_format)
 
