@@ -8,7 +8,8 @@ Prompts come from the tiny model's held-out standard-library files (``training/h
               is asked to write it out again (a refactor rewrites most of what it was given)
   open-ended  the first lines of a held-out file, to be continued (nothing to copy)
 Printed per model and mode: decode tokens/s of plain decoding and with speculation, their ratio, and the
-mean tokens each speculative step produced. Draft speculation pairs each model with its own bf16 copy.
+mean tokens each speculative step produced. Draft speculation pairs each model with its own int8 copy
+(``--draft bf16``: its bf16 copy).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from codellama import Llama, ModelArgs, Tokenizer
 from codellama.checkpoint import BUNDLED_CKPT_DIR
 from codellama.cpu import optimize_for_cpu
 from codellama.engine import Engine, SamplingParams
+from codellama.quantize import quantize_model
 from codellama.speculative import DraftModel, PromptLookup
 from codellama.testing import random_model
 
@@ -73,10 +75,12 @@ def decode_rate(engine: Engine, prompts: List[List[int]], new_tokens: int) -> fl
     return tokens / seconds
 
 
-def bf16_copy(model):
-    copy = random_model(model.args, dtype=torch.bfloat16)
-    copy.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
-    return optimize_for_cpu(copy)
+def draft_copy(model, kind: str):
+    """The model's own bf16 or int8 (weight-only, per channel) copy, laid out for this CPU as loading does."""
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    copy = random_model(model.args, dtype=dtype)
+    copy.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()})
+    return optimize_for_cpu(quantize_model(copy, "int8") if kind == "int8" else copy)
 
 
 def main() -> None:
@@ -85,6 +89,7 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["prompt", "draft"], choices=["prompt", "draft"])
     p.add_argument("--n", type=int, default=6, help="prompts per kind")
     p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--draft", choices=["int8", "bf16"], default="int8", help="the draft: the model's own copy in")
     a = p.parse_args()
     tok = Tokenizer(f"{BUNDLED_CKPT_DIR}/tokenizer.model")
     kinds = {"editing": editing_prompts(a.n), "open-ended": open_ended_prompts(a.n)}
@@ -106,7 +111,7 @@ def main() -> None:
             want = [plain.submit(q, SamplingParams(temperature=0, max_tokens=a.new_tokens)).result().tokens
                     for q in prompts]
             for mode in a.modes:
-                spec = PromptLookup() if mode == "prompt" else DraftModel(bf16_copy(model), 1, max_seq_len)
+                spec = PromptLookup() if mode == "prompt" else DraftModel(draft_copy(model, a.draft), 1, max_seq_len)
                 engine = Engine(model, max_batch_size=1, max_seq_len=max_seq_len, speculator=spec)
                 decode_rate(engine, prompts[:1], 8)
                 engine.speculation.update(steps=0, proposed=0, accepted=0)
@@ -115,7 +120,8 @@ def main() -> None:
                        for q in prompts]
                 s = engine.speculation
                 per_step = (s["accepted"] + s["steps"]) / max(s["steps"], 1)
-                print(f"| {name} | {mode} | {kind} | {base:.1f} | {rate:.1f} | **{rate / base:.2f}×** | "
+                label = mode if mode == "prompt" else f"draft ({a.draft} copy)"
+                print(f"| {name} | {label} | {kind} | {base:.1f} | {rate:.1f} | **{rate / base:.2f}×** | "
                       f"{per_step:.2f} | {'yes' if got == want else 'NO'} |", flush=True)
 
 
