@@ -9,9 +9,8 @@ and accuracy against fp32 on random models with Code Llama 7B's proportions.
 time for 1) / (N − 1), each through the library's ``Llama.generate``), for fp32, bf16, int8 and int4 g32
 (activations bf16; the output layer in bf16 unless "+out"), against this library's fp32 in the same run
 and, when ``llama-cpp-python`` is installed (a test-only peer, never a dependency), against llama.cpp on
-the same weights: written as a Hugging Face checkpoint by this library (``save_hf``, what ``convert --to
-hf`` writes), turned into GGUF with the ``gguf`` package as llama.cpp's ``convert_hf_to_gguf.py`` does
-(F32), and quantized by llama.cpp's own quantizer (BF16, Q8_0, Q4_0; its Q4_0 keeps the output layer in
+the same weights: written as an F32 GGUF file with the ``gguf`` package (``gguf_export.py``), and
+quantized by llama.cpp's own quantizer (BF16, Q8_0, Q4_0; its Q4_0 keeps the output layer in
 Q6_K). Pairs: fp32 ↔ F32, bf16 ↔ BF16, int8 ↔ Q8_0, int4 ↔ Q4_0; the two are timed in alternating rounds
 and the ratio is the median of the rounds' ratios. "util" is the bytes one decode step
 reads (every weight but the embedding, in its stored format, plus the KV cache) per second over the
@@ -37,11 +36,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_generate import SIZES, _Vocab, timed  # noqa: E402
+from gguf_export import write_gguf  # noqa: E402
 
 from codellama import Llama, ModelArgs  # noqa: E402
 from codellama.cpu import bf16_path, optimize_for_cpu, pack_weight  # noqa: E402
 from codellama.quantize import QuantConfig, quantize_model  # noqa: E402
-from codellama.save import save_hf  # noqa: E402
 from codellama.testing import random_model  # noqa: E402
 
 # name → (model dtype, quantization): what each row of the table runs
@@ -101,88 +100,6 @@ def read_bandwidth(repeat: int = 5) -> float:
 
 
 # ----------------------------------------------------------------------------- llama.cpp on the same weights
-_GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.down_proj": "ffn_down",
-               "mlp.up_proj": "ffn_up", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-_GGUF_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-
-
-def gguf_name(hf_name: str) -> str:
-    """llama.cpp's name for a Hugging Face Llama tensor (``model.layers.3.mlp.up_proj.weight`` → ``blk.3.ffn_up.weight``)."""
-    if hf_name in _GGUF_TOP:
-        return _GGUF_TOP[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    return f"blk.{layer}.{_GGUF_LAYER[rest.removesuffix('.weight')]}.weight"
-
-
-def hf_to_gguf(hf_dir: str, out_path: str) -> None:
-    """An F32 GGUF file of a Hugging Face Llama checkpoint, as llama.cpp's ``convert_hf_to_gguf.py`` writes one.
-
-    q/k rows go back from HF's rotate-half order to the interleaved pairs llama.cpp's "llama" RoPE uses
-    (``LlamaModel.permute`` there). Without a ``tokenizer.model`` the vocabulary is placeholder pieces:
-    token ids are what the benchmark feeds, so only their number matters.
-    """
-    import gguf
-    import numpy as np
-    from safetensors import safe_open
-
-    from codellama.checkpoint import permute_from_hf
-    from codellama.config import ModelArgs as Args
-
-    args = Args.from_hf_config(os.path.join(hf_dir, "config.json"))
-    w = gguf.GGUFWriter(out_path, "llama")
-    w.add_context_length(4096)
-    w.add_embedding_length(args.dim)
-    w.add_block_count(args.n_layers)
-    w.add_feed_forward_length(args.hidden_dim)
-    w.add_rope_dimension_count(args.head_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.kv_heads)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _add_vocab(w, hf_dir, args.vocab_size)
-    with safe_open(os.path.join(hf_dir, "model.safetensors"), framework="pt") as f:
-        for name in f.keys():
-            t = f.get_tensor(name).float()
-            if name.endswith("q_proj.weight"):
-                t = permute_from_hf(t, args.n_heads)
-            elif name.endswith("k_proj.weight"):
-                t = permute_from_hf(t, args.kv_heads)
-            w.add_tensor(gguf_name(name), np.ascontiguousarray(t.numpy()))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def _add_vocab(w, hf_dir: str, vocab_size: int) -> None:
-    """SentencePiece pieces from ``tokenizer.model`` when there is one, else unk/bos/eos, 256 byte pieces and fillers."""
-    import gguf
-    path = os.path.join(hf_dir, "tokenizer.model")
-    if os.path.isfile(path):
-        from sentencepiece import SentencePieceProcessor
-        sp = SentencePieceProcessor(model_file=path)
-        pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
-        scores = [sp.get_score(i) for i in range(sp.vocab_size())]
-        types = [gguf.TokenType.CONTROL if sp.is_control(i) else gguf.TokenType.BYTE if sp.is_byte(i) else
-                 gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.NORMAL for i in range(sp.vocab_size())]
-    else:
-        pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-        types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
-        pieces += [f"piece{i}" for i in range(vocab_size - len(pieces))]
-        types += [gguf.TokenType.NORMAL] * (vocab_size - len(types))
-        scores = [0.0] * vocab_size
-    w.add_tokenizer_model("llama")
-    w.add_token_list(pieces)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-
-
 def llama_cpp_quantize(src: str, dst: str, kind: str) -> None:
     """``kind`` (BF16, Q8_0, Q4_0) of an F32 GGUF file, by llama.cpp's own quantizer."""
     import llama_cpp
@@ -262,11 +179,9 @@ def _quiet_logs():
 
 
 def llama_cpp_files(model, workdir: str) -> Dict[str, str]:
-    """The model as GGUF files for llama.cpp: F32 through our HF export, BF16/Q8_0/Q4_0 by its quantizer."""
-    hf_dir = os.path.join(workdir, "hf")
-    save_hf({k: v.float() for k, v in model.state_dict().items()}, model.args, hf_dir)
+    """The model as GGUF files for llama.cpp: F32 written from its state dict, BF16/Q8_0/Q4_0 by llama.cpp's quantizer."""
     files = {"F32": os.path.join(workdir, "f32.gguf")}
-    hf_to_gguf(hf_dir, files["F32"])
+    write_gguf(files["F32"], {k: v.float() for k, v in model.state_dict().items()}, model.args)
     for kind in LLAMA_FTYPES:
         files[kind] = os.path.join(workdir, f"{kind.lower()}.gguf")
         llama_cpp_quantize(files["F32"], files[kind], kind)

@@ -36,6 +36,7 @@ import httpx
 import torch
 
 from bench_generate import SIZES
+from gguf_export import write_gguf
 from codellama import ModelArgs, Tokenizer
 from codellama.checkpoint import BUNDLED_CKPT_DIR
 from codellama.runtime import parse_dtype
@@ -63,53 +64,6 @@ def write_checkpoint(out_dir: str, args: ModelArgs, dtype: torch.dtype, tokenize
     with open(tokenizer_path, "rb") as src, open(os.path.join(out_dir, "tokenizer.model"), "wb") as dst:
         dst.write(src.read())
     return state
-
-
-def write_gguf(path: str, state: Dict[str, torch.Tensor], args: ModelArgs, tokenizer: Tokenizer, context: int) -> None:
-    """The same weights for llama.cpp (architecture "llama"). Meta's q/k layout is llama.cpp's own (pairs of
-    adjacent channels rotate together), so no permutation; norms are stored in F32 as llama.cpp requires."""
-    import gguf
-    import numpy as np
-
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_context_length(context)
-    w.add_embedding_length(args.dim)
-    w.add_block_count(args.n_layers)
-    w.add_feed_forward_length(args.hidden_dim)
-    w.add_rope_dimension_count(args.head_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.kv_heads)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_rope_freq_base(args.rope_theta)
-    bf16 = next(iter(state.values())).dtype == torch.bfloat16
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.ALL_F32)
-    sp = tokenizer.sp_model
-    kinds = gguf.TokenType
-    w.add_tokenizer_model("llama")
-    w.add_token_list([sp.id_to_piece(i).encode() for i in range(sp.vocab_size())])
-    w.add_token_scores([sp.get_score(i) for i in range(sp.vocab_size())])
-    w.add_token_types([kinds.UNKNOWN if sp.is_unknown(i) else kinds.CONTROL if sp.is_control(i)
-                       else kinds.BYTE if sp.is_byte(i) else kinds.NORMAL for i in range(sp.vocab_size())])
-    w.add_bos_token_id(tokenizer.bos_id)
-    w.add_eos_token_id(tokenizer.eos_id)
-    w.add_unk_token_id(sp.unk_id())
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    names = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output", "attention.wq": "attn_q",
-             "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
-             "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up",
-             "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
-    for key, tensor in state.items():
-        parts = key[:-len(".weight")].split(".")
-        name = (f"blk.{parts[1]}.{names['.'.join(parts[2:])]}" if parts[0] == "layers" else names[parts[0]]) + ".weight"
-        if tensor.dim() == 1 or not bf16:
-            w.add_tensor(name, tensor.float().numpy())
-        else:  # bf16 bits as uint16, which is how gguf stores BF16
-            w.add_tensor(name, tensor.view(torch.int16).numpy().view(np.uint16), raw_dtype=gguf.GGMLQuantizationType.BF16)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 # ----------------------------------------------------------------------------- servers
@@ -266,7 +220,7 @@ def main() -> None:
             peer_results, peer_text = None, None
         else:
             gguf_path = os.path.join(tmp, "model.gguf")
-            write_gguf(gguf_path, state, args, tokenizer, context)
+            write_gguf(gguf_path, state, args, tokenizer_path, context)
             del state
             peer = ServerProcess([sys.executable, "-m", "llama_cpp.server", "--model", gguf_path, "--port", "0",
                                   "--host", "127.0.0.1", "--n_ctx", str(context), "--n_threads", str(a.threads),

@@ -345,7 +345,7 @@ def section_engine(s: Scale, report: Report) -> None:
     engine = Engine(model, max_batch_size=n, max_seq_len=512)
     prompts = [[1] + [(7 * i + j) % (margs.vocab_size - 3) + 3 for j in range(100 + 5 * i)] for i in range(n)]
     decode_rate(engine, prompts[:2], 4)  # warm-up
-    threads, rates = [], []
+    threads = []
     start = time.perf_counter()
     results = []
 
