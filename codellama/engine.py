@@ -35,11 +35,12 @@ import torch
 
 from .model import KVCache, Transformer
 from .distributed import local_heads
-from .sampling import check_sampling_args, sample, token_logprobs
+from .sampling import TopLogprobs, check_sampling_args, sample, token_logprobs, top_logprobs
 from .tokenizer import TextStream
 
 HEARTBEAT_S = 30.0  # an idle tensor-parallel server sends its followers an empty plan this often
 MIN_REUSE = 16  # a cached prefix shorter than this (or than the whole prompt) does not choose the slot
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API allows
 FINISH_REASONS = ("stop", "length", "cancelled")  # and "error" when a step failed (``Request.error`` says why)
 
 
@@ -51,6 +52,10 @@ class EngineStopped(RuntimeError):
     """The engine was stopped; it takes no more requests."""
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 # ----------------------------------------------------------------------------- requests
 @dataclass(frozen=True)
 class SamplingParams:
@@ -60,7 +65,8 @@ class SamplingParams:
     tokens (None: until the context is full); generation stops at any of ``stop_token_ids`` (not
     returned) or when the decoded text contains one of ``stop`` (the text is cut before it).
     ``logprobs`` records each new token's log-probability, ``prompt_logprobs`` those of the prompt's
-    tokens (0.0 for the first). ``seed`` makes sampling reproducible whatever shares the batch.
+    tokens (0.0 for the first); ``top_logprobs`` (0 … 20) also records, with either, the most likely tokens at
+    each position and their log-probabilities. ``seed`` makes sampling reproducible whatever shares the batch.
     """
 
     temperature: float = 0.6
@@ -71,6 +77,7 @@ class SamplingParams:
     stop: Tuple[str, ...] = ()
     logprobs: bool = False
     prompt_logprobs: bool = False
+    top_logprobs: int = 0
     seed: Optional[int] = None
 
     def __post_init__(self):
@@ -90,25 +97,33 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {self.top_logprobs!r}")
+        if self.top_logprobs and not (self.logprobs or self.prompt_logprobs):
+            raise ValueError("top_logprobs needs logprobs=True or prompt_logprobs=True (it says which tokens were "
+                             "likeliest where log-probabilities are recorded)")
 
 
 @dataclass
 class Event:
     """What one step produced for one request: a token (None on the final event of a request that
     produced none), the new text (may be empty while text that could start a stop string is held
-    back), its log-probability, and the finish reason on the last event."""
+    back), its log-probability and the likeliest tokens there (with ``top_logprobs``), and the finish
+    reason on the last event."""
 
     token: Optional[int]
     text: str
     logprob: Optional[float] = None
     finish_reason: Optional[str] = None
+    top_logprobs: Optional[TopLogprobs] = None
 
 
 class Request:
     """A submitted request: iterate it for its events as they are produced, or call ``result()``.
 
     After it finishes: ``tokens`` (new tokens, without a stop token), ``text``, ``logprobs``,
-    ``prompt_logprobs``, ``finish_reason`` (one of :data:`FINISH_REASONS`), ``cached_tokens`` (the part of
+    ``prompt_logprobs``, ``top_logprobs`` and ``prompt_top_logprobs`` (None for the first prompt token),
+    ``finish_reason`` (one of :data:`FINISH_REASONS`), ``cached_tokens`` (the part of
     the prompt reused from the cache) and timings. Closing the iterator early, or ``cancel()``, frees
     its slot at the next step.
     """
@@ -121,6 +136,9 @@ class Request:
         self.tokens: List[int] = []
         self.logprobs: List[float] = []
         self.prompt_logprobs: Optional[List[float]] = [0.0] if params.prompt_logprobs else None
+        self.top_logprobs: List[TopLogprobs] = []
+        self.prompt_top_logprobs: Optional[List[Optional[TopLogprobs]]] = (
+            [None] if params.prompt_logprobs and params.top_logprobs else None)
         self.finish_reason: Optional[str] = None
         self.error: Optional[BaseException] = None  # why the engine failed this request (finish reason "error")
         self.cached_tokens = 0
@@ -638,6 +656,8 @@ class Engine:
                         if nxt:
                             lp = token_logprobs(logits[0, :len(nxt)], torch.tensor(nxt, device=logits.device))
                             r.prompt_logprobs.extend(lp.tolist())
+                            if r.prompt_top_logprobs is not None:
+                                r.prompt_top_logprobs.extend(top_logprobs(logits[0, :len(nxt)], r.params.top_logprobs))
                 if not f.sample:
                     continue
                 last = logits[:, -1] if f.all_logits else logits  # (1, V)
@@ -649,8 +669,8 @@ class Engine:
                         continue
                     self._slots[r.slot].cached.extend(v.fed)
                     r.computed += len(v.fed)
-                    for token, lp in itertools.zip_longest(v.out, v.logprobs):
-                        self._accept(r, token, lp)
+                    for token, lp, top in itertools.zip_longest(v.out, v.logprobs, v.top_logprobs):
+                        self._accept(r, token, lp, top)
                         if r.done:
                             break
                 continue
@@ -679,9 +699,11 @@ class Engine:
             if r.limit <= 0:  # prompt logprobs only: nothing to generate
                 self._finish(r, "length")
                 continue
-            self._accept(r, t, lps[j] if lps is not None else None)
+            want_top = r.params.logprobs and r.params.top_logprobs
+            top = top_logprobs(logits[j:j + 1], r.params.top_logprobs)[0] if want_top else None
+            self._accept(r, t, lps[j] if lps is not None else None, top)
 
-    def _accept(self, r: Request, token: int, logprob: Optional[float]) -> None:
+    def _accept(self, r: Request, token: int, logprob: Optional[float], top: Optional[TopLogprobs] = None) -> None:
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
         if token in r.params.stop_token_ids:
@@ -690,16 +712,18 @@ class Engine:
         r.tokens.append(token)
         if r.params.logprobs:
             r.logprobs.append(logprob)
+            if r.params.top_logprobs:
+                r.top_logprobs.append(top)
+        else:
+            top = None
         text, stopped = r._detok.push(token) if r._detok is not None else ("", False)
+        r._emit(Event(token, text, logprob, top_logprobs=top))
         if stopped:
-            r._emit(Event(token, text, logprob))
             self._finish(r, "stop")
             return
         if len(r.tokens) >= r.limit:
-            r._emit(Event(token, text, logprob))
             self._finish(r, "length")
             return
-        r._emit(Event(token, text, logprob))
         r.pending = token
 
     def _finish(self, r: Request, reason: str) -> None:
@@ -776,7 +800,3 @@ class Engine:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             fn = self._compiled[length] = torch.compile(decode, mode=mode, dynamic=False)
         return fn
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -83,3 +83,13 @@ def _tempered_probs(logits: torch.Tensor, temperature: float, top_k: Optional[in
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Log-probabilities (…,) of ``tokens`` (…,) under the raw (untempered) ``logits`` (…, V), as the reference reports them."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+TopLogprobs = List[Tuple[int, float]]  # (token id, log-probability), most likely first
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> List[TopLogprobs]:
+    """The ``k`` most likely tokens of each row of ``logits`` (rows, V) with their log-probabilities, under the
+    same raw distribution as :func:`token_logprobs`."""
+    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]

@@ -28,7 +28,7 @@ import torch
 from .engine import Request
 from .model import KVCache, Transformer
 from .distributed import local_heads
-from .sampling import sampling_probs, token_logprobs
+from .sampling import TopLogprobs, sampling_probs, token_logprobs, top_logprobs
 
 SPECULATE_CHOICES = ("prompt", "draft")
 
@@ -45,12 +45,13 @@ class Proposal:
 @dataclass
 class Verified:
     """What the target made of one row's proposal: the tokens to feed into the cache (the pending token and
-    the accepted proposals), the tokens it outputs (the accepted ones plus its own next one) and their
-    log-probabilities."""
+    the accepted proposals), the tokens it outputs (the accepted ones plus its own next one), their
+    log-probabilities and, when the request asks, the likeliest tokens at each."""
 
     fed: List[int]
     out: List[int]
     logprobs: List[float] = field(default_factory=list)
+    top_logprobs: List[TopLogprobs] = field(default_factory=list)
     proposed: int = 0
 
 
@@ -110,10 +111,12 @@ class Speculator:
             k = len(prop.tokens)
             n, nxt = verify(logits[j, :k + 1], prop, r)
             emitted = prop.tokens[:n] + [nxt]
-            lps = []
+            lps, tops = [], []
             if r.params.logprobs:
                 lps = token_logprobs(logits[j, :n + 1], torch.tensor(emitted, device=logits.device)).tolist()
-            out.append(Verified([r.pending] + prop.tokens[:n], emitted, lps, proposed=k))
+                if r.params.top_logprobs:
+                    tops = top_logprobs(logits[j, :n + 1], r.params.top_logprobs)
+            out.append(Verified([r.pending] + prop.tokens[:n], emitted, lps, tops, proposed=k))
         return out
 
 

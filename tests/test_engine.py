@@ -249,9 +249,38 @@ def test_bad_requests_are_refused_clearly(tiny):
                        (dict(stop=[""]), "non-empty"), (dict(seed=1.5), "seed"), (dict(logprobs=1), "logprobs")):
         with pytest.raises(ValueError, match=match):
             SamplingParams(**bad)
+    for bad, match in ((dict(logprobs=True, top_logprobs=21), "0 to 20"), (dict(logprobs=True, top_logprobs=True),
+                        "top_logprobs must be an integer"), (dict(top_logprobs=3), "needs logprobs=True")):
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(**bad)
     engine.submit([1, 2], GREEDY)
     with pytest.raises(EngineFull, match="max_waiting=1"):
         engine.submit([1, 3], GREEDY)
+
+
+# ----------------------------------------------------------------------------- log-probabilities
+def test_top_logprobs_are_the_model_s_likeliest_tokens(tiny):
+    k, prompt = 5, encode(tiny, PROMPTS[1])
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=True, prompt_logprobs=True, top_logprobs=k)
+    r = fresh(tiny).submit(prompt, params)
+    events = [e for e in r if e.token is not None]
+    ids = prompt + r.tokens
+    # The reference: one forward of the whole sequence through the model (no engine, no cache reuse).
+    with torch.inference_mode():
+        ref = torch.log_softmax(tiny.model(torch.tensor([ids]), 0).float(), dim=-1)[0]  # (len, V)
+    assert len(r.top_logprobs) == len(r.tokens) == len(events)
+    for i, (token, lp, top) in enumerate(zip(r.tokens, r.logprobs, r.top_logprobs)):
+        row = ref[len(prompt) - 1 + i]
+        values, best = row.topk(k)
+        assert [t for t, _ in top] == best.tolist()
+        assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
+        assert top[0] == (token, pytest.approx(lp, abs=1e-6))  # greedy: the chosen token is the likeliest
+        assert events[i].top_logprobs == top
+    assert r.prompt_top_logprobs[0] is None and len(r.prompt_top_logprobs) == len(prompt)
+    for pos in range(1, len(prompt)):
+        assert [t for t, _ in r.prompt_top_logprobs[pos]] == ref[pos - 1].topk(k).indices.tolist()
+    plain = fresh(tiny).submit(prompt, SamplingParams(temperature=0, max_tokens=12, logprobs=True)).result()
+    assert plain.tokens == r.tokens and plain.top_logprobs == [] and plain.prompt_top_logprobs is None
 
 
 # ----------------------------------------------------------------------------- memory, threads, compile

@@ -178,6 +178,45 @@ def test_openai_prompts_choices_echo_and_logprobs(tiny, oai):
     assert out.choices[0].text == PROMPTS[0] + completed(tiny, PROMPTS[0], 8) == out.choices[1].text
 
 
+def test_openai_top_logprobs_name_the_likeliest_tokens(tiny, oai):
+    """Completions' ``logprobs: N`` and chat's ``top_logprobs``: the N likeliest tokens at each position, greedy's
+    choice among them with the largest value; streamed the same as whole."""
+    out = oai.completions.create(model=NAME, prompt=PROMPTS[1], logprobs=3, max_tokens=8, temperature=0)
+    lp = out.choices[0].logprobs
+    assert len(lp.top_logprobs) == len(lp.tokens) == 8
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 3 <= len(top) <= 4 and all(v <= 0 for v in top.values())
+        assert max(top.values()) == pytest.approx(value)  # greedy chose the likeliest
+    streamed = [c.choices[0].logprobs for c in oai.completions.create(
+        model=NAME, prompt=PROMPTS[1], logprobs=3, max_tokens=8, temperature=0, stream=True) if c.choices[0].logprobs]
+    assert [t for c in streamed for t in c.top_logprobs] == lp.top_logprobs
+    echoed = oai.completions.create(model=NAME, prompt=PROMPTS[1], logprobs=2, echo=True, max_tokens=4, temperature=0)
+    tops = echoed.choices[0].logprobs.top_logprobs
+    assert tops[0] is None and all(2 <= len(t) <= 3 for t in tops[1:])
+    assert len(tops) == len(tiny.tokenizer.encode(PROMPTS[1], bos=True, eos=False)) + 4
+
+    chat = oai.chat.completions.create(model=NAME, messages=DIALOG, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 6
+    for entry in content:
+        values = [alt.logprob for alt in entry.top_logprobs]
+        assert len(values) == 3 and values == sorted(values, reverse=True)
+        assert values[0] == pytest.approx(entry.logprob)
+        assert all(alt.bytes == list(alt.token.encode()) for alt in entry.top_logprobs)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        oai.chat.completions.create(model=NAME, messages=DIALOG, max_tokens=2, top_logprobs=3)
+
+
+def test_alternative_token_texts(tiny):
+    service = make_service(tiny, max_batch_size=1)
+    sp = tiny.tokenizer.sp_model
+    assert service.piece_text(sp.piece_to_id("<0x0A>")) == "\n"
+    assert service.piece_text(sp.piece_to_id("<0xE2>")) == "bytes:\\xe2"
+    word = next(i for i in range(sp.vocab_size()) if sp.id_to_piece(i).startswith("\u2581") and len(sp.id_to_piece(i)) > 2)
+    assert service.piece_text(word) == " " + sp.id_to_piece(word)[1:]
+
+
 def test_openai_token_prompt_and_sampled_choices(tiny, oai):
     ids = tiny.tokenizer.encode(PROMPTS[1], bos=True, eos=False)
     out = oai.completions.create(model=NAME, prompt=ids, max_tokens=8, temperature=0)

@@ -60,6 +60,19 @@ def test_greedy_is_token_identical_for_a_ragged_batch(tiny, draft, mode):
     assert engine.speculation["steps"] < sum(lengths) / 2
 
 
+def test_log_probabilities_of_accepted_proposals_are_the_plain_ones(tiny):
+    params = [greedy(40, logprobs=True, top_logprobs=3)] * len(PROMPTS)
+    plain, _ = run(tiny, None, PROMPTS, params)
+    spec, engine = run(tiny, PromptLookup(), PROMPTS, params)
+    assert engine.speculation["accepted"] > 10
+    for a, b in zip(plain, spec):
+        assert a.tokens == b.tokens
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+        assert [[t for t, _ in top] for top in b.top_logprobs] == [[t for t, _ in top] for top in a.top_logprobs]
+        assert [v for top in b.top_logprobs for _, v in top] == pytest.approx(
+            [v for top in a.top_logprobs for _, v in top], abs=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["prompt", "draft"])
 def test_stops_inside_a_proposal(tiny, draft, mode):
     plain, _ = run(tiny, None, [EDIT], [greedy(60)])

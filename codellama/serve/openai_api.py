@@ -2,8 +2,11 @@
 /v1/chat/completions`` and ``GET /v1/models``, streamed as server-sent events ending with ``data: [DONE]``.
 
 Field names and shapes follow OpenAI's API reference. Defaults are OpenAI's (``max_tokens`` 16 for
-completions, temperature and top-p 1). ``logprobs`` gives each token's log-probability; the engine records
-only the chosen token's, so ``top_logprobs`` is null (completions) or empty (chat).
+completions, temperature and top-p 1). Log-probabilities are those of the model's raw distribution:
+completions' ``logprobs: N`` gives each token's and, in ``top_logprobs``, the N likeliest tokens at each
+position (the chosen one added when it is not among them, as OpenAI does); chat's ``logprobs: true`` with
+``top_logprobs: N`` (0 … 20) the same in the chat shape. An alternative token's text is its piece alone
+(``bytes:\\xNN`` for a byte that is not a whole character).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from ..engine import Request as EngineRequest
-from ..engine import SamplingParams
+from ..engine import SamplingParams, TopLogprobs
 from .service import Generation, ModelService, Prompt, ServiceError, sampling
 from .web import SSE, Body, Stream, json_body, results, service_of, sse, start
 
@@ -74,6 +77,7 @@ class ChatBody(Body):
     stream: bool = False
     stream_options: StreamOptions = StreamOptions()
     logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     stop: Union[str, List[str]] = []
     seed: Optional[int] = None
 
@@ -96,11 +100,12 @@ async def completions(request: Request, body: CompletionBody = json_body(Complet
     service = service_of(request)
     service.check_model(body.model)
     prompts = _completion_prompts(service, body)
-    choices = [_params(body, body.max_tokens, j, logprobs=body.logprobs is not None) for j in range(body.n)]
+    choices = [_params(body, body.max_tokens, j, logprobs=body.logprobs is not None, top=body.logprobs or 0)
+               for j in range(body.n)]
     generation = start(request, [(p, params) for p in prompts for params in choices])
     reply = _Reply("cmpl", "text_completion", service.name)
     if body.stream:
-        return Stream(_completion_stream(reply, generation, body), SSE, generation)
+        return Stream(_completion_stream(service, reply, generation, body), SSE, generation)
     requests = await results(request, generation)
     return reply.body([_completion_choice(service, k, p, r, body) for k, (p, r) in
                        enumerate(zip(generation.prompts, requests))], usage=_usage(generation))
@@ -110,12 +115,15 @@ async def completions(request: Request, body: CompletionBody = json_body(Complet
 async def chat_completions(request: Request, body: ChatBody = json_body(ChatBody)):
     service = service_of(request)
     service.check_model(body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ServiceError(400, "top_logprobs needs logprobs: true")
     prompt = service.chat(_dialog(body.messages))
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    generation = start(request, [(prompt, _params(body, max_tokens, j, logprobs=body.logprobs)) for j in range(body.n)])
+    generation = start(request, [(prompt, _params(body, max_tokens, j, logprobs=body.logprobs, top=body.top_logprobs or 0))
+                                 for j in range(body.n)])
     reply = _Reply("chatcmpl", "chat.completion", service.name)
     if body.stream:
-        return Stream(_chat_stream(reply, generation, body), SSE, generation)
+        return Stream(_chat_stream(service, reply, generation, body), SSE, generation)
     requests = await results(request, generation)
     choices = [{"index": k, "message": {"role": "assistant", "content": r.text},
                 "logprobs": _chat_logprobs(service, prompt, r) if body.logprobs else None,
@@ -144,12 +152,12 @@ def _completion_prompts(service: ModelService, body: CompletionBody) -> List[Pro
 
 
 def _params(body: Union[CompletionBody, ChatBody], max_tokens: Optional[int], choice: int, *,
-            logprobs: bool) -> SamplingParams:
+            logprobs: bool, top: int) -> SamplingParams:
     """Sampling of choice ``choice``: a given seed is offset per choice so that the ``n`` choices differ."""
     seed = None if body.seed is None else body.seed + choice
     echo = isinstance(body, CompletionBody) and body.echo
     return sampling(temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens, stop=body.stop, seed=seed,
-                    logprobs=logprobs, prompt_logprobs=logprobs and echo)
+                    logprobs=logprobs, prompt_logprobs=logprobs and echo, top_logprobs=top)
 
 
 def _dialog(messages: List[Message]) -> List[Dict[str, str]]:
@@ -199,32 +207,52 @@ def _completion_choice(service: ModelService, index: int, prompt: Prompt, r: Eng
     if body.logprobs is not None:
         tokens = service.token_texts(r.tokens, prompt.decode)
         values: List[Optional[float]] = list(r.logprobs)
+        tops = [_top_dict(service, t, lp, top) for t, lp, top in zip(r.tokens, r.logprobs, _tops(r.top_logprobs, r.tokens))]
         if body.echo:
             tokens = service.token_texts(prompt.ids) + tokens
             values = [None] + r.prompt_logprobs[1:] + values
-        logprobs = _logprobs(tokens, values)
+            prompt_tops = _tops(r.prompt_top_logprobs, prompt.ids)
+            tops = [None] + [_top_dict(service, t, lp, top) for t, lp, top in
+                             zip(prompt.ids[1:], r.prompt_logprobs[1:], prompt_tops[1:])] + tops
+        logprobs = _logprobs(tokens, values, tops)
     return {"index": index, "text": (prompt.text if body.echo else "") + r.text, "logprobs": logprobs,
             "finish_reason": r.finish_reason}
 
 
-def _logprobs(tokens: List[str], values: List[Optional[float]], offset: int = 0) -> dict:
+def _logprobs(tokens: List[str], values: List[Optional[float]], tops: List[Optional[Dict[str, float]]],
+              offset: int = 0) -> dict:
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": None, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _tops(tops: Optional[List[Optional[TopLogprobs]]], ids: List[int]) -> List[Optional[TopLogprobs]]:
+    """The engine's likeliest tokens per position, or nothing at each (``logprobs: 0`` asks for none)."""
+    return tops if tops else [None] * len(ids)
+
+
+def _top_dict(service: ModelService, token: int, logprob: float, top: Optional[TopLogprobs]) -> Dict[str, float]:
+    """Completions' ``top_logprobs`` entry: alternative text → log-probability, the chosen token always in it."""
+    out = {service.piece_text(t): v for t, v in (top or [])}
+    out.setdefault(service.piece_text(token), logprob)
+    return out
 
 
 def _chat_logprobs(service: ModelService, prompt: Prompt, r: EngineRequest) -> dict:
     texts = service.token_texts(r.tokens, prompt.decode)
-    return {"content": [_chat_token(t, lp) for t, lp in zip(texts, r.logprobs)]}
+    return {"content": [_chat_token(service, t, lp, top) for t, lp, top in
+                        zip(texts, r.logprobs, _tops(r.top_logprobs, r.tokens))]}
 
 
-def _chat_token(text: str, logprob: Optional[float]) -> dict:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": []}
+def _chat_token(service: ModelService, text: str, logprob: Optional[float], top: Optional[TopLogprobs]) -> dict:
+    alternatives = [{"token": (piece := service.piece_text(t)), "logprob": v, "bytes": list(piece.encode())}
+                    for t, v in (top or [])]
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": alternatives}
 
 
-async def _completion_stream(reply: _Reply, generation: Generation, body: CompletionBody) -> AsyncIterator[bytes]:
+async def _completion_stream(service: ModelService, reply: _Reply, generation: Generation, body: CompletionBody) -> AsyncIterator[bytes]:
     def chunk(index: int, text: str, finish: Optional[str] = None, logprobs: Optional[dict] = None) -> bytes:
         return sse(reply.body([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]))
 
@@ -237,7 +265,8 @@ async def _completion_stream(reply: _Reply, generation: Generation, body: Comple
         async for k, event in generation.events():
             logprobs = None
             if body.logprobs is not None and event.token is not None:
-                logprobs = _logprobs([event.text], [event.logprob], offsets[k])
+                top = _top_dict(service, event.token, event.logprob, event.top_logprobs)
+                logprobs = _logprobs([event.text], [event.logprob], [top], offsets[k])
             offsets[k] += len(event.text)
             if event.text or event.finish_reason or logprobs:
                 yield chunk(k, event.text, event.finish_reason, logprobs)
@@ -248,7 +277,7 @@ async def _completion_stream(reply: _Reply, generation: Generation, body: Comple
     yield DONE
 
 
-async def _chat_stream(reply: _Reply, generation: Generation, body: ChatBody) -> AsyncIterator[bytes]:
+async def _chat_stream(service: ModelService, reply: _Reply, generation: Generation, body: ChatBody) -> AsyncIterator[bytes]:
     def chunk(index: int, delta: dict, finish: Optional[str] = None, logprobs: Optional[dict] = None) -> bytes:
         return sse(reply.body([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
                               kind="chat.completion.chunk"))
@@ -259,7 +288,7 @@ async def _chat_stream(reply: _Reply, generation: Generation, body: ChatBody) ->
         async for k, event in generation.events():
             logprobs = None
             if body.logprobs and event.token is not None:
-                logprobs = {"content": [_chat_token(event.text, event.logprob)]}
+                logprobs = {"content": [_chat_token(service, event.text, event.logprob, event.top_logprobs)]}
             if event.text or logprobs:
                 yield chunk(k, {"content": event.text}, logprobs=logprobs)
             if event.finish_reason:

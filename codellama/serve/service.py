@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, List, Optional, Sequence, Tuple
@@ -162,6 +163,16 @@ class ModelService:
             if self.chat_format == "step":
                 return Prompt(step_dialog_prompt_tokens(t, dialog), "", t.decode, (t.step_id,))
             return Prompt(chat_prompt_tokens(t, dialog), "", t.decode, (t.eos_id,))
+
+    def piece_text(self, token: int) -> str:
+        """One token's text on its own, for a list of alternatives: its piece with SentencePiece's word marker
+        as a space; a byte piece is its character, or ``bytes:\\xNN`` when the byte is not a whole character."""
+        piece = self.tokenizer.token_piece(token)
+        byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if byte:
+            value = int(byte.group(1), 16)
+            return chr(value) if value < 0x80 else f"bytes:\\x{value:02x}"
+        return piece.replace("\u2581", " ")
 
     def token_texts(self, ids: Sequence[int], decode: Optional[Callable[[List[int]], str]] = None) -> List[str]:
         """The text each token adds, in order (they join to the decoded text), for log-probabilities."""
