@@ -334,6 +334,7 @@ class Engine:
         self._stepping = False
         self._thread: Optional[threading.Thread] = None
         self._stopped = False
+        self._released = False  # rank 0 has told the followers to stop (once: they are gone after it)
         self.cache: Optional[KVCache] = None  # allocated at the first step, once
         self._compiled: Dict[int, Callable] = {}  # compiled decode step per cache-length bucket
         self.compile = compile
@@ -446,7 +447,8 @@ class Engine:
                 self._wake.wait()
             self._retire_cancelled()
             self._wake.notify_all()
-        if self.world > 1 and self.rank == 0:
+        if self.world > 1 and self.rank == 0 and not self._released:
+            self._released = True
             self.model.tp.broadcast_object(_Plan(stop=True))
 
     def _loop(self) -> None:

@@ -2,8 +2,10 @@
 
     python -m codellama.serve                                   # the bundled tiny model, http://127.0.0.1:8000
     python -m codellama.serve --ckpt_dir CodeLlama-7b/ --max_seq_len 4096 --api-key KEY
+    torchrun --nproc_per_node 4 -m codellama.serve --ckpt_dir CodeLlama-34b/   # tensor parallel, one per shard
 
-The API key may also come from the environment (CODELLAMA_API_KEY), which keeps it out of `ps`.
+Under torchrun rank 0 serves HTTP and schedules; the other ranks run its steps and leave when it stops
+(SIGINT/SIGTERM to torchrun, which passes it on: only rank 0 acts on it). The API key may also come from the environment (CODELLAMA_API_KEY), which keeps it out of `ps`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from typing import List, Optional
 
 from ..checkpoint import BUNDLED_CKPT_DIR
-from ..commands import add_quantize_flags, quantize_option
+from ..commands import add_quantize_flags, quantize_option, run
 from ..generation import Llama
 from ..ops import ATTENTION_CHOICES
 from ..runtime import DTYPES
@@ -68,8 +71,6 @@ def default_name(ckpt_dir: Optional[str]) -> str:
 
 def build_service(args: argparse.Namespace) -> ModelService:
     """Load the model and put an engine with the server's queue bound over it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("the server runs in one process: start it with python, not torchrun")
     llama = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size,
                         device=args.device, dtype=args.dtype, attention=args.attention, compile=args.compile,
                         speculate=args.speculate, draft_ckpt_dir=args.draft_ckpt_dir, max_waiting=args.max_waiting,
@@ -86,15 +87,29 @@ def main(argv: Optional[List[str]] = None) -> None:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if service.engine.rank != 0:
+        # Tensor parallelism: run rank 0's steps until it stops. torchrun hands its signals to every rank;
+        # only rank 0 acts on them, so that its stop (which ends in-flight requests) still reaches this rank.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        service.engine.follow()
+        return
     if not args.api_key and not _is_loopback(args.host):
         log.warning("listening on %s without --api-key: anyone who can reach it can use the model", args.host)
     log.info("serving %s (%s, context %d, %d slots, FIM %s, chat %s)", service.name,
              args.ckpt_dir or BUNDLED_CKPT_DIR, service.context_length, args.max_batch_size,
              "yes" if service.can_infill else "no", service.chat_format or "no")
+    if service.engine.world > 1:
+        # uvicorn re-raises the signal that stopped it; with the default action that would kill rank 0 before
+        # it leaves the process group with the others. A handler of our own makes the re-raise a no-op.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
     try:
         server(service, host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once everything has stopped
         pass
+    finally:
+        service.engine.stop()  # under torchrun: releases the other ranks even if the server failed to start
 
 
 def _is_loopback(host: str) -> bool:
@@ -105,4 +120,4 @@ def _is_loopback(host: str) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
