@@ -189,7 +189,10 @@ def test_openai_top_logprobs_name_the_likeliest_tokens(tiny, oai):
         assert max(top.values()) == pytest.approx(value)  # greedy chose the likeliest
     streamed = [c.choices[0].logprobs for c in oai.completions.create(
         model=NAME, prompt=PROMPTS[1], logprobs=3, max_tokens=8, temperature=0, stream=True) if c.choices[0].logprobs]
-    assert [t for c in streamed for t in c.top_logprobs] == lp.top_logprobs
+    streamed_tops = [t for c in streamed for t in c.top_logprobs]  # the same up to float rounding (a reused prefix)
+    assert [sorted(t) for t in streamed_tops] == [sorted(t) for t in lp.top_logprobs]
+    assert [t[k] for t in streamed_tops for k in sorted(t)] == pytest.approx(
+        [t[k] for t in lp.top_logprobs for k in sorted(t)], abs=1e-5)
     echoed = oai.completions.create(model=NAME, prompt=PROMPTS[1], logprobs=2, echo=True, max_tokens=4, temperature=0)
     tops = echoed.choices[0].logprobs.top_logprobs
     assert tops[0] is None and all(2 <= len(t) <= 3 for t in tops[1:])
@@ -206,6 +209,28 @@ def test_openai_top_logprobs_name_the_likeliest_tokens(tiny, oai):
         assert all(alt.bytes == list(alt.token.encode()) for alt in entry.top_logprobs)
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         oai.chat.completions.create(model=NAME, messages=DIALOG, max_tokens=2, top_logprobs=3)
+
+
+def test_ollama_logprobs_whole_and_streamed(http):
+    body = {"model": NAME, "prompt": PROMPTS[1], "stream": False, "logprobs": True, "top_logprobs": 2,
+            "options": {"temperature": 0, "num_predict": 8}}
+    whole = http.post("/api/generate", json=body).json()
+    entries = whole["logprobs"]
+    assert len(entries) == whole["eval_count"] == 8 and "".join(e["token"] for e in entries) == whole["response"]
+    for e in entries:
+        assert len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["logprob"] == pytest.approx(e["logprob"])
+        assert e["bytes"] == list(e["token"].encode())
+    with http.stream("POST", "/api/generate", json={**body, "stream": True}) as r:
+        streamed = [e for line in ndjson_lines(r) for e in line.get("logprobs", [])]
+    assert [(e["token"], sorted(a["token"] for a in e["top_logprobs"])) for e in streamed] == \
+        [(e["token"], sorted(a["token"] for a in e["top_logprobs"])) for e in entries]
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in entries], abs=1e-5)
+    chat = http.post("/api/chat", json={"model": NAME, "messages": DIALOG, "stream": False, "logprobs": True,
+                                        "options": {"temperature": 0, "num_predict": 4}}).json()
+    assert len(chat["logprobs"]) == 4 and all(e["top_logprobs"] == [] for e in chat["logprobs"])
+    assert "logprobs" not in http.post("/api/generate", json={**body, "logprobs": False, "top_logprobs": 0}).json()
+    bad = http.post("/api/generate", json={**body, "logprobs": False})
+    assert bad.status_code == 400 and "top_logprobs needs logprobs" in bad.json()["error"]
 
 
 def test_alternative_token_texts(tiny):

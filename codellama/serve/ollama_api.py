@@ -6,6 +6,8 @@ top-p 0.9, top-k 40, ``num_predict`` -1: until the context is full). The served 
 (``{{ .Prompt }}``, and with ``.Suffix`` the FIM prompt), so ``raw`` changes nothing: a prompt that spells
 the FIM format as text is infilling either way. ``/api/show``'s template contains ``.Suffix`` exactly when
 the model can infill, which is how Continue decides to send ``suffix``.
+``logprobs: true`` (with ``top_logprobs``, 0 … 20) adds ``logprobs``: per new token its text, log-probability,
+bytes and likeliest alternatives, on each streamed line or in the whole response, as Ollama does.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from datetime import datetime, timezone
 from typing import AsyncIterator, List, Optional, Union
 
 from fastapi import APIRouter, Request
+from pydantic import Field
 
 from ..engine import Request as EngineRequest
 from ..engine import SamplingParams
@@ -48,6 +51,8 @@ class GenerateBody(Body):
     raw: bool = False
     stream: bool = True
     options: Options = Options()
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)
 
 
 class ChatMessage(Body):
@@ -60,6 +65,8 @@ class ChatBody(Body):
     messages: List[ChatMessage] = []
     stream: bool = True
     options: Options = Options()
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)
 
 
 class ShowBody(Body):
@@ -97,11 +104,11 @@ async def generate(request: Request, body: GenerateBody = json_body(GenerateBody
     if not body.prompt and body.suffix is None:  # Ollama's way of loading a model: it is loaded
         return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
     prompt = service.infill(body.prompt, body.suffix) if body.suffix is not None else service.raw(body.prompt)
-    generation = start(request, [(prompt, _params(body.options))])
+    generation = start(request, [(prompt, _params(body))])
     if body.stream:
-        return Stream(_stream(generation, body.model, lambda text: {"response": text}), NDJSON, generation)
+        return Stream(_stream(service, generation, body, lambda text: {"response": text}), NDJSON, generation)
     [r] = await results(request, generation)
-    return _final(r, body.model, {"response": r.text})
+    return _final(r, body.model, {"response": r.text, **_logprobs(service, body, prompt, r)})
 
 
 @router.post("/chat")
@@ -112,34 +119,52 @@ async def chat(request: Request, body: ChatBody = json_body(ChatBody)):
         return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
     prompt: Prompt = service.chat([{"role": m.role, "content": m.content} for m in body.messages])
-    generation = start(request, [(prompt, _params(body.options))])
+    generation = start(request, [(prompt, _params(body))])
 
     def message(text: str) -> dict:
         return {"message": {"role": "assistant", "content": text}}
 
     if body.stream:
-        return Stream(_stream(generation, body.model, message), NDJSON, generation)
+        return Stream(_stream(service, generation, body, message), NDJSON, generation)
     [r] = await results(request, generation)
-    return _final(r, body.model, message(r.text))
+    return _final(r, body.model, {**message(r.text), **_logprobs(service, body, prompt, r)})
 
 
 # ----------------------------------------------------------------------------- helpers
-def _params(options: Options) -> SamplingParams:
+def _params(body: Union[GenerateBody, ChatBody]) -> SamplingParams:
+    if body.top_logprobs and not body.logprobs:
+        raise ServiceError(400, "top_logprobs needs logprobs: true")
+    options = body.options
     return sampling(temperature=options.temperature, top_p=options.top_p,
                     top_k=options.top_k if options.top_k > 0 else None,
                     max_tokens=options.num_predict if options.num_predict >= 0 else None, stop=options.stop,
-                    seed=options.seed if options.seed is not None and options.seed >= 0 else None)
+                    seed=options.seed if options.seed is not None and options.seed >= 0 else None,
+                    logprobs=body.logprobs, top_logprobs=body.top_logprobs)
 
 
-async def _stream(generation: Generation, model: str, content) -> AsyncIterator[bytes]:
-    """NDJSON lines: ``{"model", "created_at", <content>, "done": false}`` per piece, then the final line with
-    ``done_reason`` and the counts; an error ends the stream with Ollama's ``{"error": …}`` line."""
+def _logprobs(service: ModelService, body: Union[GenerateBody, ChatBody], prompt: Prompt, r: EngineRequest) -> dict:
+    """``{"logprobs": [...]}`` with one entry per new token when asked for, else nothing."""
+    if not body.logprobs:
+        return {}
+    tops = r.top_logprobs or [None] * len(r.tokens)
+    texts = service.token_texts(r.tokens, prompt.decode)
+    return {"logprobs": [service.logprob_entry(t, lp, top) for t, lp, top in zip(texts, r.logprobs, tops)]}
+
+
+async def _stream(service: ModelService, generation: Generation, body: Union[GenerateBody, ChatBody],
+                  content) -> AsyncIterator[bytes]:
+    """NDJSON lines: ``{"model", "created_at", <content>, "done": false}`` per piece (with its token's
+    ``logprobs`` when asked for), then the final line with ``done_reason`` and the counts; an error ends the
+    stream with Ollama's ``{"error": …}`` line."""
+    model = body.model
     try:
         async for _, event in generation.events():
             if event.finish_reason is not None:
                 yield ndjson(_final(generation.requests[0], model, content(event.text)))
-            elif event.text:
-                yield ndjson({"model": model, "created_at": _now(), **content(event.text), "done": False})
+            elif event.text or body.logprobs:
+                extra = ({"logprobs": [service.logprob_entry(event.text, event.logprob, event.top_logprobs)]}
+                         if body.logprobs else {})
+                yield ndjson({"model": model, "created_at": _now(), **content(event.text), **extra, "done": False})
     except ServiceError as e:
         yield ndjson(error_body(e.status, e.message))
 

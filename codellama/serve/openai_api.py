@@ -242,14 +242,8 @@ def _top_dict(service: ModelService, token: int, logprob: float, top: Optional[T
 
 def _chat_logprobs(service: ModelService, prompt: Prompt, r: EngineRequest) -> dict:
     texts = service.token_texts(r.tokens, prompt.decode)
-    return {"content": [_chat_token(service, t, lp, top) for t, lp, top in
+    return {"content": [service.logprob_entry(t, lp, top) for t, lp, top in
                         zip(texts, r.logprobs, _tops(r.top_logprobs, r.tokens))]}
-
-
-def _chat_token(service: ModelService, text: str, logprob: Optional[float], top: Optional[TopLogprobs]) -> dict:
-    alternatives = [{"token": (piece := service.piece_text(t)), "logprob": v, "bytes": list(piece.encode())}
-                    for t, v in (top or [])]
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": alternatives}
 
 
 async def _completion_stream(service: ModelService, reply: _Reply, generation: Generation, body: CompletionBody) -> AsyncIterator[bytes]:
@@ -288,7 +282,7 @@ async def _chat_stream(service: ModelService, reply: _Reply, generation: Generat
         async for k, event in generation.events():
             logprobs = None
             if body.logprobs and event.token is not None:
-                logprobs = {"content": [_chat_token(service, event.text, event.logprob, event.top_logprobs)]}
+                logprobs = {"content": [service.logprob_entry(event.text, event.logprob, event.top_logprobs)]}
             if event.text or logprobs:
                 yield chunk(k, {"content": event.text}, logprobs=logprobs)
             if event.finish_reason:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator, List, Optional, Sequence, Tuple
 
-from ..engine import Engine, EngineFull, EngineStopped, Event, Request, SamplingParams
+from ..engine import Engine, EngineFull, EngineStopped, Event, Request, SamplingParams, TopLogprobs
 from ..prompts import (UNSAFE_ERROR, Dialog, chat_prompt_tokens, has_special_tags, step_dialog_prompt_tokens,
                        infilling_prompt_tokens, validate_dialog)
 from ..tokenizer import TextStream, Tokenizer
@@ -173,6 +173,13 @@ class ModelService:
             value = int(byte.group(1), 16)
             return chr(value) if value < 0x80 else f"bytes:\\x{value:02x}"
         return piece.replace("\u2581", " ")
+
+    def logprob_entry(self, text: str, logprob: Optional[float], top: Optional[TopLogprobs]) -> dict:
+        """One token's log-probability as OpenAI's chat and Ollama report it: its text, value and bytes, and the
+        likeliest alternatives in the same shape."""
+        alternatives = [{"token": (piece := self.piece_text(t)), "logprob": v, "bytes": list(piece.encode())}
+                        for t, v in (top or [])]
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": alternatives}
 
     def token_texts(self, ids: Sequence[int], decode: Optional[Callable[[List[int]], str]] = None) -> List[str]:
         """The text each token adds, in order (they join to the decoded text), for log-probabilities."""
