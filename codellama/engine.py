@@ -35,7 +35,7 @@ import torch
 
 from .model import KVCache, Transformer
 from .distributed import local_heads
-from .sampling import TopLogprobs, check_sampling_args, sample, token_logprobs, top_logprobs
+from .sampling import TopLogprobs, check_sampling_args, logprobs_and_top, sample
 from .tokenizer import TextStream
 
 HEARTBEAT_S = 30.0  # an idle tensor-parallel server sends its followers an empty plan this often
@@ -358,9 +358,9 @@ class Engine:
             need = (f"the KV cache needs {self.cache_bytes / 2**30:.2f} GiB ({self.max_batch_size} slots × "
                     f"{self.max_seq_len} positions × {self.cache_bytes // (self.max_batch_size * self.max_seq_len)} "
                     "bytes); lower max_batch_size or max_seq_len")
-            if ref.device.type == "cuda" and self.cache_bytes > torch.cuda.mem_get_info(ref.device)[0]:
-                raise ValueError(f"{need}: only {torch.cuda.mem_get_info(ref.device)[0] / 2**30:.2f} GiB are free "
-                                 f"on {ref.device}")
+            free = torch.cuda.mem_get_info(ref.device)[0] if ref.device.type == "cuda" else None
+            if free is not None and self.cache_bytes > free:
+                raise ValueError(f"{need}: only {free / 2**30:.2f} GiB are free on {ref.device}")
             try:
                 self.cache = KVCache(a.n_layers, self.max_batch_size, self.max_seq_len,
                                      local_heads(a, self.model.tp)[1], a.head_dim, ref.dtype, ref.device)
@@ -656,10 +656,11 @@ class Engine:
                     if r.prompt_logprobs is not None:
                         nxt = r.prompt[f.starts[0] + 1:f.starts[0] + n + 1]  # the tokens these positions predict
                         if nxt:
-                            lp = token_logprobs(logits[0, :len(nxt)], torch.tensor(nxt, device=logits.device))
-                            r.prompt_logprobs.extend(lp.tolist())
+                            lps, tops = logprobs_and_top(logits[0, :len(nxt)], torch.tensor(nxt, device=logits.device),
+                                                         r.params.top_logprobs)
+                            r.prompt_logprobs.extend(lps)
                             if r.prompt_top_logprobs is not None:
-                                r.prompt_top_logprobs.extend(top_logprobs(logits[0, :len(nxt)], r.params.top_logprobs))
+                                r.prompt_top_logprobs.extend(tops)
                 if not f.sample:
                     continue
                 last = logits[:, -1] if f.all_logits else logits  # (1, V)
@@ -692,17 +693,17 @@ class Engine:
             p = r.params
             chosen.append(sample(logits[j:j + 1], p.temperature, p.top_p, p.top_k, r._generator)[0])
         tokens = self.model.tp.broadcast(torch.stack(chosen))  # (rows,)
-        lps = None
-        if any(r is not None and r.params.logprobs for r in requests):
-            lps = token_logprobs(logits, tokens).tolist()
+        lps = tops = None
+        recording = [r.params.top_logprobs for r in requests if r is not None and r.params.logprobs]
+        if recording:  # one log-softmax for every row; each row keeps as many alternatives as it asked for
+            lps, tops = logprobs_and_top(logits, tokens, max(recording))
         for j, (r, t) in enumerate(zip(requests, tokens.tolist())):
             if r is None or r.done:
                 continue
             if r.limit <= 0:  # prompt logprobs only: nothing to generate
                 self._finish(r, "length")
                 continue
-            want_top = r.params.logprobs and r.params.top_logprobs
-            top = top_logprobs(logits[j:j + 1], r.params.top_logprobs)[0] if want_top else None
+            top = tops[j][:r.params.top_logprobs] if tops is not None and r.params.top_logprobs else None
             self._accept(r, t, lps[j] if lps is not None else None, top)
 
     def _accept(self, r: Request, token: int, logprob: Optional[float], top: Optional[TopLogprobs] = None) -> None:

@@ -88,8 +88,13 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 TopLogprobs = List[Tuple[int, float]]  # (token id, log-probability), most likely first
 
 
-def top_logprobs(logits: torch.Tensor, k: int) -> List[TopLogprobs]:
-    """The ``k`` most likely tokens of each row of ``logits`` (rows, V) with their log-probabilities, under the
-    same raw distribution as :func:`token_logprobs`."""
-    values, ids = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]), dim=-1)
-    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+def logprobs_and_top(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> Tuple[List[float], List[TopLogprobs]]:
+    """From one log-softmax of ``logits`` (rows, V): each row's log-probability of its token in ``tokens``
+    (rows,), as :func:`token_logprobs` gives it, and the row's ``k`` likeliest tokens (an empty list each when
+    ``k`` is 0)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
+    if k == 0:
+        return chosen, [[] for _ in chosen]
+    values, ids = logp.topk(min(k, logits.shape[-1]), dim=-1)
+    return chosen, [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]

@@ -28,7 +28,7 @@ import torch
 from .engine import Request
 from .model import KVCache, Transformer
 from .distributed import local_heads
-from .sampling import TopLogprobs, sampling_probs, token_logprobs, top_logprobs
+from .sampling import TopLogprobs, logprobs_and_top, sampling_probs
 
 SPECULATE_CHOICES = ("prompt", "draft")
 
@@ -113,9 +113,8 @@ class Speculator:
             emitted = prop.tokens[:n] + [nxt]
             lps, tops = [], []
             if r.params.logprobs:
-                lps = token_logprobs(logits[j, :n + 1], torch.tensor(emitted, device=logits.device)).tolist()
-                if r.params.top_logprobs:
-                    tops = top_logprobs(logits[j, :n + 1], r.params.top_logprobs)
+                lps, tops = logprobs_and_top(logits[j, :n + 1], torch.tensor(emitted, device=logits.device),
+                                             r.params.top_logprobs)
             out.append(Verified([r.pending] + prop.tokens[:n], emitted, lps, tops, proposed=k))
         return out
 

@@ -144,11 +144,7 @@ def _params(body: Union[GenerateBody, ChatBody]) -> SamplingParams:
 
 def _logprobs(service: ModelService, body: Union[GenerateBody, ChatBody], prompt: Prompt, r: EngineRequest) -> dict:
     """``{"logprobs": [...]}`` with one entry per new token when asked for, else nothing."""
-    if not body.logprobs:
-        return {}
-    tops = r.top_logprobs or [None] * len(r.tokens)
-    texts = service.token_texts(r.tokens, prompt.decode)
-    return {"logprobs": [service.logprob_entry(t, lp, top) for t, lp, top in zip(texts, r.logprobs, tops)]}
+    return {"logprobs": service.logprob_entries(prompt, r)} if body.logprobs else {}
 
 
 async def _stream(service: ModelService, generation: Generation, body: Union[GenerateBody, ChatBody],

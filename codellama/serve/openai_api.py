@@ -241,9 +241,7 @@ def _top_dict(service: ModelService, token: int, logprob: float, top: Optional[T
 
 
 def _chat_logprobs(service: ModelService, prompt: Prompt, r: EngineRequest) -> dict:
-    texts = service.token_texts(r.tokens, prompt.decode)
-    return {"content": [service.logprob_entry(t, lp, top) for t, lp, top in
-                        zip(texts, r.logprobs, _tops(r.top_logprobs, r.tokens))]}
+    return {"content": service.logprob_entries(prompt, r)}
 
 
 async def _completion_stream(service: ModelService, reply: _Reply, generation: Generation, body: CompletionBody) -> AsyncIterator[bytes]:

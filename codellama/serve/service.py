@@ -181,6 +181,12 @@ class ModelService:
                         for t, v in (top or [])]
         return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": alternatives}
 
+    def logprob_entries(self, prompt: Prompt, r: Request) -> List[dict]:
+        """A finished request's :meth:`logprob_entry` for each new token (its text as the response reads it)."""
+        texts = self.token_texts(r.tokens, prompt.decode)
+        tops = r.top_logprobs or [None] * len(r.tokens)
+        return [self.logprob_entry(t, lp, top) for t, lp, top in zip(texts, r.logprobs, tops)]
+
     def token_texts(self, ids: Sequence[int], decode: Optional[Callable[[List[int]], str]] = None) -> List[str]:
         """The text each token adds, in order (they join to the decoded text), for log-probabilities."""
         stream = TextStream(self.tokenizer, decode)
