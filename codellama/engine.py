@@ -637,9 +637,8 @@ class Engine:
                 if f.kind == "decode" and self.compile:
                     out.append(self._compiled_decode(tokens, f))
                     continue
-                starts = f.starts[0] if len(set(f.starts)) == 1 else f.starts
                 index = None if f.all_logits else -1
-                logits = self.model(tokens, starts, logits_index=index, slots=f.slots, cache=cache)
+                logits = self.model(tokens, f.starts, logits_index=index, slots=f.slots, cache=cache)
                 out.append(logits if f.all_logits else logits[:, 0])
         return out
 
@@ -765,10 +764,8 @@ class Engine:
             props = [proposals[j] if width > 1 else None for j in group]
             feed = [[r.pending] + (p.tokens if p else []) for r, p in zip(rows, props)]
             feed = [t + [t[-1]] * (width - len(t)) for t in feed]  # padding: positions later overwritten
-            starts = [r.computed for r in rows]
-            logits = self.model(torch.tensor(feed, dtype=torch.long, device=self.device),
-                                starts[0] if len(set(starts)) == 1 else starts, slots=[r.slot for r in rows],
-                                cache=cache)  # (rows, width, V)
+            logits = self.model(torch.tensor(feed, dtype=torch.long, device=self.device), [r.computed for r in rows],
+                                slots=[r.slot for r in rows], cache=cache)  # (rows, width, V)
             for j, verdict in zip(group, self.speculator.verify_rows(logits, rows, props)):
                 results[j] = verdict
         for r, v in zip(requests, results):

@@ -397,7 +397,8 @@ def _check_tokens(tokens: torch.Tensor, vocab: int) -> Tuple[int, int]:
 
 
 def _check_start_pos(start_pos, B: int, device: torch.device) -> Tuple[StartPos, Optional[List[int]]]:
-    """``(int or LongTensor (B,) on device, host list of per-row starts or None)``."""
+    """``(int or LongTensor (B,) on device, host list of per-row starts or None)``; rows that all start at one
+    position give that int (the unmasked attention paths serve it)."""
     if _is_int(start_pos):
         if start_pos < 0:
             raise ValueError(f"start_pos must be ≥ 0, got {start_pos}")
@@ -414,6 +415,8 @@ def _check_start_pos(start_pos, B: int, device: torch.device) -> Tuple[StartPos,
         raise ValueError(f"start_pos has {len(starts)} entries for a batch of {B}")
     if min(starts) < 0:
         raise ValueError(f"start_pos must be ≥ 0, got {starts}")
+    if len(set(starts)) == 1:
+        return starts[0], None
     return torch.tensor(starts, dtype=torch.long, device=device), starts
 
 

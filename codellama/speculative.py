@@ -300,8 +300,7 @@ class DraftModel(Speculator):
 
     def _forward_block(self, requests, tokens, starts) -> torch.Tensor:
         x = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        start = starts[0] if len(set(starts)) == 1 else starts
-        return self.model(x, start, logits_index=-1, slots=[r.slot for r in requests], cache=self.cache)[:, 0]
+        return self.model(x, starts, logits_index=-1, slots=[r.slot for r in requests], cache=self.cache)[:, 0]
 
     def feedback(self, request: Request, proposed: int, accepted: int) -> None:
         s = self._rows.get(request.id)
