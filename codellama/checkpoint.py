@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 import torch
 
 from .config import ModelArgs, read_json
-from .cpu import CPU_TRANSFORMS
+from .cpu import COMPILED_ONE_ROW_TRANSFORMS, CPU_TRANSFORMS
 from .distributed import SINGLE, TensorParallel, rank_block, split_dim
 from .model import Transformer
 from .runtime import default_dtype, parse_dtype, resolve_device
@@ -505,9 +505,16 @@ def load_weights(model: Transformer, source: CheckpointSource, *, device: torch.
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def default_transforms(device: torch.device, optimize: bool = True) -> List[Transform]:
-    """The steps ``load_model`` applies after loading: the CPU layout on CPU, nothing elsewhere."""
-    return list(CPU_TRANSFORMS) if optimize and device.type == "cpu" else []
+def default_transforms(device: torch.device, optimize: bool = True, *,
+                       compiled_decode_rows: Optional[int] = None) -> List[Transform]:
+    """The steps ``load_model`` applies after loading: the CPU layout on CPU, nothing elsewhere.
+
+    ``compiled_decode_rows``: the rows of the compiled decode step that will run the model, if one will
+    (``Engine(compile=True)`` decodes all its slots); one row on CPU takes the matvec layout instead.
+    """
+    if not optimize or device.type != "cpu":
+        return []
+    return list(COMPILED_ONE_ROW_TRANSFORMS if compiled_decode_rows == 1 else CPU_TRANSFORMS)
 
 
 def materialize(source: CheckpointSource, expected: Dict[str, torch.Tensor], *, device: torch.device,

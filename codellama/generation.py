@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 
-from .checkpoint import BUNDLED_CKPT_DIR, check_checkpoint_dir, check_tokenizer, load_model, open_checkpoint
+from .checkpoint import (BUNDLED_CKPT_DIR, check_checkpoint_dir, check_tokenizer, default_transforms, load_model,
+                         open_checkpoint)
 from .distributed import check_parallel, env_world, init_tensor_parallel
 from .engine import Engine, SamplingParams
 from .speculative import check_speculation, make_speculator
@@ -139,7 +140,8 @@ class Llama:
         source = open_checkpoint(ckpt_dir)
         check_parallel(source.args, world)  # every rank fails alike, before any collective could hang
         tp = init_tensor_parallel(world, rank, device)
-        model = load_model(source, device=device, dtype=dtype, tp=tp, quantize=quantize)
+        transforms = default_transforms(device, compiled_decode_rows=max_batch_size if compile else None)
+        model = load_model(source, device=device, dtype=dtype, tp=tp, quantize=quantize, transforms=transforms)
         model.set_attention(attention)
         speculator = make_speculator(speculate, draft_ckpt_dir, speculate_tokens, tokenizer, max_batch_size,
                                      max_seq_len, device, dtype)

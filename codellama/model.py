@@ -49,6 +49,8 @@ class KVCache(nn.Module):
         shape = (n_layers, slots, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # (1, 1) index of each layer (not a 0-d one, which torch.compile would turn into a Python int)
+        self.register_buffer("layer_ids", torch.arange(n_layers, device=device).view(-1, 1, 1), persistent=False)
 
     @property
     def max_batch_size(self) -> int:
@@ -67,10 +69,11 @@ class KVCache(nn.Module):
             self.k[layer, rows, :, step.start_pos:step.start_pos + T] = k
             self.v[layer, rows, :, step.start_pos:step.start_pos + T] = v
             return
-        rows = step.row_index.unsqueeze(1)  # (B, 1)
-        cols = step.positions.expand(k.shape[0], T)  # (B, T)
-        self.k[layer, rows, :, cols] = k.transpose(1, 2)  # advanced indices first: (B, T, Hkv, hd)
-        self.v[layer, rows, :, cols] = v.transpose(1, 2)
+        # Every index a tensor, the layer's too: one in-place index_put_ on the cache itself. Through a view
+        # (``self.k[layer][rows, :, cols]``) torch.compile's functionalization copies the whole layer each step.
+        at = (self.layer_ids[layer], step.row_index.unsqueeze(1), slice(None), step.positions.expand(k.shape[0], T))
+        self.k[at] = k.transpose(1, 2)  # (B, T, Hkv, hd): the advanced indices' (B, T) come first
+        self.v[at] = v.transpose(1, 2)
 
     def block(self, layer: int, first: int, n: int, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Views (n, Hkv, end, hd) of rows ``first … first+n-1``, positions ``0 … end-1`` (no copy)."""

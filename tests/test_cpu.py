@@ -1,8 +1,12 @@
+import re
+
 import pytest
 import torch
 
 from codellama import load_model
-from codellama.cpu import PackedLinear, bf16_packing_supported, fp32_packing_supported, optimize_for_cpu
+from codellama.cpu import (MatvecLinear, PackedLinear, bf16_packing_supported, fp32_packing_supported, matvec_layout,
+                           optimize_for_cpu)
+from codellama.engine import Engine, SamplingParams
 
 from helpers import CONFIGS, random_model, random_state_dict, write_checkpoint
 
@@ -91,3 +95,68 @@ def test_an_avx2_only_cpu_computes_bf16_without_onednn():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "no oneDNN bf16" in r.stdout and "torch.Size([1, 3, 4096])" in r.stdout
+
+
+# ----------------------------------------------------------------------------- the compiled one-row step
+def test_matvec_layout_keeps_names_values_and_results():
+    expected = logits(random_model(ARGS, seed=7))
+    model = optimize_for_cpu(random_model(ARGS, seed=7))  # packed first: matvec_layout takes it back to dense
+    matvec_layout(model)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 4 * ARGS.n_layers + 1 and all(isinstance(m, MatvecLinear) for m in layers)
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert all(m.weight.is_contiguous() for m in layers)
+    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=1e-5)
+    for k, v in random_state_dict(ARGS, seed=7).items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_matvec_matches_float64(dtype):
+    """Inside torch.compile a one-row input takes the reduction Inductor writes; it must be the product."""
+    g = torch.Generator().manual_seed(8)
+    w, x = torch.randn(77, 203, generator=g), torch.randn(1, 1, 203, generator=g)
+    layer = MatvecLinear.of(w.to(dtype))
+    got = torch.compile(layer, dynamic=False)(x.to(dtype))
+    want = x.to(dtype).double() @ w.to(dtype).double().t()
+    assert got.shape == (1, 1, 77) and got.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 0.02 * want.abs().max().item()
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=0)
+    assert torch.equal(layer(x.to(dtype)), torch.nn.functional.linear(x.to(dtype), layer.weight))  # eager: F.linear
+
+
+def test_compiled_decode_writes_the_cache_in_place():
+    """The compiled step writes each new key into the cache itself: through a view of one layer, torch.compile
+    copied that layer's whole cache every step (a step grew with max_seq_len × slots: 25 ms at 512 positions,
+    180 ms at 4,096 on the 194M model). The generated code must hold no loop over one layer's cache."""
+    from torch._inductor.utils import run_and_get_code
+    model = random_model(ARGS, seed=9)
+    slots, max_len = 3, 1000
+    per_layer = slots * ARGS.kv_heads * max_len * ARGS.head_dim  # elements of one layer's keys
+    engine = Engine(model, max_batch_size=slots, max_seq_len=max_len, compile=True)
+    r = engine.submit(TOKENS[0].tolist(), SamplingParams(temperature=0, max_tokens=2))
+    engine.step()  # prefill (eager) and the first token
+    _, code = run_and_get_code(lambda: engine.step())  # the first compiled decode step
+    assert r.result().tokens and code and "cpp_fused" in code[0]
+    loops = [int(n) for n in re.findall(r"x\d+<static_cast<int64_t>\((\d+)L\)", code[0])]  # C++ loop bounds
+    assert loops and max(loops) < per_layer // slots, sorted(set(loops))
+
+
+def test_compiled_one_row_decode_gives_the_eager_tokens(dtype=torch.float32):
+    """fp32: the same greedy tokens (bf16's kernels round differently; its products are checked above)."""
+    prompts = [TOKENS[0].tolist(), TOKENS[1, :5].tolist()]
+    greedy = SamplingParams(temperature=0, max_tokens=40)
+    eager = Engine(optimize_for_cpu(random_model(ARGS, seed=10, dtype=dtype)), max_batch_size=1, max_seq_len=128)
+    want = [eager.submit(p, greedy).result().tokens for p in prompts]
+    model = matvec_layout(optimize_for_cpu(random_model(ARGS, seed=10, dtype=dtype)))
+    compiled = Engine(model, max_batch_size=1, max_seq_len=128, compile=True)
+    assert [compiled.submit(p, greedy).result().tokens for p in prompts] == want
+
+
+def test_build_lays_out_the_weights_for_the_step_that_decodes():
+    from codellama import Llama
+    one_row = Llama.build(max_seq_len=64, max_batch_size=1, device="cpu", compile=True).model
+    assert isinstance(one_row.output, MatvecLinear) and isinstance(one_row.layers[0].feed_forward.w13, MatvecLinear)
+    for kw in (dict(max_batch_size=2, compile=True), dict(max_batch_size=1)):  # oneDNN's layout for these
+        model = Llama.build(max_seq_len=64, device="cpu", **kw).model
+        assert not isinstance(model.output, MatvecLinear), kw
