@@ -25,7 +25,7 @@ from typing import List
 import torch
 
 from codellama import ModelArgs
-from codellama.cpu import optimize_for_cpu
+from codellama.cpu import cpu_layout, matvec_layout, optimize_for_cpu
 from codellama.engine import Engine, SamplingParams
 from codellama.runtime import parse_dtype
 from codellama.testing import random_model
@@ -95,13 +95,17 @@ def bench_prefix(model, length: int = 2000, changed: int = 20) -> tuple:
 
 
 def bench_compile(model, new_tokens: int) -> tuple:
+    """Each step as ``Llama.build`` lays the model out for it: eager on oneDNN's packed weights, compiled (one
+    row) on the matvec layout, converted in place and back."""
     p = prompts(1, 64, seed=4)[0]
     rates = []
     for compiled in (False, True):
-        engine = Engine(model, max_batch_size=1, max_seq_len=256, compile=compiled)
+        (matvec_layout if compiled else cpu_layout)(model)
+        engine = Engine(model, max_batch_size=1, max_seq_len=2048, compile=compiled)
         engine.submit(p, greedy(new_tokens)).result()  # warm-up (and compilation)
         r = engine.submit(p[:-1] + [9], greedy(new_tokens)).result()
         rates.append((len(r.tokens) - 1) / (r.finished_at - r.first_token_at))
+    cpu_layout(model)
     return tuple(rates)
 
 

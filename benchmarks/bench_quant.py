@@ -4,6 +4,7 @@ and accuracy against fp32 on random models with Code Llama 7B's proportions.
     python benchmarks/bench_quant.py                  # speed, the 194M-parameter model of bench_generate.py
     python benchmarks/bench_quant.py --accuracy       # max logit error, greedy agreement over 256 steps
     python benchmarks/bench_quant.py --batch 1 --schemes bf16 int8
+    python benchmarks/bench_quant.py --compile --batch 1  # the compiled decode step (Llama(compile=True))
 
 **Speed.** Decode tokens/s at batch 1 and 8 (greedy, 128-token prompts, 32 new tokens; (time for N tokens −
 time for 1) / (N − 1), each through the library's ``Llama.generate``), for fp32, bf16, int8 and int4 g32
@@ -39,7 +40,8 @@ from bench_generate import SIZES, _Vocab, timed  # noqa: E402
 from gguf_export import write_gguf  # noqa: E402
 
 from codellama import Llama, ModelArgs  # noqa: E402
-from codellama.cpu import bf16_path, optimize_for_cpu, pack_weight  # noqa: E402
+from codellama.checkpoint import default_transforms  # noqa: E402
+from codellama.cpu import bf16_path, pack_weight  # noqa: E402
 from codellama.quantize import QuantConfig, quantize_model  # noqa: E402
 from codellama.testing import random_model  # noqa: E402
 
@@ -57,18 +59,22 @@ LLAMA_FTYPES = {"BF16": 32, "Q8_0": 7, "Q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOS
 
 
 # ----------------------------------------------------------------------------- this library
-def build(args: ModelArgs, scheme: str, seed: int = 0):
-    """The random model as ``load_model`` would give it on CPU for this scheme."""
+def build(args: ModelArgs, scheme: str, seed: int = 0, compiled_rows: Optional[int] = None):
+    """The random model as ``load_model`` would give it on CPU for this scheme (and for a compiled decode step of
+    ``compiled_rows`` rows, as ``Llama.build(compile=True)`` lays it out)."""
     dtype, config = SCHEMES[scheme]
-    return optimize_for_cpu(quantize_model(random_model(args, seed=seed, dtype=dtype), config))
+    model = quantize_model(random_model(args, seed=seed, dtype=dtype), config)
+    for transform in default_transforms(torch.device("cpu"), compiled_decode_rows=compiled_rows):
+        model = transform(model)
+    return model
 
 
 class Ours:
     """``Llama.generate`` on a model, one greedy row per prompt; ``step_seconds()`` times one decode step."""
 
-    def __init__(self, model, prompts: List[List[int]], new_tokens: int):
+    def __init__(self, model, prompts: List[List[int]], new_tokens: int, compile: bool = False):
         self.llama = Llama(model, _Vocab(model.args.vocab_size), max_seq_len=len(prompts[0]) + new_tokens + 1,
-                           max_batch_size=len(prompts))
+                           max_batch_size=len(prompts), compile=compile)
         self.prompts, self.new_tokens = prompts, new_tokens
         self.gen(new_tokens)  # warm-up (and the prompt's KV cache, reused by every later call)
 
@@ -201,7 +207,8 @@ def speed(a) -> None:
              if f in open("/proc/cpuinfo").read().split()]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()} ({' '.join(flags)}); bf16 linear layers: {bf16_path()}")
-    print(f"model: {args.num_params() / 1e6:.0f}M parameters ({a.size}); read bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"model: {args.num_params() / 1e6:.0f}M parameters ({a.size}); read bandwidth {bw / 1e9:.1f} GB/s; "
+          f"ours decodes with the {'compiled' if a.compile else 'eager'} step")
     kv_per_token = 2 * args.n_layers * args.kv_heads * args.head_dim
     try:
         import gguf  # noqa: F401
@@ -221,9 +228,9 @@ def speed(a) -> None:
             kv = kv_per_token * batch * (a.prompt_len + a.new_tokens / 2)
             base = None
             for scheme in a.schemes:
-                model = build(args, scheme)
+                model = build(args, scheme, compiled_rows=batch if a.compile else None)
                 step_bytes = weight_bytes(model) + kv * SCHEMES[scheme][0].itemsize
-                ours = Ours(model, prompts, a.new_tokens)
+                ours = Ours(model, prompts, a.new_tokens, compile=a.compile)
                 kind = LLAMA_CPP[scheme] if LLAMA_CPP[scheme] in files else None
                 peer = LlamaCpp(files[kind], batch, a.prompt_len + a.new_tokens + 8, torch.get_num_threads()) if kind else None
                 if peer:
@@ -299,6 +306,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=256, help="--accuracy: greedy steps compared")
     p.add_argument("--repeat", type=int, default=5, help="alternating timing rounds per row (medians are printed)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="decode with the compiled step (Llama(compile=True); at batch 1 on the matvec layout)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
