@@ -226,7 +226,11 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
         return F.linear(x, weight.to(x.dtype) * scales.to(x.dtype).unsqueeze(1))
     compute = torch.bfloat16 if K % INT8_BF16_K_MULTIPLE == 0 else torch.float32
     x2 = x.reshape(-1, K).to(compute).contiguous()
-    out = torch.ops.aten._weight_int8pack_mm(x2, weight, scales.to(compute))
+    if scales.dtype != compute:
+        scales = scales.to(compute)
+        if torch.compiler.is_compiling():  # Inductor's lowering of the kernel takes stored operands only,
+            scales = stored(scales)  # not the cast that computes them (an fp32 model's scales)
+    out = torch.ops.aten._weight_int8pack_mm(x2, weight, scales)
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 

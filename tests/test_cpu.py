@@ -160,3 +160,19 @@ def test_build_lays_out_the_weights_for_the_step_that_decodes():
     for kw in (dict(max_batch_size=2, compile=True), dict(max_batch_size=1)):  # oneDNN's layout for these
         model = Llama.build(max_seq_len=64, device="cpu", **kw).model
         assert not isinstance(model.output, MatvecLinear), kw
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_compiled_decode_of_a_quantized_fp32_model_gives_the_eager_tokens(scheme):
+    """Quantized layers run torch's kernels inside the compiled graph too (an fp32 model hands them bf16
+    activations and, for int8, scales cast in the graph: Inductor's lowering needs those stored)."""
+    from codellama.quantize import QuantConfig, quantize_model
+    config = QuantConfig(scheme, 32) if scheme == "int4" else QuantConfig(scheme)
+    prompts = [TOKENS[0].tolist(), TOKENS[1, :5].tolist()]
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    eager = Engine(optimize_for_cpu(quantize_model(random_model(ARGS, seed=11), config)), max_batch_size=1,
+                   max_seq_len=128)
+    want = [eager.submit(p, greedy).result().tokens for p in prompts]
+    model = matvec_layout(optimize_for_cpu(quantize_model(random_model(ARGS, seed=11), config)))
+    compiled = Engine(model, max_batch_size=1, max_seq_len=128, compile=True)
+    assert [compiled.submit(p, greedy).result().tokens for p in prompts] == want
