@@ -142,15 +142,18 @@ def test_compiled_decode_writes_the_cache_in_place():
     assert loops and max(loops) < per_layer // slots, sorted(set(loops))
 
 
-def test_compiled_one_row_decode_gives_the_eager_tokens(dtype=torch.float32):
+def one_row_greedy(model, compile: bool, max_tokens: int):
+    """Greedy tokens of two prompts, one at a time, from a one-slot engine (eager or compiled)."""
+    engine = Engine(model, max_batch_size=1, max_seq_len=128, compile=compile)
+    greedy = SamplingParams(temperature=0, max_tokens=max_tokens)
+    return [engine.submit(p, greedy).result().tokens for p in (TOKENS[0].tolist(), TOKENS[1, :5].tolist())]
+
+
+def test_compiled_one_row_decode_gives_the_eager_tokens():
     """fp32: the same greedy tokens (bf16's kernels round differently; its products are checked above)."""
-    prompts = [TOKENS[0].tolist(), TOKENS[1, :5].tolist()]
-    greedy = SamplingParams(temperature=0, max_tokens=40)
-    eager = Engine(optimize_for_cpu(random_model(ARGS, seed=10, dtype=dtype)), max_batch_size=1, max_seq_len=128)
-    want = [eager.submit(p, greedy).result().tokens for p in prompts]
-    model = matvec_layout(optimize_for_cpu(random_model(ARGS, seed=10, dtype=dtype)))
-    compiled = Engine(model, max_batch_size=1, max_seq_len=128, compile=True)
-    assert [compiled.submit(p, greedy).result().tokens for p in prompts] == want
+    want = one_row_greedy(optimize_for_cpu(random_model(ARGS, seed=10)), False, 40)
+    model = matvec_layout(optimize_for_cpu(random_model(ARGS, seed=10)))
+    assert one_row_greedy(model, True, 40) == want
 
 
 def test_build_lays_out_the_weights_for_the_step_that_decodes():
@@ -168,11 +171,6 @@ def test_compiled_decode_of_a_quantized_fp32_model_gives_the_eager_tokens(scheme
     activations and, for int8, scales cast in the graph: Inductor's lowering needs those stored)."""
     from codellama.quantize import QuantConfig, quantize_model
     config = QuantConfig(scheme, 32) if scheme == "int4" else QuantConfig(scheme)
-    prompts = [TOKENS[0].tolist(), TOKENS[1, :5].tolist()]
-    greedy = SamplingParams(temperature=0, max_tokens=24)
-    eager = Engine(optimize_for_cpu(quantize_model(random_model(ARGS, seed=11), config)), max_batch_size=1,
-                   max_seq_len=128)
-    want = [eager.submit(p, greedy).result().tokens for p in prompts]
+    want = one_row_greedy(optimize_for_cpu(quantize_model(random_model(ARGS, seed=11), config)), False, 24)
     model = matvec_layout(optimize_for_cpu(quantize_model(random_model(ARGS, seed=11), config)))
-    compiled = Engine(model, max_batch_size=1, max_seq_len=128, compile=True)
-    assert [compiled.submit(p, greedy).result().tokens for p in prompts] == want
+    assert one_row_greedy(model, True, 24) == want

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from ..engine import Request as EngineRequest
-from ..engine import SamplingParams
+from ..engine import MAX_TOP_LOGPROBS, SamplingParams
 from .service import Generation, ModelService, Prompt, ServiceError, sampling
 from .web import NDJSON, Body, Stream, json_body, ndjson, results, service_of, start
 
@@ -52,7 +52,7 @@ class GenerateBody(Body):
     stream: bool = True
     options: Options = Options()
     logprobs: bool = False
-    top_logprobs: int = Field(0, ge=0, le=20)
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class ChatMessage(Body):
@@ -66,7 +66,7 @@ class ChatBody(Body):
     stream: bool = True
     options: Options = Options()
     logprobs: bool = False
-    top_logprobs: int = Field(0, ge=0, le=20)
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class ShowBody(Body):

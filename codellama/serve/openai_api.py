@@ -19,8 +19,8 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from ..engine import Request as EngineRequest
-from ..engine import SamplingParams, TopLogprobs
-from .service import Generation, ModelService, Prompt, ServiceError, sampling
+from ..engine import MAX_TOP_LOGPROBS, SamplingParams, TopLogprobs
+from .service import Generation, ModelService, Prompt, ServiceError, per_position, sampling
 from .web import SSE, Body, Stream, json_body, results, service_of, sse, start
 
 router = APIRouter(prefix="/v1")
@@ -77,7 +77,7 @@ class ChatBody(Body):
     stream: bool = False
     stream_options: StreamOptions = StreamOptions()
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     stop: Union[str, List[str]] = []
     seed: Optional[int] = None
 
@@ -207,11 +207,12 @@ def _completion_choice(service: ModelService, index: int, prompt: Prompt, r: Eng
     if body.logprobs is not None:
         tokens = service.token_texts(r.tokens, prompt.decode)
         values: List[Optional[float]] = list(r.logprobs)
-        tops = [_top_dict(service, t, lp, top) for t, lp, top in zip(r.tokens, r.logprobs, _tops(r.top_logprobs, r.tokens))]
+        tops = [_top_dict(service, t, lp, top)
+                for t, lp, top in zip(r.tokens, r.logprobs, per_position(r.top_logprobs, r.tokens))]
         if body.echo:
             tokens = service.token_texts(prompt.ids) + tokens
             values = [None] + r.prompt_logprobs[1:] + values
-            prompt_tops = _tops(r.prompt_top_logprobs, prompt.ids)
+            prompt_tops = per_position(r.prompt_top_logprobs, prompt.ids)
             tops = [None] + [_top_dict(service, t, lp, top) for t, lp, top in
                              zip(prompt.ids[1:], r.prompt_logprobs[1:], prompt_tops[1:])] + tops
         logprobs = _logprobs(tokens, values, tops)
@@ -226,11 +227,6 @@ def _logprobs(tokens: List[str], values: List[Optional[float]], tops: List[Optio
         offsets.append(offset)
         offset += len(t)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _tops(tops: Optional[List[Optional[TopLogprobs]]], ids: List[int]) -> List[Optional[TopLogprobs]]:
-    """The engine's likeliest tokens per position, or nothing at each (``logprobs: 0`` asks for none)."""
-    return tops if tops else [None] * len(ids)
 
 
 def _top_dict(service: ModelService, token: int, logprob: float, top: Optional[TopLogprobs]) -> Dict[str, float]:

@@ -49,6 +49,11 @@ def sampling(**fields) -> SamplingParams:
         return SamplingParams(**fields)
 
 
+def per_position(tops: Optional[List[Optional[TopLogprobs]]], ids: Sequence[int]) -> List[Optional[TopLogprobs]]:
+    """A request's likeliest tokens for each of ``ids``' positions, or None at each when none were recorded."""
+    return tops if tops else [None] * len(ids)
+
+
 @dataclass(frozen=True)
 class Prompt:
     """One prompt as the engine takes it: token ids, how new tokens read as text, the ids that end generation,
@@ -184,7 +189,7 @@ class ModelService:
     def logprob_entries(self, prompt: Prompt, r: Request) -> List[dict]:
         """A finished request's :meth:`logprob_entry` for each new token (its text as the response reads it)."""
         texts = self.token_texts(r.tokens, prompt.decode)
-        tops = r.top_logprobs or [None] * len(r.tokens)
+        tops = per_position(r.top_logprobs, r.tokens)
         return [self.logprob_entry(t, lp, top) for t, lp, top in zip(texts, r.logprobs, tops)]
 
     def token_texts(self, ids: Sequence[int], decode: Optional[Callable[[List[int]], str]] = None) -> List[str]:
