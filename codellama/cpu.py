@@ -178,7 +178,7 @@ def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Written as the product-and-sum it is, for ``torch.compile``: Inductor makes it one vectorised loop that
     streams W once with float32 sums (27–30 GB/s here, where oneDNN's packed matrix–vector product reads
     22–28), over an input stored once (``stored``). The compiled one-row step of the 194M model built on it
-    is 1.13–1.28× the eager step in fp32 and 1.02–1.61× in bf16 (``benchmarks/bench_engine.py``, this shared
+    is 1.33–1.56× the eager step in fp32 and 1.45–1.49× in bf16 (``benchmarks/bench_engine.py``, this shared
     2-core machine). Eager, it would materialise N × K products: ``MatvecLinear`` calls it only while compiling.
     """
     out = (stored(x).reshape(1, -1).float() * weight.float()).sum(-1)  # (N,) float32
