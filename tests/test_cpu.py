@@ -125,6 +125,30 @@ def test_compiled_matvec_matches_float64(dtype):
     assert torch.equal(layer(x.to(dtype)), torch.nn.functional.linear(x.to(dtype), layer.weight))  # eager: F.linear
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [203, 256])  # 203: a K torch's bf16 int8 kernel cannot take
+def test_compiled_int8_rows_match_float64(dtype, in_features):
+    """Inside torch.compile an int8 layer's few rows take the sums over the codes (eager: torch's kernel); both
+    are the product with the dequantized weight."""
+    from codellama.quantize import Int8Linear, QuantConfig
+    g = torch.Generator().manual_seed(9)
+    dense = torch.nn.Linear(in_features, 77, bias=False).to(dtype)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(77, in_features, generator=g))
+    layer = Int8Linear.from_float(dense, QuantConfig("int8"))
+    layer.to_cpu_layout()
+    w = layer.dequantize(torch.float64)
+    compiled = torch.compile(layer, dynamic=False)
+    for rows in (1, 3, 9):  # 9: more than INT8_COMPILED_ROWS, torch's kernel compiled
+        x = torch.randn(1, rows, in_features, generator=g).to(dtype)
+        want = x.double() @ w.t()
+        for got, exact in ((compiled(x), rows <= 8 and dtype == torch.float32), (layer(x), False)):
+            # float32 sums of a float32 row; torch's kernel computes with bf16 activations
+            tol = (1e-5 if exact else 0.02) * want.abs().max().item()
+            assert got.shape == (1, rows, 77) and got.dtype == dtype
+            torch.testing.assert_close(got.double(), want, atol=tol, rtol=0)
+
+
 def test_compiled_decode_writes_the_cache_in_place():
     """The compiled step writes each new key into the cache itself: through a view of one layer, torch.compile
     copied that layer's whole cache every step (a step grew with max_seq_len × slots: 25 ms at 512 positions,
