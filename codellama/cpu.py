@@ -11,7 +11,9 @@ measured here (2 cores of an AVX-512 EPYC) by ``benchmarks/bench_quant.py`` and 
 * Fusing ``wq, wk, wv`` (and ``w1, w3``) into one matrix lets the hardware prefetcher run along one
   long weight stream instead of three short ones, and saves two calls per layer.
 * int8 and int4 weights: torch's weight-only kernels, which read the codes directly and are fast with
-  bf16 activations only (int8: ``int8_linear``, int4: ``pack_int4`` / ``int4_linear``).
+  bf16 activations only (int8: ``int8_linear``, int4: ``pack_int4`` / ``int4_linear``); inside a compiled
+  step, int8 layers of up to 8 rows use a product-and-sum over the codes that Inductor compiles
+  (``int8_rows``), which streams them faster than torch's kernel does.
 
 Every layout keeps the Meta shape and names: ``state_dict`` gives the checkpoint's tensors back.
 """

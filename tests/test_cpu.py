@@ -125,9 +125,8 @@ def test_compiled_matvec_matches_float64(dtype):
     assert torch.equal(layer(x.to(dtype)), torch.nn.functional.linear(x.to(dtype), layer.weight))  # eager: F.linear
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("in_features", [203, 256])  # 203: a K torch's bf16 int8 kernel cannot take
-def test_compiled_int8_rows_match_float64(dtype, in_features):
+@pytest.mark.parametrize("dtype, in_features", [(torch.float32, 203), (torch.bfloat16, 256)])  # 203: a K
+def test_compiled_int8_rows_match_float64(dtype, in_features):  # torch's bf16 int8 kernel cannot take
     """Inside torch.compile an int8 layer's few rows take the sums over the codes (eager: torch's kernel); both
     are the product with the dequantized weight."""
     from codellama.quantize import Int8Linear, QuantConfig
@@ -191,8 +190,9 @@ def test_build_lays_out_the_weights_for_the_step_that_decodes():
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_compiled_decode_of_a_quantized_fp32_model_gives_the_eager_tokens(scheme):
-    """Quantized layers run torch's kernels inside the compiled graph too (an fp32 model hands them bf16
-    activations and, for int8, scales cast in the graph: Inductor's lowering needs those stored)."""
+    """Inside the compiled graph int4 layers run torch's kernel (an fp32 model hands it bf16 activations) and
+    int8 layers ``int8_rows`` in float32 (torch's kernel, with scales cast in the graph, past 8 rows: see
+    test_compiled_int8_rows_match_float64); the greedy tokens are the eager ones."""
     from codellama.quantize import QuantConfig, quantize_model
     config = QuantConfig(scheme, 32) if scheme == "int4" else QuantConfig(scheme)
     want = one_row_greedy(optimize_for_cpu(quantize_model(random_model(ARGS, seed=11), config)), False, 24)
