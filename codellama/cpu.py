@@ -214,6 +214,7 @@ class MatvecLinear(nn.Linear):
 # slower here, on AVX-512 and AVX2 alike), so other dtypes are computed in bf16 and cast back.
 INT8_BF16_K_MULTIPLE = 16  # the bf16 int8 kernel reads past the row (segfaults) when K is not a multiple of 16
 INT8_ALIGNMENT = 64  # ... and when the codes do not start on a 64-byte boundary (a tensor read from a file may not)
+INT8_COMPILED_ROWS = 8  # up to this many rows, a compiled int8 layer multiplies with ``int8_rows`` instead
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -221,6 +222,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 
     Activations go to the kernel in bf16; a K that the bf16 kernel cannot take uses its (slower) fp32 path,
     and codes the kernel cannot read safely (not 64-byte aligned: ``aligned`` copies them) the reference.
+    Inside ``torch.compile``, up to ``INT8_COMPILED_ROWS`` rows go through ``int8_rows`` instead.
     """
     K = weight.shape[1]
     if torch.compiler.is_compiling() and x.numel() <= INT8_COMPILED_ROWS * K:
@@ -236,10 +238,6 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
             scales = stored(scales)  # not the cast that computes them (an fp32 model's scales)
     out = torch.ops.aten._weight_int8pack_mm(x2, weight, scales)
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
-
-
-# Up to this many rows, a compiled int8 layer multiplies with ``int8_rows`` instead of torch's kernel.
-INT8_COMPILED_ROWS = 8
 
 
 def int8_rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

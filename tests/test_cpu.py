@@ -125,8 +125,9 @@ def test_compiled_matvec_matches_float64(dtype):
     assert torch.equal(layer(x.to(dtype)), torch.nn.functional.linear(x.to(dtype), layer.weight))  # eager: F.linear
 
 
-@pytest.mark.parametrize("dtype, in_features", [(torch.float32, 203), (torch.bfloat16, 256)])  # 203: a K
-def test_compiled_int8_rows_match_float64(dtype, in_features):  # torch's bf16 int8 kernel cannot take
+# K = 203: one torch's bf16 int8 kernel cannot take (its fp32 path runs past INT8_COMPILED_ROWS)
+@pytest.mark.parametrize("dtype, in_features", [(torch.float32, 203), (torch.bfloat16, 256)])
+def test_compiled_int8_rows_match_float64(dtype, in_features):
     """Inside torch.compile an int8 layer's few rows take the sums over the codes (eager: torch's kernel); both
     are the product with the dequantized weight."""
     from codellama.quantize import Int8Linear, QuantConfig
