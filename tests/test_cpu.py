@@ -149,6 +149,35 @@ def test_compiled_int8_rows_match_float64(dtype, in_features):
             torch.testing.assert_close(got.double(), want, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_cpu_decode_attention_reads_the_cache_in_its_dtype(dtype):
+    """A compiled CPU decode step attends over a bf16/fp16 cache with sums Inductor fuses (no SDPA on float32
+    copies of it): against float64 with each row's own last position, grouped-query heads, and the eager path."""
+    from torch._inductor.utils import run_and_get_code
+    from codellama.ops import TorchOps
+    g = torch.Generator().manual_seed(12)
+    B, H, Hkv, L, hd = 3, 4, 2, 40, 16
+    q = torch.randn(B, H, 1, hd, generator=g).to(dtype)
+    k, v = (torch.randn(B, Hkv, L, hd, generator=g).to(dtype) for _ in range(2))
+    k[1, :, 8:] = float("nan")  # past row 1's position: must not be read into its result
+    v[1, :, 8:] = float("nan")
+    pos = torch.tensor([L - 1, 7, 20])
+    compiled = torch.compile(TorchOps.attention, dynamic=False)
+    got, code = run_and_get_code(compiled, q, k, v, pos)
+    assert "scaled_dot_product" not in "".join(code)
+    want = []
+    for b in range(B):
+        qd, kd, vd = q[b].double(), k[b, :, :pos[b] + 1].double(), v[b, :, :pos[b] + 1].double()
+        kd, vd = kd.repeat_interleave(H // Hkv, 0), vd.repeat_interleave(H // Hkv, 0)
+        want.append(torch.softmax(qd @ kd.transpose(-1, -2) / hd ** 0.5, -1) @ vd)
+    want = torch.stack(want)
+    assert got.shape == (B, H, 1, hd) and got.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.double(), want, atol=eps, rtol=eps)  # float32 sums, one rounding to dtype
+    k[1, :, 8:], v[1, :, 8:] = 0, 0  # the eager path (SDPA over float32 copies) masks by adding -inf
+    torch.testing.assert_close(TorchOps.attention(q, k, v, pos).double(), want, atol=eps, rtol=eps)
+
+
 def test_compiled_decode_writes_the_cache_in_place():
     """The compiled step writes each new key into the cache itself: through a view of one layer, torch.compile
     copied that layer's whole cache every step (a step grew with max_seq_len × slots: 25 ms at 512 positions,
