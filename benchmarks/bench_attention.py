@@ -3,6 +3,7 @@
     python benchmarks/bench_attention.py                 # all four tables, bf16
     python benchmarks/bench_attention.py --only decode --dtype fp16
     python benchmarks/bench_attention.py --sweep         # try other block sizes / split counts too
+    python benchmarks/bench_attention.py --cpu           # the compiled CPU decode step's attention (no GPU needed)
 
 Tables (each measures its baseline in the same run, with triton.testing.do_bench):
   prefill  causal flash attention, head_dim 128, 7B heads (32/32), 1k–16k tokens: TFLOP/s vs
@@ -11,6 +12,12 @@ Tables (each measures its baseline in the same run, with triton.testing.do_bench
            (k and v read once) vs the model's PyTorch path (SDPA). Target: ≥ 70% of HBM peak, ≥ 3× SDPA at 32k+.
   rmsnorm  (tokens, 4096) and rope on 7B/34B q, k: GB/s vs eager PyTorch. Target: ≥ 80% of HBM peak.
 HBM peak comes from a small table of known cards (or --peak-gbps).
+
+``--cpu``: one query per row over a bf16/fp16 cache inside ``torch.compile`` on the CPU, as the engine's
+compiled decode step attends (``TorchOps.attention``: sums Inductor fuses, reading the cache in its dtype),
+against the eager path's way compiled the same way (SDPA over float32 copies of the cache), batch 1 and 4,
+the 194M benchmark model's heads (8/8) and 7B's (32/32), ragged positions; each timed over several layers'
+caches (together larger than the CPU's caches) and checked against the other before timing.
 """
 
 from __future__ import annotations
@@ -136,6 +143,56 @@ def bench_decode(dtype: torch.dtype, lengths: Sequence[int], peak: Optional[floa
     table(f"Decode: one query, batch 1, head_dim {hd}, {str(dtype)[6:]}", header, rows)
 
 
+# ----------------------------------------------------------------------------- CPU: the compiled decode step
+def bench_cpu_decode(dtype: torch.dtype, lengths: Sequence[int], batches: Sequence[int], repeat: int = 20) -> None:
+    import statistics
+    import time
+
+    from codellama.ops import TorchOps
+
+    def copies(q, k, v, pos):  # the eager path: float32 copies of the cache, then SDPA
+        return TorchOps.attention(q.float(), k.float(), v.float(), pos).to(q.dtype)
+
+    def timed(fn, *args) -> float:
+        for _ in range(3):
+            fn(*args)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def over_layers(attend):
+        return lambda q, pos, *kv: [attend(q, kv[i], kv[i + len(kv) // 2], pos) for i in range(len(kv) // 2)]
+
+    hd, rows = 128, []
+    with torch.inference_mode():
+        for label, H in (("194M", 8), ("7B", 32)):
+            for B in batches:
+                for L in lengths:
+                    per_layer = 2 * B * H * L * hd * dtype.itemsize
+                    layers = max(1, min(10, 2**26 // per_layer))  # ≥ 64 MiB of caches, or 10 layers
+                    g = torch.Generator().manual_seed(L)
+                    ks, vs = ([torch.randn(B, H, L, hd, generator=g).to(dtype) for _ in range(layers)] for _ in "kv")
+                    q = torch.randn(B, H, 1, hd, generator=g).to(dtype)
+                    pos = torch.tensor([L - 1 - (b * L) // (2 * B) for b in range(B)])  # ragged: rows end apart
+                    ours = torch.compile(over_layers(TorchOps.attention), dynamic=False)
+                    base = torch.compile(over_layers(copies), dynamic=False)
+                    want, got = base(q, pos, *ks, *vs)[0], ours(q, pos, *ks, *vs)[0]
+                    err = (got.float() - want.float()).abs().max().item()
+                    if not err <= 2 * torch.finfo(dtype).eps * want.float().abs().max().item() + 1e-6:
+                        raise SystemExit(f"cpu decode {label} B={B} L={L}: results differ by {err:.3g}; not timing")
+                    t_base, t_ours = timed(base, q, pos, *ks, *vs) / layers, timed(ours, q, pos, *ks, *vs) / layers
+                    rows.append([label, f"{H}/{H}", str(B), f"{L:,}", f"{t_base * 1e6:,.0f}", f"{t_ours * 1e6:,.0f}",
+                                 f"{per_layer / t_ours * 1e-9:.1f}", f"{t_base / t_ours:.2f}×"])
+                    torch._dynamo.reset()
+    table(f"CPU decode attention inside torch.compile, one layer, head_dim {hd}, {str(dtype)[6:]}, "
+          f"{torch.get_num_threads()} threads",
+          ["model", "heads", "rows", "cached tokens", "SDPA on float32 copies µs", "ours µs", "ours GB/s (k+v)",
+           "speedup"], rows)
+
+
 # ----------------------------------------------------------------------------- RMSNorm and RoPE
 def bench_norm_rope(dtype: torch.dtype, peak: Optional[float], tokens: Sequence[int] = (1, 4096, 16384)) -> None:
     from codellama.model import rope_angles, rope_inv_freq
@@ -177,7 +234,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--decode-lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--peak-gbps", type=float, default=None, help="HBM peak of this card, if not in the table")
     parser.add_argument("--sweep", action="store_true", help="also time other block sizes / split counts")
+    parser.add_argument("--cpu", action="store_true", help="the compiled CPU decode attention table instead")
+    parser.add_argument("--cpu-lengths", type=int, nargs="+", default=[160, 512, 2048])
+    parser.add_argument("--cpu-batch", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args(argv)
+
+    if args.cpu:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+              f"{torch.backends.cpu.get_cpu_capability()}")
+        bench_cpu_decode(DTYPES[args.dtype], args.cpu_lengths, args.cpu_batch)
+        return
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("bench_attention.py: unset TRITON_INTERPRET; timings of Triton's CPU interpreter mean nothing")
