@@ -101,8 +101,9 @@ def _decode_attention_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
     ``torch.compile`` on the CPU: Inductor reads the cache once in its own dtype and sums in float32.
 
     The eager path's float32 copies of the cache for SDPA cost more than the attention itself in a compiled
-    step: a bf16 step of the 194M model at 8 rows took 32-37 ms that way and 22-28 ms this way (1 row: 16-18
-    against 12-14 ms). Eager, the products would be materialised: only compiled steps come here.
+    step: a bf16 step of the 194M model at 8 rows took 34-42 ms that way and 24-30 ms this way (at one row its
+    10 layers' attention 0.7 against 0.24 ms; ``benchmarks/bench_attention.py --cpu``). Eager, the products
+    would be materialised: only compiled steps come here.
     """
     B, H, _, hd = q.shape
     Hkv, L = k.shape[1], k.shape[2]
