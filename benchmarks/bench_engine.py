@@ -9,7 +9,8 @@ Figures (ratios are what matter on a shared machine):
               first token on: the 8 arrive together and are prefilled in one step before it)
   prefix      time to first token of a 2,000-token prompt that shares all but its last 20 tokens with the
               previous request, against the same prompt on a cold cache
-  compile     decode tokens/s of one request, compiled step against eager
+  compile     decode tokens/s of one request, compiled step against eager; and of --batch concurrent
+              requests (both on oneDNN's packed weights, as Llama.build lays out more than one slot)
   gap         the worst inter-token gap of a streaming request while a 4,000-token prompt is admitted,
               against its median gap, for each chunk budget (max_tokens_per_step) of --budgets
 """
@@ -109,6 +110,19 @@ def bench_compile(model, new_tokens: int) -> tuple:
     return tuple(rates)
 
 
+def bench_compile_batch(model, batch: int, new_tokens: int) -> tuple:
+    """``batch`` requests arriving together, decoded by the eager and the compiled all-slots step: aggregate
+    decode tokens/s of each (the prompts differ from the warm-up's, so nothing is reused from the cache)."""
+    rates = []
+    for compiled in (False, True):
+        engine = Engine(model, max_batch_size=batch, max_seq_len=256, compile=compiled)
+        for seed in (8, 9):  # a warm-up round (and compilation), then the timed one
+            requests = [engine.submit(p, greedy(new_tokens)) for p in prompts(batch, 64, seed=seed)]
+            done = [r.result() for r in requests]
+        rates.append(decode_rate(done))
+    return tuple(rates)
+
+
 def bench_gap(model, long_len: int = 4000, budget: int = 512) -> tuple:
     engine = Engine(model, max_batch_size=2, max_seq_len=long_len + 300, max_tokens_per_step=budget)
     engine.submit(prompts(1, 32, seed=5)[0], greedy(2)).result()  # warm-up
@@ -148,6 +162,9 @@ def main() -> None:
                    lambda x, y: (f"{x:.3f} cold", f"{y:.3f} reused", f"**{x / y:.1f}× faster**")),
         "compile": ("decode tok/s at batch 1, compiled vs eager", lambda m: bench_compile(m, a.new_tokens),
                     lambda x, y: (f"{x:.1f}", f"{y:.1f}", f"**{y / x:.2f}×**")),
+        f"compile {a.batch}": (f"decode tok/s of {a.batch} concurrent requests, compiled vs eager",
+                               lambda m: bench_compile_batch(m, a.batch, a.new_tokens),
+                               lambda x, y: (f"{x:.1f}", f"{y:.1f}", f"**{y / x:.2f}×**")),
     }
     for budget in a.budgets:  # the chunk budget bounds the gap: each step prefills at most this many tokens
         figures[f"gap {budget}"] = (
