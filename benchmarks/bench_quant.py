@@ -8,7 +8,7 @@ and accuracy against fp32 on random models with Code Llama 7B's proportions.
 
 **Speed.** Decode tokens/s at batch 1 and 8 (greedy, 128-token prompts, 32 new tokens; (time for N tokens −
 time for 1) / (N − 1), each through the library's ``Llama.generate``), for fp32, bf16, int8 and int4 g32
-(activations bf16; the output layer in bf16 unless "+out"), against this library's fp32 in the same run
+(activations bf16; the output layer in bf16 unless "+out", "+out8": in int8), against this library's fp32 in the same run
 and, when ``llama-cpp-python`` is installed (a test-only peer, never a dependency), against llama.cpp on
 the same weights: written as an F32 GGUF file with the ``gguf`` package (``gguf_export.py``), and
 quantized by llama.cpp's own quantizer (BF16, Q8_0, Q4_0; its Q4_0 keeps the output layer in
@@ -53,8 +53,10 @@ SCHEMES: Dict[str, Tuple[torch.dtype, Optional[QuantConfig]]] = {
     "int8+out": (torch.bfloat16, QuantConfig("int8", include_output=True)),
     "int4": (torch.bfloat16, QuantConfig("int4", 32)),
     "int4+out": (torch.bfloat16, QuantConfig("int4", 32, include_output=True)),
+    "int4+out8": (torch.bfloat16, QuantConfig("int4", 32, include_output=True, output_scheme="int8")),
 }
-LLAMA_CPP = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int8+out": "Q8_0", "int4": "Q4_0", "int4+out": "Q4_0"}
+LLAMA_CPP = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int8+out": "Q8_0", "int4": "Q4_0", "int4+out": "Q4_0",
+             "int4+out8": "Q4_0"}
 LLAMA_FTYPES = {"BF16": 32, "Q8_0": 7, "Q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* numbers
 
 

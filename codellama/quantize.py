@@ -2,6 +2,7 @@
 
     python -m codellama.quantize SRC DST --int8                  # per-output-channel int8
     python -m codellama.quantize SRC DST --int4 --group-size 32  # grouped int4 (32, 64 or 128 inputs a group)
+    python -m codellama.quantize SRC DST --int4 --output-scheme int8  # ... with the output layer in int8
 
 Batch-1 decoding reads every weight once per token, so bytes per weight set its speed: int8 reads half of
 bf16, int4 a quarter. Activations stay in the model's dtype; only the weights are integers, and the
@@ -20,7 +21,8 @@ Schemes, and the names ``state_dict`` holds them under (``W`` is a linear layer'
   not a multiple of ``group_size`` is padded to whole groups (the padding multiplies zero activations).
 
 Every linear layer is quantized except, by default, the output layer (``include_output=True`` takes it
-too: it is the largest single matrix of a small model, and the one most sensitive to rounding); the token
+too: it is the largest single matrix of a small model, and the one most sensitive to rounding;
+``output_scheme="int8"`` gives it int8 codes in an int4 model, as llama.cpp's Q4_0 files keep it in 6 bits); the token
 embedding is quantized on request (``include_embeddings``; its lookup reads one row per token, so this
 saves memory, not time). Meta's names are kept, so a quantized model saves, loads and splits across
 tensor-parallel ranks like any other (``codellama.distributed`` cuts scales with their weights).
@@ -55,32 +57,53 @@ class QuantConfig:
     group_size: Optional[int] = None  # int4 only; None → DEFAULT_GROUP_SIZE
     include_output: bool = False
     include_embeddings: bool = False
+    output_scheme: Optional[str] = None  # with include_output: the output layer's own scheme (None: ``scheme``)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown quantization scheme {self.scheme!r}; valid: {', '.join(SCHEMES)}")
-        if self.scheme == "int8" and self.group_size is not None:
+        for name in ("include_output", "include_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.output_scheme is not None:
+            if self.output_scheme not in SCHEMES:
+                raise ValueError(f"unknown output_scheme {self.output_scheme!r}; valid: {', '.join(SCHEMES)} or None "
+                                 "(the output layer in the config's scheme)")
+            if not self.include_output:
+                raise ValueError(f"output_scheme={self.output_scheme!r} needs include_output=True (by default the "
+                                 "output layer is not quantized)")
+            if self.output_scheme == self.scheme:
+                object.__setattr__(self, "output_scheme", None)  # one spelling for each config
+        uses_groups = "int4" in (self.scheme, self.output_scheme)
+        if not uses_groups and self.group_size is not None:
             raise ValueError("group_size applies to int4 only (int8 has one scale per output channel); "
                              f"got group_size={self.group_size!r} with int8")
-        if self.scheme == "int4":
+        if uses_groups:
             if self.group_size is None:
                 object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)
             elif self.group_size not in GROUP_SIZES or isinstance(self.group_size, bool):
                 raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
-        for name in ("include_output", "include_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def for_layer(self, name: str) -> "QuantConfig":
+        """The config one layer is quantized with: the output layer's own scheme where ``output_scheme`` is set."""
+        if name != "output" or self.output_scheme is None:
+            return self
+        return QuantConfig(self.output_scheme, self.group_size if self.output_scheme == "int4" else None)
 
     def describe(self) -> str:
-        """``"int4 g64"``, ``"int8 (+ output layer)"``: for tables and messages."""
-        extra = [name for name, on in (("output layer", self.include_output), ("embeddings", self.include_embeddings))
-                 if on]
-        return (f"{self.scheme}" + (f" g{self.group_size}" if self.scheme == "int4" else "")
-                + (f" (+ {', '.join(extra)})" if extra else ""))
+        """``"int4 g64"``, ``"int8 (+ output layer)"``, ``"int4 g32 (+ output layer in int8)"``: for tables and messages."""
+        def named(scheme: str) -> str:
+            return scheme + (f" g{self.group_size}" if scheme == "int4" else "")
+        output = "output layer" + (f" in {named(self.output_scheme)}" if self.output_scheme else "")
+        extra = [name for name, on in ((output, self.include_output), ("embeddings", self.include_embeddings)) if on]
+        return named(self.scheme) + (f" (+ {', '.join(extra)})" if extra else "")
 
     def to_json(self) -> Dict[str, Any]:
         """The record a quantized checkpoint's ``config.json`` holds under ``quantization_config``."""
-        return {"quant_method": QUANT_METHOD, **asdict(self)}
+        record = {"quant_method": QUANT_METHOD, **asdict(self)}
+        if record["output_scheme"] is None:  # as records written before the field existed
+            del record["output_scheme"]
+        return record
 
     @classmethod
     def from_json(cls, record: Any, where: str = "config.json") -> "QuantConfig":
@@ -230,8 +253,8 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig) -> "QuantizedLinear":
         """``linear`` quantized; a layer on the ``meta`` device gets empty codes of the right shapes."""
-        layer = cls(linear.in_features, linear.out_features, config.group_size, scale_dtype=linear.weight.dtype,
-                    device="meta")
+        group_size = config.group_size if cls.scheme == "int4" else None  # (set for a mixed config's int4 layers)
+        layer = cls(linear.in_features, linear.out_features, group_size, scale_dtype=linear.weight.dtype, device="meta")
         if not linear.weight.is_meta:
             _quantize_into(layer, linear.weight, config)
         return layer
@@ -343,7 +366,7 @@ class QuantizedEmbedding(nn.Module):
                  scale_dtype: torch.dtype = torch.float32, device: Union[None, str, torch.device] = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.scheme, self.group_size = config.scheme, config.group_size
+        self.scheme, self.group_size = config.scheme, config.group_size if config.scheme == "int4" else None
         _register_codes(self, self.scheme, num_embeddings, embedding_dim, self.group_size, scale_dtype, device)
 
     @classmethod
@@ -383,7 +406,8 @@ def quantize_model(model: nn.Module, config: QuantizeArg) -> nn.Module:
         if isinstance(child, nn.Embedding) and config.include_embeddings:
             quantized = _swap(name, child, QuantizedEmbedding, config)
         elif isinstance(child, nn.Linear) and child.bias is None and (config.include_output or name != "output"):
-            quantized = _swap(name, child, LAYERS[config.scheme], config)
+            layer_config = config.for_layer(name)
+            quantized = _swap(name, child, LAYERS[layer_config.scheme], layer_config)
         else:
             continue
         setattr(parent, name.rsplit(".", 1)[-1], quantized)
@@ -461,6 +485,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
                    help=f"int4 only: inputs per group (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--include-output", action="store_true", help="quantize the output layer too")
+    p.add_argument("--output-scheme", default=None, choices=SCHEMES,
+                   help="the output layer's own scheme (implies --include-output), e.g. int8 in an int4 checkpoint")
     p.add_argument("--include-embeddings", action="store_true", help="quantize the token embedding too")
     p.add_argument("--dtype", default=None, help="dtype of the scales and the layers left in full precision "
                                                  "(default: the checkpoint's)")
@@ -470,8 +496,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .save import quantize_checkpoint
 
     def write() -> str:
-        config = QuantConfig(a.scheme, a.group_size, include_output=a.include_output,
-                             include_embeddings=a.include_embeddings)
+        config = QuantConfig(a.scheme, a.group_size, include_output=a.include_output or a.output_scheme is not None,
+                             include_embeddings=a.include_embeddings, output_scheme=a.output_scheme)
         quantize_checkpoint(a.src, a.dst, config, dtype=a.dtype, force=a.force)
         return f"wrote {config.describe()} checkpoint to {a.dst}"
 

@@ -277,7 +277,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
                 state[key] = tensor
                 continue
             try:
-                codes = quantize_weight(tensor, config)
+                codes = quantize_weight(tensor, config.for_layer(module))
             except ValueError as e:
                 raise ValueError(f"cannot quantize {key} as {config.describe()}: {e}") from None
             state.update({f"{module}.{name}": t for name, t in codes.items()})

@@ -43,6 +43,9 @@ def quantized(config, seed=1, dtype=torch.float32, optimize=True):
     (dict(scheme="int4", group_size=48), r"group_size must be one of 32, 64, 128, got 48"),
     (dict(scheme="int8", group_size=32), r"group_size applies to int4 only"),
     (dict(scheme="int4", include_output="yes"), r"include_output must be True or False"),
+    (dict(scheme="int4", output_scheme="int8"), r"output_scheme='int8' needs include_output=True"),
+    (dict(scheme="int4", include_output=True, output_scheme="fp8"), r"unknown output_scheme 'fp8'; valid: int8, int4"),
+    (dict(scheme="int8", group_size=32, include_output=True, output_scheme="int8"), r"group_size applies to int4 only"),
 ])
 def test_bad_options_name_the_option_and_the_valid_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -102,10 +105,17 @@ def test_quantized_state_dict_holds_codes_and_scales_under_meta_names():
     int8 = quantized(QuantConfig("int8", include_output=True)).state_dict()
     assert int8["output.weight"].dtype == torch.int8 and int8["output.scales"].shape == (ARGS.vocab_size,)
     assert int8["layers.2.feed_forward.w2.scales"].shape == (ARGS.dim,)
+    mixed = quantized(QuantConfig("int4", 32, include_output=True, output_scheme="int8"))
+    assert isinstance(mixed.output, Int8Linear) and isinstance(mixed.layers[0].attention.wqkv, Int4Linear)
+    state = mixed.state_dict()
+    assert state["output.weight"].dtype == torch.int8 and "output.zeros" not in state
+    assert state["layers.0.attention.wq.zeros"].shape == (ARGS.dim, 3)
+    assert QuantConfig("int8", include_output=True, output_scheme="int8") == QuantConfig("int8", include_output=True)
 
 
 @pytest.mark.parametrize("config", ["int8", QuantConfig("int4", 32), QuantConfig("int4", 128, include_output=True,
-                                                                                  include_embeddings=True)])
+                                                                                  include_embeddings=True),
+                                    QuantConfig("int4", 32, include_output=True, output_scheme="int8")])
 def test_a_quantized_state_dict_loads_into_a_quantized_model_and_gives_the_same_logits(config):
     source = quantized(config, seed=3)
     target = quantized(config, seed=4)  # other values, same structure (fused, CPU-packed)
@@ -222,6 +232,21 @@ def test_quantized_checkpoint_records_its_scheme_and_loads_without_the_original(
     # Quantizing on load in the checkpoint's dtype gives the same model, bit for bit.
     saved = load_model(tiny_quantized["int8"], device="cpu", dtype="bf16")
     on_load = load_model(device="cpu", dtype="bf16", quantize="int8")
+    torch.testing.assert_close(logits(saved, TOKENS % 4096), logits(on_load, TOKENS % 4096), atol=0, rtol=0)
+
+
+def test_an_int4_checkpoint_with_an_int8_output_layer_loads_as_quantizing_on_load(tmp_path):
+    import json
+    out = tmp_path / "mixed"
+    assert main([BUNDLED_CKPT_DIR, str(out), "--int4", "--group-size", "32", "--output-scheme", "int8"]) == 0
+    record = json.loads((out / "config.json").read_text())["quantization_config"]
+    config = QuantConfig("int4", 32, include_output=True, output_scheme="int8")
+    assert record == config.to_json() and record["output_scheme"] == "int8" and record["include_output"] is True
+    assert open_checkpoint(out).quantization == config
+    assert open_checkpoint(out).tensors["output.weight"].dtype == torch.int8
+    saved = load_model(out, device="cpu", dtype="bf16")
+    assert isinstance(saved.output, Int8Linear) and isinstance(saved.layers[0].feed_forward.w13, Int4Linear)
+    on_load = load_model(device="cpu", dtype="bf16", quantize=config)
     torch.testing.assert_close(logits(saved, TOKENS % 4096), logits(on_load, TOKENS % 4096), atol=0, rtol=0)
 
 

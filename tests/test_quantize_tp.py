@@ -48,7 +48,8 @@ def test_two_ranks_split_codes_and_scales_together(tmp_path):
     quantize_checkpoint(full, tmp_path / "int8", "int8")
     from codellama.quantize import QuantConfig
     quantize_checkpoint(full, tmp_path / "int4", QuantConfig("int4", 32, include_output=True, include_embeddings=True))
-    specs = [str(tmp_path / "int8"), str(tmp_path / "int4"), f"{full}@int4"]
+    quantize_checkpoint(full, tmp_path / "mixed", QuantConfig("int4", 64, include_output=True, output_scheme="int8"))
+    specs = [str(tmp_path / "int8"), str(tmp_path / "int4"), str(tmp_path / "mixed"), f"{full}@int4"]
     r = torchrun(tmp_path / "out.pt", tokenizer, specs)
     assert r.returncode == 0, r.stderr[-3000:]
     results = torch.load(tmp_path / "out.pt")
