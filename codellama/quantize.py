@@ -85,10 +85,12 @@ class QuantConfig:
                 raise ValueError(f"group_size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
 
     def for_layer(self, name: str) -> "QuantConfig":
-        """The config one layer is quantized with: the output layer's own scheme where ``output_scheme`` is set."""
-        if name != "output" or self.output_scheme is None:
+        """The config one layer is quantized with: with ``output_scheme`` set, the output layer's scheme or the
+        config's, each with a group size only where it is int4 (a mixed config holds one for both)."""
+        if self.output_scheme is None:
             return self
-        return QuantConfig(self.output_scheme, self.group_size if self.output_scheme == "int4" else None)
+        scheme = self.output_scheme if name == "output" else self.scheme
+        return QuantConfig(scheme, self.group_size if scheme == "int4" else None)
 
     def describe(self) -> str:
         """``"int4 g64"``, ``"int8 (+ output layer)"``, ``"int4 g32 (+ output layer in int8)"``: for tables and messages."""
@@ -253,8 +255,8 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig) -> "QuantizedLinear":
         """``linear`` quantized; a layer on the ``meta`` device gets empty codes of the right shapes."""
-        group_size = config.group_size if cls.scheme == "int4" else None  # (set for a mixed config's int4 layers)
-        layer = cls(linear.in_features, linear.out_features, group_size, scale_dtype=linear.weight.dtype, device="meta")
+        layer = cls(linear.in_features, linear.out_features, config.group_size, scale_dtype=linear.weight.dtype,
+                    device="meta")
         if not linear.weight.is_meta:
             _quantize_into(layer, linear.weight, config)
         return layer
@@ -366,7 +368,7 @@ class QuantizedEmbedding(nn.Module):
                  scale_dtype: torch.dtype = torch.float32, device: Union[None, str, torch.device] = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.scheme, self.group_size = config.scheme, config.group_size if config.scheme == "int4" else None
+        self.scheme, self.group_size = config.scheme, config.group_size
         _register_codes(self, self.scheme, num_embeddings, embedding_dim, self.group_size, scale_dtype, device)
 
     @classmethod
@@ -404,7 +406,7 @@ def quantize_model(model: nn.Module, config: QuantizeArg) -> nn.Module:
         return model
     for name, parent, child in list(_children(model)):
         if isinstance(child, nn.Embedding) and config.include_embeddings:
-            quantized = _swap(name, child, QuantizedEmbedding, config)
+            quantized = _swap(name, child, QuantizedEmbedding, config.for_layer(name))
         elif isinstance(child, nn.Linear) and child.bias is None and (config.include_output or name != "output"):
             layer_config = config.for_layer(name)
             quantized = _swap(name, child, LAYERS[layer_config.scheme], layer_config)
