@@ -226,7 +226,7 @@ def section_decode(s: Scale, report: Report) -> None:
         try:
             model = random_llm(margs, dtype, s.device, opts.get("attention", "auto"))
             if "quantize" in opts:
-                from codellama.quantize import quantize_model  # the quantization issue's module swap
+                from codellama.quantize import quantize_model
                 model = quantize_model(model, opts["quantize"])
         except (ImportError, ValueError, RuntimeError) as e:
             report.line(f"| {label} | | skipped: {type(e).__name__}: {str(e)[:80]} | | |")

@@ -25,7 +25,7 @@ from training.evaluate_tiny import (indentation, infill_cases, is_exact, mcnemar
                                    token_nlls, wilson_interval)
 from training.train_tiny import TrainConfig, lm_loss, psm_weights
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from conftest import ROOT
 TINY = ROOT / "codellama" / "assets" / "tiny"
 HELDOUT = ROOT / "training" / "heldout.txt"
 

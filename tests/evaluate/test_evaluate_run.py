@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from conftest import ROOT as CONFTEST_ROOT
+
 import codellama.evaluate.run as run_module
 from codellama.evaluate.__main__ import main
 from codellama.evaluate.data import Benchmark, Task
@@ -17,7 +19,7 @@ from codellama.evaluate.run import (evaluate, format_report, generate_samples, l
 from codellama.evaluate.sandbox import REASONS, Limits, SandboxUnavailable
 
 LIMITS = Limits(timeout_s=2.0, isolation="process")  # the harness's logic; isolation has tests of its own
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(CONFTEST_ROOT)
 
 
 def _task(i: int) -> Task:
@@ -186,7 +188,7 @@ def test_scoring_foreign_samples_and_errors(tmp_path):
 
 
 def test_a_bad_sample_is_its_own_error_and_the_rest_are_scored(tmp_path):
-    # Issue 12, item 8 and issue 13, item 5: one bad line costs only itself, never the run.
+    # One bad line costs only itself, never the run.
     lines = [json.dumps({"task_id": "HumanEval/0", "completion": "    return a + b + 0\n"}).encode(),
              json.dumps({"task_id": "HumanEval/0", "sample": [1], "completion": "    return a + b\n"}).encode(),
              json.dumps({"task_id": "HumanEval/1", "completion": "    return '\ud800'\n"}).encode(),  # lone surrogate

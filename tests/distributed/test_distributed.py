@@ -1,6 +1,7 @@
 """Tensor parallelism: torchrun with gloo on this CPU against a single process, token for token."""
 
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -13,8 +14,11 @@ from codellama.checkpoint import build_on_meta
 from codellama.distributed import TensorParallel, check_parallel, local_heads, rank_block, split_dim
 
 from conftest import ROOT
+
 from helpers import write_checkpoint
 from tp_worker import PROMPTS, TOKENS
+
+HERE = pathlib.Path(__file__).resolve().parent  # the torchrun workers live beside their tests
 
 pytestmark = pytest.mark.distributed
 
@@ -30,7 +34,7 @@ def free_port() -> int:
 
 def torchrun(nproc, out, tokenizer, dirs, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), str(ROOT / "tests" / "tp_worker.py"), str(out), str(tokenizer), *map(str, dirs)]
+           str(free_port()), str(HERE / "tp_worker.py"), str(out), str(tokenizer), *map(str, dirs)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 

@@ -1,6 +1,7 @@
 """The engine under torchrun: rank 0 schedules, every rank runs the same steps (gloo, 2 CPU ranks)."""
 
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -14,7 +15,10 @@ from codellama.checkpoint import BUNDLED_CKPT_DIR, load_model
 from codellama.testing import write_checkpoint
 
 from conftest import ROOT
+
 from engine_tp_worker import MAX_TOKENS, PROMPTS
+
+HERE = pathlib.Path(__file__).resolve().parent  # the torchrun workers live beside their tests
 
 pytestmark = pytest.mark.distributed
 
@@ -32,7 +36,7 @@ def test_two_ranks_serve_concurrent_requests_like_one_process(tmp_path):
                             tokenizer=os.path.join(BUNDLED_CKPT_DIR, "tokenizer.model"))
     out = tmp_path / "out.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "engine_tp_worker.py"), str(out), ckpt]
+           str(HERE / "engine_tp_worker.py"), str(out), ckpt]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -30,7 +30,7 @@ def _wrong(attack: str, tests: str = TESTS) -> Program:
 
 
 FORGERIES = {
-    # The five of the issue.
+    # Five ways a program could forge its verdict.
     "main-module-exit": _wrong("import sys\nsys.modules['__main__']._exit(0)\n"),
     "guard-constants": _wrong("import sys\nm = sys.modules['__main__']\n"
                               "m.EXIT_PASSED = m.EXIT_FAILED = m.EXIT_ERROR = 0\n"),

@@ -1,5 +1,5 @@
 """Bad input to the generation and model APIs: a ValueError that says what is wrong, never a traceback from
-inside torch or sentencepiece, never a silently wrong result (issue 12, items 4–7)."""
+inside torch or sentencepiece, never a silently wrong result."""
 
 import pytest
 import torch

@@ -18,7 +18,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from conftest import ROOT
 NVIDIA_BIN = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 A100_SHARED_BYTES = 166_912  # the smaller of the two cards' per-block limits (H100: 232,448)
 MAX_STACK_BYTES = 64  # a few spilled registers at most

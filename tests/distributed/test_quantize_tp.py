@@ -5,6 +5,7 @@ Each rank reads its block of a quantized checkpoint's integer codes and of their
 """
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -15,9 +16,12 @@ from codellama import ModelArgs, Tokenizer, load_model
 from codellama.save import quantize_checkpoint
 
 from conftest import ROOT
+
 from helpers import write_checkpoint
 from test_distributed import free_port
 from tp_worker import PROMPTS, TOKENS
+
+HERE = pathlib.Path(__file__).resolve().parent  # the torchrun workers live beside their tests
 
 pytestmark = pytest.mark.distributed
 
@@ -27,8 +31,8 @@ GQA = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, mu
 
 def torchrun(out, tokenizer, specs):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "quant_tp_worker.py"), str(out), str(tokenizer), *specs]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+           str(HERE / "quant_tp_worker.py"), str(out), str(tokenizer), *specs]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(HERE)]), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
