@@ -28,7 +28,7 @@ from codellama.checkpoint import BUNDLED_CKPT_DIR
 from codellama.cpu import optimize_for_cpu
 from codellama.engine import Engine, SamplingParams
 from codellama.quantize import quantize_model
-from codellama.speculative import DraftModel, PromptLookup
+from codellama.engine.speculative import DraftModel, PromptLookup
 from codellama.testing import random_model
 
 BASE = dict(dim=1024, n_layers=10, n_heads=8, multiple_of=256, vocab_size=32016, rope_theta=1e6)

@@ -18,7 +18,7 @@ from .generation import Llama
 from .ops import ATTENTION_CHOICES
 from .quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES, QuantConfig
 from .runtime import DTYPES
-from .speculative import SPECULATE_CHOICES
+from .engine.speculative import SPECULATE_CHOICES
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

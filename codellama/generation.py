@@ -20,7 +20,7 @@ from .checkpoint import (BUNDLED_CKPT_DIR, check_checkpoint_dir, check_tokenizer
                          open_checkpoint)
 from .distributed import check_parallel, env_world, init_tensor_parallel
 from .engine import Engine, SamplingParams
-from .speculative import check_speculation, make_speculator
+from .engine.speculative import check_speculation, make_speculator
 from .model import Transformer
 from .ops import select_ops
 from .prompts import (UNSAFE_ERROR, Dialog, Message, chat_prompt_tokens, has_special_tags, infilling_prompt_tokens,

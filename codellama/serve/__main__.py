@@ -23,7 +23,7 @@ from ..commands import add_quantize_flags, quantize_option, run
 from ..generation import Llama
 from ..ops import ATTENTION_CHOICES
 from ..runtime import DTYPES
-from ..speculative import SPECULATE_CHOICES
+from ..engine.speculative import SPECULATE_CHOICES
 from .app import MAX_BODY_BYTES, server
 from .service import CHAT_FORMATS, ModelService
 

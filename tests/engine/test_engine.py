@@ -64,7 +64,7 @@ def test_threads_sharing_one_llama_each_get_their_solo_result(tiny, solo):
     assert not errors and len(results) == 16
     for p, tokens in results.values():
         assert tokens == solo[p][0]
-    assert llama.engine._steps < 16 * 24  # requests really shared steps
+    assert llama.engine.scheduler.steps < 16 * 24  # requests really shared steps
 
 
 def test_seeded_sampling_draws_the_same_whatever_shares_the_batch(tiny):
@@ -121,14 +121,14 @@ def test_closing_a_stream_or_cancelling_frees_the_slot(tiny):
     r = engine.submit(encode(tiny, PROMPTS[0]), SamplingParams(temperature=0, max_tokens=200))
     events = iter(r)
     next(events)
-    assert len(engine._running) == 1
+    assert len(engine.scheduler.running) == 1
     events.close()
     engine.step()
-    assert r.finish_reason == "cancelled" and not engine._running
+    assert r.finish_reason == "cancelled" and not engine.scheduler.running
     r2 = engine.submit(encode(tiny, PROMPTS[1]), SamplingParams(temperature=0, max_tokens=200))
     r2.cancel()
     assert r2.result().finish_reason == "cancelled" and r2.tokens == []
-    assert all(s.owner is None for s in engine._slots)
+    assert all(s.owner is None for s in engine.scheduler.slots)
 
 
 def test_a_suspended_stream_leaves_the_callers_grad_mode_alone(tiny):
@@ -181,7 +181,7 @@ def test_the_slot_with_the_longest_match_is_chosen_and_lru_is_evicted(tiny):
     a, b = encode(tiny, PROMPTS[0]), encode(tiny, PROMPTS[1])
     engine.submit(a, SamplingParams(temperature=0, max_tokens=2)).result()
     engine.submit(b, SamplingParams(temperature=0, max_tokens=2)).result()
-    slot_a, slot_b = (next(i for i, s in enumerate(engine._slots) if s.cached[:len(p) - 1] == p[:-1]) for p in (a, b))
+    slot_a, slot_b = (next(i for i, s in enumerate(engine.scheduler.slots) if s.cached[:len(p) - 1] == p[:-1]) for p in (a, b))
     assert slot_a != slot_b
     again = engine.submit(a + [42], SamplingParams(temperature=0, max_tokens=1))
     again.result()
@@ -309,7 +309,7 @@ def test_a_background_thread_that_fails_fails_its_requests_instead_of_hanging(ti
     def broken_plan():
         raise RuntimeError("a collective timed out (test)")
 
-    monkeypatch.setattr(engine, "_plan", broken_plan)
+    monkeypatch.setattr(engine.scheduler, "schedule", broken_plan)
     engine.start()
     r = engine.submit(encode(tiny, PROMPTS[0]), GREEDY)
     with pytest.raises(RuntimeError, match="generation failed: RuntimeError: a collective timed out"):

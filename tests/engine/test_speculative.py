@@ -5,7 +5,7 @@ import torch
 
 from codellama import Llama, ModelArgs
 from codellama.engine import Engine, SamplingParams
-from codellama.speculative import DraftModel, PromptLookup, Proposal, same_tokenizer, verify
+from codellama.engine.speculative import DraftModel, PromptLookup, Proposal, same_tokenizer, verify
 from codellama.testing import random_model
 
 CODE = '''def parse_headers(lines):

@@ -26,10 +26,9 @@ ALLOWED = {
     "prompts": {"tokenizer"},
     "sampling": set(),
     "cpu": set(),
-    "engine": {"model", "distributed", "sampling", "tokenizer"},  # never the server, generation or speculation
-    "speculative": {"engine", "model", "distributed", "sampling"},
+    "engine": {"engine", "model", "distributed", "sampling", "tokenizer"},  # never the server or generation
     # The server stands on generation and the engine; no protocol logic below it (nothing imports serve).
-    "serve": {"serve", "engine", "generation", "prompts", "tokenizer", "checkpoint", "ops", "runtime", "speculative",
+    "serve": {"serve", "engine", "generation", "prompts", "tokenizer", "checkpoint", "ops", "runtime",
               "commands"},
 }
 

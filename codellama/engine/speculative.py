@@ -25,10 +25,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .engine import Request
-from .model import KVCache, Transformer
-from .distributed import local_heads
-from .sampling import TopLogprobs, logprobs_and_top, sampling_probs
+from ..distributed import local_heads
+from ..model import KVCache, Transformer
+from ..sampling import TopLogprobs, logprobs_and_top, sampling_probs
+from .request import Request
 
 SPECULATE_CHOICES = ("prompt", "draft")
 
@@ -229,8 +229,8 @@ class DraftModel(Speculator):
     def load(cls, ckpt_dir: str | os.PathLike, target_tokenizer, max_batch_size: int, max_seq_len: int, *,
              device: torch.device, dtype=None, num_tokens: int = 6) -> "DraftModel":
         """Load a draft checkpoint; its tokenizer must be the target's, piece for piece."""
-        from .checkpoint import load_model
-        from .tokenizer import Tokenizer
+        from ..checkpoint import load_model
+        from ..tokenizer import Tokenizer
         path = os.path.join(os.fspath(ckpt_dir), "tokenizer.model")
         same_tokenizer(Tokenizer(path), target_tokenizer)
         model = load_model(ckpt_dir, device=device, dtype=dtype)
