@@ -539,8 +539,17 @@ def materialize(source: CheckpointSource, expected: Dict[str, torch.Tensor], *, 
         if tuple(got) != tuple(want.shape):
             raise ValueError(f"{source.path}: tensor {key} has shape {tuple(got)} in the checkpoint, "
                              f"the model expects {tuple(want.shape)}")
-    for key in expected:
+    for key, want in expected.items():
         tensor = source.tensors[key].read(blocks[key])
+        if tensor.is_floating_point() != want.is_floating_point() or (
+                not tensor.is_floating_point() and tensor.dtype != want.dtype):
+            raise ValueError(f"{source.path}: tensor {key} has dtype {tensor.dtype} in the checkpoint, the model "
+                             f"expects {'floating-point weights' if want.is_floating_point() else want.dtype}")
         if blocks[key] is not None:
             tensor = tensor.contiguous()  # this rank's block only, not a view pinning the whole tensor
-        yield key, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{source.path}: tensor {key} holds {bad} value(s) that are NaN or infinite (in "
+                             f"{dtype}): the checkpoint is damaged, or was written in a dtype that overflows")
+        yield key, tensor

@@ -59,6 +59,11 @@ class Forward:
     sample: bool = True  # False for a prefill chunk that does not reach the end of its prompt
     slot_positions: Optional[List[int]] = None  # compiled decode: the position fed in every slot (idle ones too)
 
+    def rows(self) -> List["Forward"]:
+        """This decode forward as one forward per row (to find which row of a failing batch is at fault)."""
+        return [Forward(self.kind, [i], [s], [t], [p]) for i, s, t, p in zip(self.ids, self.slots, self.tokens,
+                                                                              self.starts)]
+
 
 @dataclass
 class Plan:

@@ -27,7 +27,7 @@ import torch
 
 from ..distributed import local_heads
 from ..model import KVCache, Transformer
-from ..sampling import TopLogprobs, logprobs_and_top, sampling_probs
+from ..sampling import TopLogprobs, is_greedy, logprobs_and_top, sampling_probs
 from .request import Request
 
 SPECULATE_CHOICES = ("prompt", "draft")
@@ -60,7 +60,7 @@ def verify(logits: torch.Tensor, proposal: Proposal, request: Request) -> Tuple[
     p = request.params
     d = proposal.tokens
     k = len(d)
-    if p.temperature == 0:
+    if is_greedy(p.temperature):
         best = torch.argmax(logits, dim=-1).tolist()  # (k + 1,)
         n = 0
         while n < k and best[n] == d[n]:
@@ -265,7 +265,7 @@ class DraftModel(Speculator):
                 for j in rows:
                     r = requests[j]
                     q = sampling_probs(logits[j][None], r.params.temperature, r.params.top_p, r.params.top_k)[0]
-                    if r.params.temperature == 0:
+                    if is_greedy(r.params.temperature):
                         token = int(torch.argmax(logits[j]))
                     else:
                         token = int(torch.multinomial(q, 1, generator=r._generator))
@@ -278,7 +278,7 @@ class DraftModel(Speculator):
                         logits[j] = out[i]
         for j in active:
             r = requests[j]
-            q = None if r.params.temperature == 0 else torch.stack(qs[j])
+            q = None if is_greedy(r.params.temperature) else torch.stack(qs[j])
             proposals[j] = Proposal(drafts[j], q)
         return proposals
 

@@ -273,7 +273,7 @@ class Generation:
     def _take(self, i: int) -> List[Event]:
         try:
             return self.requests[i].take_events()
-        except RuntimeError as e:  # the engine failed the step (e.g. out of memory)
+        except (RuntimeError, ValueError) as e:  # the engine failed this request (e.g. out of memory)
             raise ServiceError(500, str(e)) from None
 
 
