@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -20,11 +20,8 @@ from .cpu import COMPILED_ONE_ROW_TRANSFORMS, CPU_TRANSFORMS
 from .distributed import SINGLE, TensorParallel, rank_block, split_dim
 from .model import Transformer
 from .runtime import default_dtype, parse_dtype, resolve_device
-
-if TYPE_CHECKING:
-    from .quantize import QuantConfig, QuantizeArg
-# ``codellama.quantize`` is imported where it is used: ``python -m codellama.quantize`` must not find the
-# package already holding it (runpy would warn, and run a second copy of its classes).
+from .quantize import (CONFIG_KEY, QuantConfig, QuantizeArg, check_quantized_split, parse_quantize, quantization_step,
+                       quantize_model, stored_embedding_width)
 
 # Keys real checkpoints carry that the model does not use; dropped by name, nothing else is.
 IGNORED_META_KEYS = ("rope.freqs",)
@@ -187,9 +184,11 @@ def detect_layout(ckpt_dir: str | os.PathLike) -> str:
         return "meta"
     if hf:
         return "hf"
+    shown = sorted(names)
     raise FileNotFoundError(
         f"{ckpt_dir} is not a checkpoint: expected params.json + consolidated.*.pth (Meta) "
-        f"or config.json + model.safetensors (Hugging Face); found {sorted(names)}")
+        f"or config.json + model.safetensors (Hugging Face); found "
+        f"{shown[:8] if len(shown) <= 8 else shown[:8] + [f'… {len(shown) - 8} more']}")
 
 
 def open_checkpoint(ckpt_dir: str | os.PathLike) -> CheckpointSource:
@@ -341,7 +340,6 @@ def _safe_open(path: str) -> Any:
 
 
 def _open_hf(ckpt_dir: str) -> CheckpointSource:
-    from .quantize import CONFIG_KEY, QuantConfig
     config = read_json(os.path.join(ckpt_dir, "config.json"))
     params = ModelArgs.from_hf_config(config)
     quantization = (QuantConfig.from_json(config[CONFIG_KEY], os.path.join(ckpt_dir, "config.json"))
@@ -412,7 +410,6 @@ def _match_config(args: ModelArgs, tensors: Dict[str, LazyTensor], where: str,
     shards were merged, to recognise a checkpoint with shards missing (its embedding is too narrow).
     ``quantization``: the scheme of a quantized checkpoint, whose int4 embedding holds two codes a byte.
     """
-    from .quantize import stored_embedding_width
     emb = tensors.get("tok_embeddings.weight")
     if emb is None:
         raise ValueError(f"{where}: missing key(s) ['tok_embeddings.weight']")
@@ -471,7 +468,6 @@ def load_model(ckpt_dir: "str | os.PathLike | CheckpointSource | None" = None, *
     ``transforms`` replaces them. With ``tp`` (a rank of a tensor-parallel group) the model holds, and the
     loader reads, this rank's slices (of the integer codes and their scales alike).
     """
-    from .quantize import check_quantized_split, parse_quantize, quantization_step, quantize_model
     if ckpt_dir is None:
         ckpt_dir = BUNDLED_CKPT_DIR
     config = parse_quantize(quantize)

@@ -18,7 +18,8 @@ from torch import nn
 
 from .config import ModelArgs
 from .distributed import SINGLE, TensorParallel, check_parallel, local_heads
-from .ops import Ops, StartPos, TorchOps, select_ops
+from .kernels import select_ops
+from .ops import Ops, StartPos, TorchOps
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: Optional[torch.device] = None) -> torch.Tensor:

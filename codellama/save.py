@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
@@ -23,9 +23,7 @@ from .config import ModelArgs, check_size
 from .distributed import split_dim
 from .runtime import parse_dtype
 from .tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from .quantize import QuantConfig, QuantizeArg  # imported where used, as checkpoint.py explains
+from .quantize import CONFIG_KEY, SCHEMES, QuantConfig, QuantizeArg, parse_quantize, quantize_model, quantize_weight
 
 # Files of either layout that ``convert --force`` replaces in a destination: any of them left behind from an
 # older checkpoint would be read with the new one (a stale index wins over a new model.safetensors, a stale
@@ -99,7 +97,6 @@ def save_hf(state: Dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os.P
     dtype = next(t.dtype for t in state.values() if t.is_floating_point())
     config = args.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."))
     if quantization is not None:
-        from .quantize import CONFIG_KEY
         config[CONFIG_KEY] = quantization.to_json()
     write_json(os.path.join(out_dir, "config.json"), config)
     hf_state = to_hf_state_dict(state, args)
@@ -258,7 +255,6 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     ``dtype`` is that of the scales and of the tensors left in full precision (default: the checkpoint's).
     Safe as ``convert_checkpoint`` is: ``src`` is only read and a failed run leaves nothing behind.
     """
-    from .quantize import SCHEMES, parse_quantize, quantize_model, quantize_weight
     config = parse_quantize(config)
     if config is None:
         raise ValueError(f"quantize_checkpoint needs a scheme: one of {', '.join(map(repr, SCHEMES))} or a QuantConfig")
@@ -390,6 +386,7 @@ def _publish(tmp: str, dst: str) -> None:
     data, possibly hard-linked elsewhere, is unlinked, not overwritten).
     """
     target = os.path.realpath(dst)
+    _usual_modes(tmp)
     if not os.path.exists(target):
         os.rename(tmp, target)
         return
@@ -400,3 +397,23 @@ def _publish(tmp: str, dst: str) -> None:
     for name in new:
         os.replace(os.path.join(tmp, name), os.path.join(target, name))
 
+
+def _usual_modes(tmp: str) -> None:
+    """Give the staged checkpoint the modes a new directory and new files get (0755 / 0644 under the usual umask):
+    ``mkdtemp`` made the directory 0700, and a model folder must stay readable to whoever serves it."""
+    mask = _umask()
+    os.chmod(tmp, 0o777 & ~mask)
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``/proc/self/status``)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

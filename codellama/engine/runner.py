@@ -9,6 +9,8 @@ run eagerly. Sampling draws each row with its own parameters and generator; unde
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,6 +20,8 @@ from ..sampling import TopLogprobs, logprobs_and_top, sample, usable_rows
 from .request import Request
 from .scheduler import Forward
 
+
+progress = logging.getLogger("codellama.progress")
 
 UNUSABLE = -1  # the token "sampled" from a row whose logits are not finite: its request fails
 
@@ -150,5 +154,24 @@ class ModelRunner:
                 return model.run(tokens, step)[:, 0]  # (S, V)
 
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            fn = self._compiled[length] = torch.compile(decode, mode=mode, dynamic=False)
+            fn = self._compiled[length] = _told_when_compiled(torch.compile(decode, mode=mode, dynamic=False), length)
         return fn
+
+
+def _told_when_compiled(fn: Callable, length: int) -> Callable:
+    """``fn``, whose first call (when ``torch.compile`` really compiles, tens of seconds on a CPU) is announced
+    and timed on the ``codellama.progress`` logger (the programs show it on stderr)."""
+    first = [True]
+
+    def call(*args):
+        if not first[0]:
+            return fn(*args)
+        progress.info("compiling the decode step for contexts up to %d tokens (once per length; tens of seconds "
+                      "the first time, seconds once Inductor's cache has it)…", length)
+        start = time.perf_counter()
+        out = fn(*args)
+        first[0] = False
+        progress.info("compiled in %.1f s", time.perf_counter() - start)
+        return out
+
+    return call
