@@ -109,7 +109,8 @@ class LoadOptions:
         _checked("device", self.device, resolve_device)
         _checked("dtype", self.dtype, parse_dtype)
         if self.attention not in ATTENTION_CHOICES:
-            raise OptionError("attention", self.attention, f"is not a kernel choice; valid: {', '.join(ATTENTION_CHOICES)}")
+            raise OptionError("attention", self.attention, text=f"unknown attention implementation {self.attention!r}; "
+                                                                f"valid: {', '.join(ATTENTION_CHOICES)}")
         if self.group_size is not None and (self.quantize is None or isinstance(self.quantize, QuantConfig)):
             raise OptionError("group_size", self.group_size, "needs quantize int4 (it sets int4's group size)")
         config = _checked("quantize", self.quantize, lambda q: parse_quantize(

@@ -24,10 +24,12 @@ PROG = "python -m codellama.evaluate"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage block) and exit status 2."""
+    """argparse whose errors are one line on stderr (no usage block), under the program's name, and exit status 2."""
+
+    program = PROG
 
     def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.program}: error: {message} (see --help)\n")
 
 
 def _add_generation(p: argparse.ArgumentParser) -> None:
@@ -57,10 +59,11 @@ def _add_sandbox(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: Optional[List[str]] = None, prog: str = PROG) -> argparse.Namespace:
-    parser = _Parser(prog=prog, formatter_class=HelpFormatter,
-                     description="HumanEval and MBPP pass@k: generate samples with a checkpoint, execute them in a "
-                                 "sandbox, report pass@k.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser_class = type("Parser", (_Parser,), {"program": prog})
+    parser = parser_class(prog=prog, formatter_class=HelpFormatter,
+                          description="HumanEval and MBPP pass@k: generate samples with a checkpoint, execute them in a "
+                                      "sandbox, report pass@k.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
     kw = dict(formatter_class=HelpFormatter)
     run = sub.add_parser("run", help="generate samples with a checkpoint, then score them", **kw)
     gen = sub.add_parser("generate", help="generate samples only (score them later, anywhere)", **kw)
