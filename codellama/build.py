@@ -20,12 +20,12 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import BUNDLED_CKPT_DIR, check_checkpoint_dir, check_tokenizer, default_transforms, load_model, \
-    open_checkpoint
+from .checkpoint import BUNDLED_CKPT_DIR, check_tokenizer, default_transforms, load_model
 from .distributed import check_parallel, env_world, init_tensor_parallel
 from .engine import Engine
 from .engine.speculative import DraftModel, PromptLookup, same_tokenizer
 from .model import Transformer
+from .formats import check_checkpoint_dir, open_checkpoint
 from .kernels import select_ops
 from .options import EngineOptions, LoadOptions, OptionError, blame
 from .tokenizer import Tokenizer

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from codellama import Llama, ModelArgs, Tokenizer, load_model
-from codellama.checkpoint import BUNDLED_CKPT_DIR, open_checkpoint
+from codellama.checkpoint import BUNDLED_CKPT_DIR
+from codellama.formats import open_checkpoint
 from codellama.cpu import int4_linear, int8_linear, optimize_for_cpu, pack_int4
 from codellama.cli.quantize import main
 from codellama.quantize import (DEFAULT_GROUP_SIZE, Int4Linear, Int8Linear, QuantConfig, QuantizedEmbedding,

@@ -11,7 +11,7 @@ from codellama import Llama, ModelArgs, load_model
 from codellama.engine import Engine, EngineFull, SamplingParams
 from codellama.engine.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS, Detokenizer, StopMatcher
 from codellama.sampling import is_greedy, sample
-from codellama.save import save_meta
+from codellama.formats.meta import save_meta
 from codellama.testing import random_state_dict
 from codellama.tokenizer import TextStream
 

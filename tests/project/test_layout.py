@@ -28,12 +28,13 @@ ALLOWED = {
     "sampling": set(),
     "cpu": set(),
     "quantize": {"cpu", "kernels"},
-    "checkpoint": {"config", "cpu", "distributed", "model", "runtime", "quantize"},
-    "save": {"checkpoint", "config", "distributed", "runtime", "tokenizer", "quantize"},
-    "testing": {"checkpoint", "config", "model", "save"},
+    "formats": {"config", "distributed", "quantize", "tokenizer"},  # one module per checkpoint format
+    "checkpoint": {"config", "cpu", "distributed", "formats", "model", "runtime", "quantize"},
+    "save": {"checkpoint", "config", "formats", "runtime", "tokenizer", "quantize"},
+    "testing": {"checkpoint", "config", "formats", "model"},
     "engine": {"model", "distributed", "sampling", "tokenizer"},  # never the server, generation or loading
     "options": {"ops", "quantize", "runtime"},
-    "build": {"checkpoint", "distributed", "engine", "kernels", "model", "options", "tokenizer"},
+    "build": {"checkpoint", "distributed", "engine", "formats", "kernels", "model", "options", "tokenizer"},
     "generation": {"build", "checkpoint", "engine", "model", "options", "quantize", "prompts", "tokenizer"},
     # The server stands on the engine; no protocol logic below it (nothing imports serve).
     "serve": {"engine", "prompts", "tokenizer"},
