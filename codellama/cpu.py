@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
+
 
 @functools.lru_cache(maxsize=None)
 def bf16_packing_supported() -> bool:
@@ -283,6 +285,14 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
     scales_and_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous()  # (G, N, 2)
     return packed, scales_and_zeros
+
+
+def native_int4_available() -> bool:
+    """Whether int4 layers take the native kernel here (``codellama.cpu_kernels``: built at first use)."""
+    return cpu_kernels.available()
+
+
+int4_tiles, untile_int4, int4_tiles_linear = cpu_kernels.int4_tiles, cpu_kernels.untile_int4, cpu_kernels.int4_tiles_linear
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -26,7 +26,8 @@ ALLOWED = {
     "tokenizer": set(),
     "prompts": {"tokenizer"},
     "sampling": set(),
-    "cpu": set(),
+    "cpu_kernels": set(),
+    "cpu": {"cpu_kernels"},
     "quantize": {"cpu", "kernels"},
     "formats": {"config", "distributed", "quantize", "tokenizer"},  # one module per checkpoint format
     "checkpoint": {"config", "cpu", "distributed", "formats", "model", "runtime", "quantize"},
