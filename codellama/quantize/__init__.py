@@ -219,12 +219,23 @@ def _register_codes(module: nn.Module, scheme: str, rows: int, cols: int, group_
     module.register_buffer("zeros", torch.empty(rows, cols // group_size, dtype=scale_dtype, device=device))
 
 
+QUANTIZE_CHUNK = 2**24  # weights quantized at a time: bounds the float32 temporaries (64 MiB each)
+
+
 def quantize_weight(w: torch.Tensor, config: QuantConfig) -> Dict[str, torch.Tensor]:
     """A float (rows, cols) weight as the tensors ``config`` stores it: ``{"weight": codes, "scales": …}`` (int4:
-    and ``"zeros"``), the scales in ``w``'s dtype. The module swap and the checkpoint writer both use this."""
-    if config.scheme == "int8":
-        return dict(zip(("weight", "scales"), quantize_int8(w, w.dtype)))
-    return dict(zip(("weight", "scales", "zeros"), quantize_int4(w, config.group_size, w.dtype)))
+    and ``"zeros"``), the scales in ``w``'s dtype. The module swap, the loader (as each weight arrives) and the
+    checkpoint writer all use this. Rows are quantized a chunk at a time (each row on its own), so the
+    float32 temporaries stay small whatever the matrix."""
+    names = ("weight", "scales") if config.scheme == "int8" else ("weight", "scales", "zeros")
+    rows = max(1, QUANTIZE_CHUNK // max(1, w.shape[1]))
+    pieces = []
+    for chunk in w.detach().split(rows):
+        pieces.append(quantize_int8(chunk, w.dtype) if config.scheme == "int8" else
+                      quantize_int4(chunk, config.group_size, w.dtype))
+    if len(pieces) == 1:
+        return dict(zip(names, pieces[0]))
+    return {name: torch.cat([p[i] for p in pieces]) for i, name in enumerate(names)}
 
 
 def _quantize_into(module: nn.Module, w: torch.Tensor, config: QuantConfig) -> None:
