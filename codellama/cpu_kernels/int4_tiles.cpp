@@ -250,6 +250,15 @@ at::Tensor int4_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const
   return out;
 }
 
+int64_t bf16_supported_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+  return 0;
+}
+
 int64_t supported_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
@@ -265,4 +274,5 @@ TORCH_LIBRARY(codellama_native, m) {
   m.def("int4_tiles_linear(Tensor x, Tensor tiles, Tensor sz, int group_size, int out_features, int isa) -> Tensor");
   m.impl("int4_tiles_linear", c10::DispatchKey::CPU, &int4_tiles_linear);
   m.def("supported_isa() -> int", &supported_isa);
+  m.def("bf16_supported_isa() -> int", &bf16_supported_isa);
 }
