@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from .config import ModelArgs
+from . import cpu_kernels
 from .cpu import COMPILED_ONE_ROW_TRANSFORMS, CPU_TRANSFORMS
 from .distributed import SINGLE, TensorParallel, rank_block
 from .formats import CheckpointSource, open_checkpoint
+from .formats.source import trim_heap
 from .model import Transformer
 from .runtime import default_dtype, parse_dtype, resolve_device
 from .quantize import (QuantConfig, QuantizeArg, QuantizedEmbedding, QuantizedLinear, check_quantized_split,
@@ -108,6 +110,7 @@ def load_weights(model: Transformer, source: CheckpointSource, *, device: torch.
             for transform in transforms:
                 transform(layer)
             release(loaded, layer)
+            trim_heap()
         done.extend(loaded)
 
     unit, loaded = None, []
@@ -122,6 +125,7 @@ def load_weights(model: Transformer, source: CheckpointSource, *, device: torch.
     for transform in transforms:
         model = transform(model) or model
     release([r for r in done if not r.released], model)
+    trim_heap()
     return model
 
 
@@ -246,9 +250,14 @@ def check_finite(tensor: torch.Tensor, what: str, dtype: torch.dtype) -> None:
     """``ValueError`` naming ``what`` when ``tensor`` holds NaN or infinite values (one pass: its min and max)."""
     if tensor.numel() == 0:
         return
-    lo, hi = torch.aminmax(tensor)  # NaN propagates; ±inf shows as a bound
-    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
-        return
+    if tensor.dtype == torch.bfloat16 and tensor.is_contiguous() and tensor.device.type == "cpu" and \
+            cpu_kernels.available("bf16"):
+        if cpu_kernels.bf16_all_finite(tensor):  # its exponents, on both cores: ~3× aminmax's rate
+            return
+    else:
+        lo, hi = torch.aminmax(tensor)  # NaN propagates; ±inf shows as a bound
+        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+            return
     bad = int((~torch.isfinite(tensor)).sum())
     raise ValueError(f"{what} holds {bad} value(s) that are NaN or infinite (in {dtype}): the checkpoint is "
                      "damaged, or was written in a dtype that overflows")

@@ -22,7 +22,7 @@ from ..config import (NORM_EPS_RANGE, PRESETS, ROPE_THETA_RANGE, ModelArgs, chec
                       read_json, write_json)
 from ..quantize import CONFIG_KEY, QuantConfig
 from ..tokenizer import Tokenizer
-from .source import Block, CheckpointSource, LazyTensor, match_config, release_pages
+from .source import Block, CheckpointSource, LazyTensor, byte_span, match_config, release_pages
 
 _HF_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
@@ -137,6 +137,7 @@ def open_hf(ckpt_dir: str) -> CheckpointSource:
     files, listing = _hf_files(ckpt_dir)
     handles: Dict[str, Any] = {}  # path -> open safetensors file
     held: Dict[str, frozenset] = {}  # path -> the tensor names it holds
+    spans: Dict[str, Tuple[int, int]] = {}  # tensor name -> the addresses its last read covered
 
     def handle(path: str):
         if path not in handles:
@@ -173,11 +174,13 @@ def open_hf(ckpt_dir: str) -> CheckpointSource:
                 dim, start, stop = block
                 sl = f.get_slice(name)
                 t = sl[start:stop] if dim == 0 else sl[:, start:stop]
+            spans[name] = byte_span(t)  # where it lies in the mapped file (making the view again would touch it)
             # HF permutes rows within each head, so a block of whole heads unpermutes on its own
             return permute_from_hf(t, t.shape[0] // params.head_dim) if permuted else t
 
         def release(block: Block, path=path, name=name) -> None:
-            release_pages([handle(path).get_tensor(name)], [path])  # a view of the mapped file: no copy
+            if name in spans:
+                release_pages([spans.pop(name)], [path])
 
         tensors[meta_name] = LazyTensor(shape, dtype, read, release)
     if unexpected:

@@ -30,9 +30,9 @@ ALLOWED = {
     "cpu": {"cpu_kernels"},
     "quantize": {"cpu", "kernels"},
     "formats": {"config", "distributed", "quantize", "tokenizer"},  # one module per checkpoint format
-    "checkpoint": {"config", "cpu", "distributed", "formats", "model", "runtime", "quantize"},
+    "checkpoint": {"config", "cpu", "cpu_kernels", "distributed", "formats", "model", "runtime", "quantize"},
     "save": {"checkpoint", "config", "formats", "runtime", "tokenizer", "quantize"},
-    "testing": {"checkpoint", "config", "formats", "model"},
+    "testing": {"checkpoint", "config", "formats", "model", "quantize", "save"},
     "engine": {"model", "distributed", "sampling", "tokenizer"},  # never the server, generation or loading
     "options": {"ops", "quantize", "runtime"},
     "build": {"checkpoint", "distributed", "engine", "formats", "kernels", "model", "options", "tokenizer"},
