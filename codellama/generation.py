@@ -23,8 +23,8 @@ from .engine import Engine, SamplingParams
 from .speculative import check_speculation, make_speculator
 from .model import Transformer
 from .ops import select_ops
-from .prompts import (UNSAFE_ERROR, Dialog, Message, chat_prompt_tokens, has_special_tags, infilling_prompt_tokens,
-                      step_dialog_prompt_tokens, validate_dialog)
+from .prompts import (UNSAFE_ERROR, Dialog, Message, chat_prompt_tokens, chat_stop_ids, has_special_tags,
+                      infilling_prompt_tokens, step_dialog_prompt_tokens, validate_dialog)
 from .runtime import parse_dtype, resolve_device
 from .tokenizer import TextStream, Tokenizer
 
@@ -58,6 +58,7 @@ class ChatPrediction(TypedDict, total=False):
 DEFAULT_CKPT_DIR = BUNDLED_CKPT_DIR  # the name earlier releases used
 # The bundled model is a demonstration: it rarely stops by itself, so answers are capped unless asked otherwise.
 BUNDLED_MAX_GEN_LEN = 128
+BUNDLED_CONTEXT_LEN = 512  # the rows it was trained on; past them its output degrades
 BUNDLED_NOTICE = ("codellama: no checkpoint given: using the bundled tiny demonstration model (5M parameters, trained "
                   f"on the Python standard library; answers capped at {BUNDLED_MAX_GEN_LEN} new tokens). "
                   "For real work pass a Code Llama checkpoint: Llama.build(ckpt_dir) or --ckpt_dir DIR.")
@@ -330,8 +331,8 @@ class Llama:
             return step_dialog_prompt_tokens(self.tokenizer, dialog)
         return chat_prompt_tokens(self.tokenizer, dialog)
 
-    def _chat_stop(self) -> int:
-        return self.tokenizer.step_id if self.tokenizer.step_id is not None else self.tokenizer.eos_id
+    def _chat_stop(self) -> List[int]:
+        return list(chat_stop_ids(self.tokenizer, self.tokenizer.step_id is not None))
 
     def _result(self, text: str, tokens: List[int], lps: Optional[List[List[float]]], i: int) -> Dict:
         if lps is None:

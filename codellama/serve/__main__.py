@@ -20,12 +20,14 @@ from typing import List, Optional
 
 from ..checkpoint import BUNDLED_CKPT_DIR
 from ..commands import add_quantize_flags, quantize_option, run
-from ..generation import Llama
+from ..generation import BUNDLED_CONTEXT_LEN, Llama
 from ..ops import ATTENTION_CHOICES
 from ..runtime import DTYPES
 from ..speculative import SPECULATE_CHOICES
 from .app import MAX_BODY_BYTES, server
 from .service import CHAT_FORMATS, ModelService
+
+DEFAULT_MAX_SEQ_LEN = 2048
 
 log = logging.getLogger("codellama.serve")
 
@@ -40,7 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (printed at start)")
     p.add_argument("--max_batch_size", "--max-batch-size", type=int, default=4, help="requests decoded at once")
-    p.add_argument("--max_seq_len", "--max-seq-len", type=int, default=2048, help="context length of each slot")
+    p.add_argument("--max_seq_len", "--max-seq-len", type=int, default=None,
+                   help=f"context length of each slot (default: {DEFAULT_MAX_SEQ_LEN}; {BUNDLED_CONTEXT_LEN}, the "
+                        "context it was trained on, for the bundled model)")
     p.add_argument("--max_waiting", "--max-waiting", type=int, default=64,
                    help="requests that may wait for a slot; past it: 503 with Retry-After")
     p.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("CODELLAMA_API_KEY"),
@@ -70,13 +74,20 @@ def default_name(ckpt_dir: Optional[str]) -> str:
 
 
 def build_service(args: argparse.Namespace) -> ModelService:
-    """Load the model and put an engine with the server's queue bound over it."""
-    llama = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size,
+    """Load the model and put an engine with the server's queue bound over it. The bundled model is served
+    as ``Llama`` serves it: answers capped at its default length unless a request gives one, and (unless
+    ``--max_seq_len`` says otherwise) the context it was trained on."""
+    bundled = args.ckpt_dir is None
+    max_seq_len = args.max_seq_len or (BUNDLED_CONTEXT_LEN if bundled else DEFAULT_MAX_SEQ_LEN)
+    if bundled and max_seq_len > BUNDLED_CONTEXT_LEN:
+        log.warning("the bundled model was trained on %d-token rows: past them its output degrades",
+                    BUNDLED_CONTEXT_LEN)
+    llama = Llama.build(args.ckpt_dir, args.tokenizer_path, max_seq_len, args.max_batch_size,
                         device=args.device, dtype=args.dtype, attention=args.attention, compile=args.compile,
                         speculate=args.speculate, draft_ckpt_dir=args.draft_ckpt_dir, max_waiting=args.max_waiting,
                         quantize=quantize_option(args))
     return ModelService(llama.engine, llama.tokenizer, args.model_name or default_name(args.ckpt_dir),
-                        chat_format=args.chat_format)
+                        chat_format=args.chat_format, default_max_tokens=llama.default_max_gen_len)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
