@@ -5,7 +5,12 @@
     torchrun --nproc_per_node 4 -m codellama.serve --ckpt_dir CodeLlama-34b/   # tensor parallel, one per shard
 
 Under torchrun rank 0 serves HTTP and schedules; the other ranks run its steps and leave when it stops
-(SIGINT/SIGTERM to torchrun, which passes it on: only rank 0 acts on it). The API key may also come from the environment (CODELLAMA_API_KEY), which keeps it out of `ps`.
+(SIGINT/SIGTERM to torchrun, which passes it on: only rank 0 acts on it). The API key may also come from the
+environment (CODELLAMA_API_KEY), which keeps it out of `ps`; an empty key is refused.
+
+Who may use it: requests naming another Host than the bound address's (DNS rebinding) and requests from web
+pages of other origins are refused unless --allowed-hosts / --cors-origins name them; each connection must send
+its request within --read_timeout seconds, and past --max_connections the longest-idle connection is closed.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ from ..ops import ATTENTION_CHOICES
 from ..runtime import DTYPES
 from ..speculative import SPECULATE_CHOICES
 from .app import MAX_BODY_BYTES, server
+from .connections import READ_TIMEOUT_S, bind_socket
+from .security import check_api_key, check_origins
 from .service import CHAT_FORMATS, ModelService
 
+API_KEY_ENV = "CODELLAMA_API_KEY"
 DEFAULT_MAX_SEQ_LEN = 2048
 
 log = logging.getLogger("codellama.serve")
@@ -47,8 +55,21 @@ def parser() -> argparse.ArgumentParser:
                         "context it was trained on, for the bundled model)")
     p.add_argument("--max_waiting", "--max-waiting", type=int, default=64,
                    help="requests that may wait for a slot; past it: 503 with Retry-After")
-    p.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("CODELLAMA_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every request (default: $CODELLAMA_API_KEY)")
+    p.add_argument("--api-key", "--api_key", dest="api_key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' (or 'X-Api-Key: KEY') on every request (default: "
+                        f"${API_KEY_ENV}); an empty key is refused")
+    p.add_argument("--allowed-hosts", "--allowed_hosts", dest="allowed_hosts", action="append", default=[],
+                   metavar="NAMES", help="more Host names to answer to, comma-separated (.example.com: a domain and its "
+                                         "subdomains; *: any); by default only the bound address's (and localhost's "
+                                         "for a loopback or 0.0.0.0 bind, any IP address for 0.0.0.0)")
+    p.add_argument("--cors-origins", "--cors_origins", dest="cors_origins", action="append", default=[],
+                   metavar="ORIGINS", help="web page origins allowed to call the server, comma-separated "
+                                           "(e.g. http://localhost:3000; *: any); other pages' requests are refused")
+    p.add_argument("--read_timeout", "--read-timeout", type=float, default=READ_TIMEOUT_S,
+                   help="seconds a connection has to send a whole request (after connecting or its last response)")
+    p.add_argument("--max_connections", "--max-connections", type=int, default=None,
+                   help="open connections before the longest-idle one is closed for a new one (default: what "
+                        "RLIMIT_NOFILE leaves room for, at most 4096)")
     p.add_argument("--model_name", "--model-name", default=None,
                    help="the name clients send as 'model' (default: the checkpoint directory's name, lowercased; "
                         "'codellama-tiny' for the bundled model)")
@@ -90,13 +111,29 @@ def build_service(args: argparse.Namespace) -> ModelService:
                         chat_format=args.chat_format, default_max_tokens=llama.default_max_gen_len)
 
 
+def check_access(args: argparse.Namespace) -> None:
+    """The access flags checked before anything is loaded: the API key (``--api-key``, else the environment;
+    never empty), the allowed hosts and origins (comma-separated lists)."""
+    from_flag = args.api_key is not None
+    args.api_key = check_api_key(args.api_key if from_flag else os.environ.get(API_KEY_ENV),
+                                 "--api-key" if from_flag else f"${API_KEY_ENV}")
+    args.allowed_hosts = [h.strip() for given in args.allowed_hosts for h in given.split(",") if h.strip()]
+    args.cors_origins = check_origins(o for given in args.cors_origins for o in given.split(",") if o.strip())
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    sock = None
     try:
+        check_access(args)
+        if int(os.environ.get("RANK", "0")) == 0:  # the rank that serves HTTP: its port, before the model loads
+            sock = bind_socket(args.host, args.port)
         service = build_service(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # FileNotFoundError among them
         print(f"error: {e}", file=sys.stderr)
+        if sock is not None:
+            sock.close()
         sys.exit(2)
     if service.engine.rank != 0:
         # Tensor parallelism: run rank 0's steps until it stops. torchrun hands its signals to every rank;
@@ -116,7 +153,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)
     try:
-        server(service, host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes).run()
+        server(service, host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+               allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins, read_timeout=args.read_timeout,
+               max_connections=args.max_connections).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once everything has stopped
         pass
     finally:
