@@ -8,7 +8,7 @@ import httpx
 import ollama
 import openai
 import pytest
-from test_serve import DIALOG, NAME, PREFIX, SUFFIX, completed, infilled, make_service, ndjson_lines, running, sse_data
+from test_serve import DIALOG, NAME, PREFIX, SUFFIX, completed, infilled, make_service, running, sse_data
 
 from codellama.engine import SamplingParams
 from codellama.generation import BUNDLED_CONTEXT_LEN, BUNDLED_MAX_GEN_LEN
