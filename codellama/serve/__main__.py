@@ -59,9 +59,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"require 'Authorization: Bearer KEY' (or 'X-Api-Key: KEY') on every request (default: "
                         f"${API_KEY_ENV}); an empty key is refused")
     p.add_argument("--allowed-hosts", "--allowed_hosts", dest="allowed_hosts", action="append", default=[],
-                   metavar="NAMES", help="more Host names to answer to, comma-separated (.example.com: a domain and its "
-                                         "subdomains; *: any); by default only the bound address's (and localhost's "
-                                         "for a loopback or 0.0.0.0 bind, any IP address for 0.0.0.0)")
+                   metavar="NAMES", help="more Host names to answer to, comma-separated (.example.com: a domain and "
+                                         "its subdomains; *: any); by default only the bound address's (and "
+                                         "localhost's for a loopback or 0.0.0.0 bind, any IP address for 0.0.0.0)")
     p.add_argument("--cors-origins", "--cors_origins", dest="cors_origins", action="append", default=[],
                    metavar="ORIGINS", help="web page origins allowed to call the server, comma-separated "
                                            "(e.g. http://localhost:3000; *: any); other pages' requests are refused")

@@ -136,10 +136,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        reason = {errno.EADDRINUSE: "the address is already in use (another server? pick another --port, or --port 0 "
-                                    "for any free one)",
-                  errno.EADDRNOTAVAIL: "this machine has no such address",
-                  errno.EACCES: "permission denied (ports below 1024 need privileges)"}.get(e.errno, e.strerror or str(e))
+        reasons = {errno.EADDRINUSE: "the address is already in use (another server? pick another --port, or --port 0 "
+                                     "for any free one)",
+                   errno.EADDRNOTAVAIL: "this machine has no such address",
+                   errno.EACCES: "permission denied (ports below 1024 need privileges)"}
+        reason = reasons.get(e.errno, e.strerror or str(e))
         error = OSError(f"cannot listen on {host}:{port}: {reason}")
         error.errno = e.errno
         raise error from None

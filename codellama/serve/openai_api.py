@@ -163,7 +163,8 @@ async def _chat_response(request: Request, service: ModelService, prompt: Prompt
     """A chat completion of ``prompt``, whole or streamed: ``n`` choices, each with its log-probabilities when
     asked for."""
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    generation = start(request, [(prompt, _params(body, max_tokens, j, logprobs=body.logprobs, top=body.top_logprobs or 0))
+    top = body.top_logprobs or 0
+    generation = start(request, [(prompt, _params(body, max_tokens, j, logprobs=body.logprobs, top=top))
                                  for j in range(body.n)])
     reply = _Reply("chatcmpl", "chat.completion", service)
     if body.stream:

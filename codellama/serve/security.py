@@ -58,8 +58,8 @@ class RequireKey:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self._has_key(Headers(scope=scope)):
-            response = self.error(scope["path"], 401, "a valid API key is required: send the header "
-                                  "'Authorization: Bearer <key>' (or 'X-Api-Key: <key>')", {"WWW-Authenticate": "Bearer"})
+            response = self.error(scope["path"], 401, "a valid API key is required: send the header 'Authorization: "
+                                  "Bearer <key>' (or 'X-Api-Key: <key>')", {"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -180,14 +180,15 @@ class ModelService:
                                     "format anyway (e.g. Code Llama 34B-Instruct)")
         t = self.tokenizer
         with bad_request():
-            validate_dialog(split_prefill(dialog)[0])
+            asked, so_far = split_prefill(dialog)
+            validate_dialog(asked)
             if has_special_tags(dialog):
                 raise ValueError(UNSAFE_ERROR)
             step = self.chat_format == "step"
             ids = step_dialog_prompt_tokens(t, dialog) if step else chat_prompt_tokens(t, dialog)
         # An answer continued from the one given (a prefill) keeps its first token's leading space, so that the
         # answer so far followed by the new text reads as the model wrote it; a new answer is decoded alone.
-        decode = t.decode_infilling if split_prefill(dialog)[1].strip() else t.decode
+        decode = t.decode_infilling if so_far.strip() else t.decode
         return Prompt(ids, "", decode, chat_stop_ids(t, step))
 
     def piece_text(self, token: int) -> str:

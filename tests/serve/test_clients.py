@@ -9,36 +9,13 @@ import ollama
 import openai
 import pytest
 from test_serve import DIALOG, NAME, PREFIX, SUFFIX, completed, infilled, make_service, running, sse_data
+from test_serve import http, oai, srv, tiny  # noqa: F401 (fixtures: the bundled model served in this module)
 
 from codellama.engine import SamplingParams
 from codellama.generation import BUNDLED_CONTEXT_LEN, BUNDLED_MAX_GEN_LEN
 from codellama.prompts import chat_prompt_tokens, chat_stop_ids
 
 N = 16
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from codellama import Llama
-    return Llama.build(max_seq_len=256, max_batch_size=8, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def srv(tiny):
-    with running(make_service(tiny)) as handle:
-        yield handle
-
-
-@pytest.fixture
-def http(srv):
-    with httpx.Client(base_url=srv.url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture
-def oai(srv):
-    with openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0) as client:
-        yield client
 
 
 @pytest.fixture
@@ -69,7 +46,8 @@ def test_chat_logprobs_give_one_text_per_token(tiny, oai, oll):
     def check(entries):
         assert [e["token"] for e in entries] == pieces
         for e in entries:
-            assert e["top_logprobs"][0]["token"] == e["token"] and e["top_logprobs"][0]["logprob"] == pytest.approx(e["logprob"])
+            top = e["top_logprobs"][0]
+            assert top["token"] == e["token"] and top["logprob"] == pytest.approx(e["logprob"])
             if "bytes" in e:  # the ollama package keeps no bytes
                 assert e["bytes"] == list(e["token"].encode()) == e["top_logprobs"][0]["bytes"]
 
@@ -211,7 +189,8 @@ def test_the_bundled_model_is_served_as_llama_serves_it():
         assert shown["model_info"]["llama.context_length"] == BUNDLED_CONTEXT_LEN
         assert f"num_ctx {BUNDLED_CONTEXT_LEN}" in shown["parameters"]
         chat = http.post("/v1/chat/completions", json={"messages": rambling, "temperature": 0}).json()
-        assert chat["usage"]["completion_tokens"] == BUNDLED_MAX_GEN_LEN and chat["choices"][0]["finish_reason"] == "length"
+        assert chat["usage"]["completion_tokens"] == BUNDLED_MAX_GEN_LEN
+        assert chat["choices"][0]["finish_reason"] == "length"
         body = {"model": "codellama-tiny", "messages": rambling, "stream": False,
                 "options": {"temperature": 0, "num_predict": -1}}
         assert http.post("/api/chat", json=body).json()["eval_count"] == BUNDLED_MAX_GEN_LEN
@@ -233,7 +212,8 @@ def test_the_ollama_package(tiny, oll):
                               options={"temperature": 0, "num_predict": 24}))
     assert "".join(p.response for p in parts) == out.response and parts[-1].eval_count == out.eval_count
     reply = oll.chat(model=NAME, messages=DIALOG, options={"temperature": 0, "num_predict": N})
-    assert reply.message.role == "assistant" and reply.message.content == tiny.tokenizer.decode(answer_tokens(tiny, DIALOG))
+    assert reply.message.role == "assistant"
+    assert reply.message.content == tiny.tokenizer.decode(answer_tokens(tiny, DIALOG))
     with pytest.raises(ollama.ResponseError, match="not found"):
         oll.chat(model="llama3", messages=DIALOG)
 

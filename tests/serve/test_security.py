@@ -104,7 +104,8 @@ def test_an_allowed_origin_gets_cors_as_a_browser_needs(srv, http):
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
     with http.stream("POST", "/v1/completions", json={**SMALL, "stream": True}, headers={"Origin": origin}) as s:
         assert s.headers["access-control-allow-origin"] == origin  # streams too
-    plain = http.post("/v1/completions", content=b'{"prompt": "x"}', headers={"Origin": origin, "Content-Type": "text/plain"})
+    plain = http.post("/v1/completions", content=b'{"prompt": "x"}',
+                      headers={"Origin": origin, "Content-Type": "text/plain"})
     assert plain.status_code == 415  # even an allowed page sends JSON as JSON
 
 
@@ -112,7 +113,8 @@ def test_the_preflight_needs_no_key_but_the_request_does(tiny):
     with running(make_service(tiny, max_batch_size=1), api_key="k", cors_origins=["*"]) as srv, \
             httpx.Client(base_url=srv.url, timeout=30) as http:
         origin = "https://any.example"
-        assert http.options("/v1/models", headers={"Origin": origin, "Access-Control-Request-Method": "GET"}).status_code == 204
+        preflight = http.options("/v1/models", headers={"Origin": origin, "Access-Control-Request-Method": "GET"})
+        assert preflight.status_code == 204
         refused = http.get("/v1/models", headers={"Origin": origin})
         assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin
         assert http.get("/v1/models", headers={"Origin": origin, "X-Api-Key": "k"}).status_code == 200
