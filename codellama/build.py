@@ -32,7 +32,7 @@ from .tokenizer import Tokenizer
 
 # The bundled model is a demonstration: it rarely stops by itself, so answers are capped unless asked otherwise.
 BUNDLED_MAX_GEN_LEN = 128
-BUNDLED_CONTEXT = 512  # the rows it was trained on
+BUNDLED_CONTEXT_LEN = 512  # the rows it was trained on; past them its output degrades
 BUNDLED_NOTICE = ("codellama: no checkpoint given: using the bundled tiny demonstration model (5M parameters, trained "
                   f"on the Python standard library; answers capped at {BUNDLED_MAX_GEN_LEN} new tokens). "
                   "For real work pass a Code Llama checkpoint: Llama.build(ckpt_dir) or --ckpt_dir DIR.")

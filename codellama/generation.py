@@ -20,8 +20,8 @@ from .engine import Engine, SamplingParams
 from .model import Transformer
 from .options import EngineOptions, LoadOptions
 from .quantize import QuantizeArg
-from .prompts import (UNSAFE_ERROR, Dialog, Message, chat_prompt_tokens, has_special_tags, infilling_prompt_tokens,
-                      step_dialog_prompt_tokens, validate_dialog)
+from .prompts import (UNSAFE_ERROR, Dialog, Message, chat_prompt_tokens, chat_stop_ids, has_special_tags,
+                      infilling_prompt_tokens, step_dialog_prompt_tokens, validate_dialog)
 from .tokenizer import Tokenizer
 
 StopTokens = Union[None, int, Iterable[int]]
@@ -300,8 +300,8 @@ class Llama:
             return step_dialog_prompt_tokens(self.tokenizer, dialog)
         return chat_prompt_tokens(self.tokenizer, dialog)
 
-    def _chat_stop(self) -> int:
-        return self.tokenizer.step_id if self.tokenizer.step_id is not None else self.tokenizer.eos_id
+    def _chat_stop(self) -> List[int]:
+        return list(chat_stop_ids(self.tokenizer, self.tokenizer.step_id is not None))
 
     def _result(self, text: str, tokens: List[int], lps: Optional[List[List[float]]], i: int) -> Dict:
         if lps is None:

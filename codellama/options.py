@@ -187,12 +187,11 @@ class Flag:
     help: str
     kwargs: Dict[str, Any]
 
-    def add(self, parser: argparse.ArgumentParser, default: Any = None, **overrides: Any) -> None:
+    def add(self, parser: argparse.ArgumentParser, **overrides: Any) -> None:
+        """Add it to ``parser``; ``overrides`` replace its argparse keywords (``default``, ``help``, …)."""
         spellings = [f"--{self.name}"] + ([f"--{self.name.replace('_', '-')}"] if "_" in self.name else [])
-        kwargs = {**self.kwargs, **overrides}
-        if default is not None:
-            kwargs["default"] = default
-        parser.add_argument(*spellings, dest=self.name, help=self.help, **kwargs)
+        kwargs = {"help": self.help, **self.kwargs, **overrides}
+        parser.add_argument(*spellings, dest=self.name, **kwargs)
 
 
 def _flag(name: str, help: str, **kwargs: Any) -> Flag:
@@ -250,9 +249,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def add_flags(parser: argparse.ArgumentParser, names: Iterable[str], **defaults: Any) -> None:
-    """Add the named flags of :data:`FLAGS` to ``parser``; ``defaults`` overrides a program's own defaults."""
+    """Add the named flags of :data:`FLAGS` to ``parser``; ``defaults`` gives a program's own defaults (None
+    included)."""
     for name in names:
-        FLAGS[name].add(parser, defaults.get(name))
+        FLAGS[name].add(parser, **({"default": defaults[name]} if name in defaults else {}))
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, help: str, **kwargs: Any) -> None:

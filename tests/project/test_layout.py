@@ -37,7 +37,7 @@ ALLOWED = {
     "build": {"checkpoint", "distributed", "engine", "formats", "kernels", "model", "options", "tokenizer"},
     "generation": {"build", "checkpoint", "engine", "model", "options", "quantize", "prompts", "tokenizer"},
     # The server stands on the engine; no protocol logic below it (nothing imports serve).
-    "serve": {"engine", "prompts", "tokenizer"},
+    "serve": {"engine", "prompts", "quantize", "tokenizer"},
     "evaluate": {"build", "generation", "options"},
     # The programs stand on everything; nothing in the library imports them.
     "cli": {"build", "checkpoint", "distributed", "engine", "evaluate", "generation", "options", "quantize",
@@ -66,7 +66,7 @@ def library_imports(path: pathlib.Path) -> set:
                     parts += [alias.name for alias in node.names][:1]
             else:
                 parts = (node.module or "").split(".")
-            if parts[0] == "codellama" and len(parts) > 1:
+            if parts[0] == "codellama" and len(parts) > 1 and not parts[1].startswith("__"):  # not __version__
                 found.add(parts[1])
         elif isinstance(node, ast.Import):
             for alias in node.names:
