@@ -135,6 +135,28 @@ def test_generation_settings_must_match_to_resume(tmp_path):
         generate_samples(other, FakeSampler({}), path, progress=False)
 
 
+def test_a_base_samples_file_from_before_the_in_context_decode_is_not_resumed(tmp_path):
+    # Earlier versions decoded a base model's text alone, losing a space of indentation: resuming such a
+    # file would keep those samples, and their score near 0, without a word.
+    settings = {"temperature": 0.0, "top_p": 0.95, "max_gen_len": 512}
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"task_id": "HumanEval/0", "sample": 0, "completion": "   return a + b\n",
+                               "generation": "   return a + b\n", **settings, "chat": False}) + "\n")
+    before = old.read_text()
+    with pytest.raises(ValueError, match=r"written by an earlier version of the harness, which decoded a base model's "
+                                         r"text without its prompt .* generate them again"):
+        generate_samples(BENCH, FakeSampler({}), str(old), progress=False)
+    assert old.read_text() == before  # the user's file is left as it was
+    # Instruct answers were decoded alone then as now: such a file resumes.
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"task_id": t.task_id, "sample": 0, "completion": "", "generation": "",
+                                        **settings, "chat": True}) + "\n" for t in BENCH.tasks))
+    assert len(generate_samples(BENCH, FakeSampler({}), str(chat), chat=True, progress=False)) == 4
+    new = generate_samples(BENCH, FakeSampler({i: (lambda k: RIGHT) for i in range(4)}), str(tmp_path / "new.jsonl"),
+                           progress=False)
+    assert {r["decoded"] for r in new} == {"in context"}
+
+
 def test_interrupted_scoring_resumes(tmp_path, monkeypatch):
     path = str(tmp_path / "s.jsonl")
     generate_samples(BENCH, FakeSampler({i: (lambda k: RIGHT) for i in range(4)}), path, progress=False)
@@ -218,22 +240,32 @@ def test_a_bad_sample_is_its_own_error_and_the_rest_are_scored(tmp_path):
 
 
 def test_llama_sampler_batches_and_reads_answers():
+    class CharTokenizer:  # one token per character, BOS = 1; decoding drops a leading space, as SentencePiece's
+        def encode(self, s, bos, eos):
+            return [1] * bos + [ord(c) for c in s]
+
+        def decode(self, ids):
+            text = "".join(chr(i) for i in ids if i != 1)
+            return text[1:] if text.startswith(" ") else text
+
     class FakeLlama:
         max_batch_size = 2
+        tokenizer = CharTokenizer()
 
         def __init__(self):
             self.batches = []
 
-        def text_completion(self, prompts, temperature, top_p, max_gen_len):
-            self.batches.append(("text", len(prompts), temperature, top_p, max_gen_len))
-            return [{"generation": p.upper()} for p in prompts]
+        def generate(self, prompt_tokens, max_gen_len, temperature, top_p):
+            self.batches.append(("text", len(prompt_tokens), temperature, top_p, max_gen_len))
+            return [[ord(c) for c in " " + "".join(chr(i) for i in p[1:]).upper()] for p in prompt_tokens], None
 
         def chat_completion(self, dialogs, temperature, top_p, max_gen_len):
             self.batches.append(("chat", len(dialogs), temperature, top_p, max_gen_len))
             return [{"generation": {"role": "assistant", "content": d[-1]["content"][::-1]}} for d in dialogs]
 
     llama = FakeLlama()
-    assert llama_sampler(llama)(["a", "b", "c"], 0.8, 0.95, 7) == ["A", "B", "C"]
+    # The text after the prompt, in its context: the leading space of the first new token is kept.
+    assert llama_sampler(llama)(["a", "b", "c"], 0.8, 0.95, 7) == [" A", " B", " C"]
     dialogs = [[{"role": "user", "content": "ab"}]] * 3
     assert llama_sampler(llama, chat=True)(dialogs, 0.0, 0.9, 5) == ["ba"] * 3
     assert llama.batches == [("text", 2, 0.8, 0.95, 7), ("text", 1, 0.8, 0.95, 7),
