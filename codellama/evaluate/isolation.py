@@ -111,7 +111,7 @@ def layout_problem() -> Optional[str]:
     for tree in trees:
         if _inside(SCRATCH, tree):
             return (f"the interpreter's directory {tree} holds {SCRATCH}, so mounting it would show the host's "
-                    f"files in the sandbox; use a Python installed elsewhere (e.g. a virtualenv under {SCRATCH})")
+                    "files in the sandbox; use a Python installed in a directory of its own (e.g. /usr, /opt/python)")
     executable = interpreter()
     if not any(_inside(executable, tree) for tree in trees):
         return (f"the interpreter {executable} lies outside its own directories {trees}, which are all the "
