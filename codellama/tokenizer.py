@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from sentencepiece import SentencePieceProcessor
 
@@ -113,6 +113,22 @@ class Tokenizer:
         return self.sp_model.id_to_piece(i)
 
 
+def decode_after(decode: Callable[[List[int]], str], context: Sequence[int], ids: Sequence[int]) -> str:
+    """The text ``ids`` add after ``context``: ``decode(context + ids)`` less ``decode(context)``.
+
+    Decoding ``ids`` alone reads their first piece as the start of a text and drops its leading space
+    (SentencePiece's dummy prefix): a function body a model wrote with four spaces comes out with three.
+    Where ``decode(context)`` is not a prefix of the whole (the context ends inside a UTF-8 character
+    whose last bytes are in ``ids``, so it reads as U+FFFD alone), the text starts where the two stop
+    agreeing, so nothing ``ids`` wrote is lost.
+    """
+    head = decode(list(context))
+    whole = decode(list(context) + list(ids))
+    if whole.startswith(head):
+        return whole[len(head):]
+    return whole[len(os.path.commonprefix([head, whole])):]
+
+
 def _check_text(s) -> None:
     """Text must be a str of valid Unicode: a lone surrogate (e.g. from a bad JSON escape) cannot be encoded."""
     if not isinstance(s, str):
@@ -146,8 +162,7 @@ class TextStream:
         window = self.ids[self._start:]
         if self._start == 0:
             return self._decode_first(window)
-        anchor = self.ids[self._start - 1]
-        return self._decode([anchor] + window)[len(self._decode([anchor])):]
+        return decode_after(self._decode, self.ids[self._start - 1:self._start], window)
 
     def push(self, token: int) -> str:
         self.ids.append(token)

@@ -38,7 +38,7 @@ ALLOWED = {
     "generation": {"build", "checkpoint", "engine", "model", "options", "quantize", "prompts", "tokenizer"},
     # The server stands on the engine; no protocol logic below it (nothing imports serve).
     "serve": {"engine", "prompts", "quantize", "tokenizer"},
-    "evaluate": {"build", "generation", "options"},
+    "evaluate": {"build", "generation", "options", "tokenizer"},
     # The programs stand on everything; nothing in the library imports them.
     "cli": {"build", "checkpoint", "distributed", "engine", "evaluate", "generation", "options", "quantize",
             "runtime", "save", "serve"},
