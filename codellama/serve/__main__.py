@@ -25,6 +25,7 @@ from ..ops import ATTENTION_CHOICES
 from ..runtime import DTYPES
 from ..speculative import SPECULATE_CHOICES
 from .app import MAX_BODY_BYTES, server
+from .llamacpp_api import Settings
 from .service import CHAT_FORMATS, ModelService
 
 log = logging.getLogger("codellama.serve")
@@ -46,11 +47,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("CODELLAMA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every request (default: $CODELLAMA_API_KEY)")
     p.add_argument("--model_name", "--model-name", default=None,
-                   help="the name clients send as 'model' (default: the checkpoint directory's name, lowercased; "
-                        "'codellama-tiny' for the bundled model)")
+                   help="the name clients send as 'model' (default: the first --alias in sorted order, as "
+                        "llama-server; else the checkpoint directory's name, lowercased; 'codellama-tiny' for the "
+                        "bundled model)")
+    p.add_argument("--alias", "-a", action="append", default=[], metavar="NAMES",
+                   help="more names for the model, comma-separated or repeated (llama-server's --alias)")
+    p.add_argument("--tags", action="append", default=[], metavar="TAGS",
+                   help="tags listed with the model by /models, comma-separated (informational)")
+    p.add_argument("--strict_model_name", "--strict-model-name", action="store_true",
+                   help="answer a request naming another model with 404 (default: serve it, as llama-server does)")
     p.add_argument("--chat_format", "--chat-format", default="auto", choices=CHAT_FORMATS,
                    help="instruct format: auto (from the tokenizer), inst ([INST]), step (70B-Instruct), none")
     p.add_argument("--max_body_bytes", "--max-body-bytes", type=int, default=MAX_BODY_BYTES)
+    g = p.add_argument_group("llama.cpp endpoints", "defaults of /completion and /infill (llama-server's flags)")
+    g.add_argument("--n_predict", "--n-predict", type=int, default=-1,
+                   help="tokens to predict when a request does not say (-1: until the context is full)")
+    g.add_argument("--temp", type=float, default=0.8, help="temperature when a request does not say (0: greedy)")
+    g.add_argument("--seed", type=int, default=-1, help="seed when a request does not say (-1: a fresh one)")
+    g.add_argument("--context_shift", "--context-shift", action="store_true",
+                   help="when the context fills up, drop half of what follows n_keep and go on")
+    g.add_argument("--slots", action=argparse.BooleanOptionalAction, default=True,
+                   help="the read-only GET /slots (default: on)")
     p.add_argument("--compile", action="store_true", help="decode with a torch.compiled step (CUDA graphs on CUDA)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
@@ -69,14 +86,26 @@ def default_name(ckpt_dir: Optional[str]) -> str:
     return os.path.basename(os.path.normpath(ckpt_dir)).lower()
 
 
+def split_names(values: List[str]) -> List[str]:
+    """Names given as comma lists, repeated or both, in order, each once."""
+    return list(dict.fromkeys(n.strip() for v in values for n in v.split(",") if n.strip()))
+
+
 def build_service(args: argparse.Namespace) -> ModelService:
     """Load the model and put an engine with the server's queue bound over it."""
+    aliases = split_names(args.alias)
+    name = args.model_name or (sorted(aliases)[0] if aliases else default_name(args.ckpt_dir))
     llama = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size,
                         device=args.device, dtype=args.dtype, attention=args.attention, compile=args.compile,
                         speculate=args.speculate, draft_ckpt_dir=args.draft_ckpt_dir, max_waiting=args.max_waiting,
                         quantize=quantize_option(args))
-    return ModelService(llama.engine, llama.tokenizer, args.model_name or default_name(args.ckpt_dir),
-                        chat_format=args.chat_format)
+    return ModelService(llama.engine, llama.tokenizer, name, chat_format=args.chat_format, aliases=aliases,
+                        strict_model_name=args.strict_model_name, tags=split_names(args.tags))
+
+
+def llamacpp_settings(args: argparse.Namespace) -> Settings:
+    return Settings(n_predict=args.n_predict, temperature=args.temp, seed=args.seed, context_shift=args.context_shift,
+                    slots=args.slots, model_path=os.path.abspath(args.ckpt_dir or BUNDLED_CKPT_DIR))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -105,7 +134,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)
     try:
-        server(service, host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes).run()
+        server(service, host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+               llamacpp=llamacpp_settings(args)).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once everything has stopped
         pass
     finally:
