@@ -86,8 +86,8 @@ class Completion:
 
     def _token(self, event: Event) -> List[Piece]:
         now = time.perf_counter()
-        if self.first_token_at is None:
-            self.first_token_at = now
+        if self.first_token_at is None:  # when the engine produced it (events reach the loop in batches)
+            self.first_token_at = self.request.first_token_at or now
         if self.rules.n_predict == 0:  # the prompt is in the cache now: nothing to answer
             self._end("limit")
             return []
@@ -175,7 +175,7 @@ class Completion:
     def _end(self, stop_type: str, cut: bool = True) -> None:
         """Finish the answer; ``cut``: the engine request is still running and is stopped here."""
         self.stop_type, self.done = stop_type, True
-        self.finished_at = time.perf_counter()
+        self.finished_at = (None if cut else self.request.finished_at) or time.perf_counter()
         if cut:
             self.generation.cut(self.segments[-1])
 
