@@ -143,7 +143,8 @@ async def health() -> dict:
 @router.post("/completions")
 async def completion(request: Request, body: CompletionBody = json_body(CompletionBody)):
     service = service_of(request)
-    return await _respond(request, service, _prompts(service, body.prompt), body)
+    prompts = _prompts(service, body.prompt, _n_predict(body, settings_of(request)))
+    return await _respond(request, service, prompts, body)
 
 
 @router.post("/infill")
@@ -245,26 +246,27 @@ async def models(request: Request) -> dict:
 
 
 # ----------------------------------------------------------------------------- prompts
-def _prompts(service: ModelService, given: Any) -> List[Prompt]:
+def _prompts(service: ModelService, given: Any, reserve: int) -> List[Prompt]:
     """llama.cpp's ``prompt``: text, ``{"prompt_string": text}``, token ids, ids and text mixed in one list
-    (one prompt), or a list of any of those (one answer each)."""
+    (one prompt), or a list of any of those (one answer each). Text spelling the FIM format is infilling, cut
+    to fit with ``reserve`` tokens kept for the answer."""
     if isinstance(given, (str, dict)):
-        return [_prompt(service, given)]
+        return [_prompt(service, given, reserve)]
     if not isinstance(given, list) or not given:
         raise ServiceError(400, "prompt: give text, token ids, a list mixing both, or a list of prompts")
     if all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in given) and any(
             isinstance(x, int) for x in given):
-        return [_prompt(service, given)]
-    return [_prompt(service, p) for p in given]
+        return [_prompt(service, given, reserve)]
+    return [_prompt(service, p, reserve) for p in given]
 
 
-def _prompt(service: ModelService, given: Any) -> Prompt:
+def _prompt(service: ModelService, given: Any, reserve: int) -> Prompt:
     if isinstance(given, dict):
         if given.get("multimodal_data"):
             raise ServiceError(400, "prompt: this model takes text only, not multimodal_data")
         given = given.get("prompt_string")
     if isinstance(given, str):
-        return service.raw(given)
+        return service.raw(given, reserve=reserve)
     if isinstance(given, list) and all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in given):
         if all(isinstance(x, int) for x in given):
             return service.token_ids(given)

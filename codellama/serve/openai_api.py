@@ -147,8 +147,8 @@ def _completion_prompts(service: ModelService, body: CompletionBody) -> List[Pro
             raise ServiceError(400, "suffix needs a text prompt, not token ids")
         return [service.token_ids(ids) for ids in given]
     if body.suffix is not None:
-        return [service.infill(text, body.suffix) for text in given]
-    return [service.raw(text) for text in given]
+        return [service.infill(text, body.suffix, reserve=body.max_tokens) for text in given]
+    return [service.raw(text, reserve=body.max_tokens) for text in given]
 
 
 def _params(body: Union[CompletionBody, ChatBody], max_tokens: Optional[int], choice: int, *,

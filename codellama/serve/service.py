@@ -161,13 +161,14 @@ class ModelService:
             ids = self.tokenizer.encode(text, bos=True, eos=False)
         return Prompt(ids, text, self.tokenizer.decode_infilling, (self.tokenizer.eos_id,))
 
-    def raw(self, text: str) -> Prompt:
-        """Prompt text as editors send it: the FIM format spelled as text is infilling, anything else completion."""
+    def raw(self, text: str, reserve: Optional[int] = None) -> Prompt:
+        """Prompt text as editors send it: the FIM format spelled as text is infilling (fitted as
+        :meth:`infill` fits it, keeping ``reserve`` tokens for the answer), anything else completion."""
         parts = split_fim_text(text)
         if parts is None:
             return self.completion(text)
         prefix, suffix, suffix_first = parts
-        return self.infill(prefix, suffix, suffix_first, text=text)
+        return self.infill(prefix, suffix, suffix_first, text=text, reserve=reserve)
 
     def infill(self, prefix: str, suffix: str, suffix_first: bool = False, *, text: Optional[str] = None,
                extra: str = "", reserve: Optional[int] = None) -> Prompt:

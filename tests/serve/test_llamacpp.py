@@ -232,7 +232,7 @@ def test_fim_text_clients_stream_from_completion(tiny, served, http, client):
         events = sse_data(r)
     assert all(isinstance(e["content"], str) and isinstance(e["stop"], bool) for e in events)  # Tabby unwraps both
     assert events[-1]["stop"] and not any(e["stop"] for e in events[:-1])
-    expected = service.infill(prefix, suffix, text=prompt)
+    expected = service.infill(prefix, suffix, text=prompt, reserve=24)  # room for n_predict
     assert expected.truncated and events[-1]["truncated"]
     text, _ = greedy_text(tiny, expected.ids, 24, expected.stop_ids)
     assert "".join(e["content"] for e in events) == text
