@@ -422,3 +422,16 @@ def test_context_shift_goes_on_past_the_context(tiny):
         out = http.post("/completion", json={"prompt": ids, "n_predict": -1, "temperature": 0}).json()
         assert out["truncated"] is True and out["stop_type"] == "limit"  # without: it stops at the context's end
         assert out["tokens_predicted"] == 6 and out["tokens_evaluated"] == MAX_SEQ_LEN - 6
+
+
+def test_openai_and_ollama_infilling_of_a_long_file_is_fitted_not_refused(tiny, served, http):
+    service, _ = served
+    prefix, suffix = "".join(FILE[:400]), "".join(FILE[400:600])
+    expected = service.infill(prefix, suffix, reserve=16)
+    assert expected.truncated
+    text, _ = greedy_text(tiny, expected.ids, 16, expected.stop_ids)
+    oai = http.post("/v1/completions", json={"prompt": prefix, "suffix": suffix, "max_tokens": 16, "temperature": 0})
+    assert oai.status_code == 200 and oai.json()["choices"][0]["text"] == text
+    ollama = http.post("/api/generate", json={"model": NAME, "prompt": prefix, "suffix": suffix, "stream": False,
+                                              "options": {"temperature": 0, "num_predict": 16}})
+    assert ollama.status_code == 200 and ollama.json()["response"] == text
