@@ -1,6 +1,7 @@
-"""llama.vim, unchanged, in a real Vim (headless, on a pseudo-terminal) against ``python -m codellama.serve``.
+"""llama.vim, unchanged, in a real Vim or Neovim (on a pseudo-terminal) against ``python -m codellama.serve``.
 
     python benchmarks/editor_llama_vim.py --llama-vim DIR          # DIR: a checkout of ggml-org/llama.vim
+    python benchmarks/editor_llama_vim.py --llama-vim DIR --editor nvim
 
 Vim opens 18 other standard-library files (llama.vim gathers chunks of each as extra context, and sends each
 to the server's cache as it enters its ring of 16), then a ~1,000-line file (``functools.py``), goes to line
@@ -9,7 +10,7 @@ draws the suggestion as virtual text with its info line. A recording proxy betwe
 every request body and answer. The script prints what llama.vim sent (the fields, the number of extra chunks)
 and how the suggestion arrived: the time from entering insert mode to the drawn suggestion, and the server's
 ``predicted_ms`` against the request's ``t_max_predict_ms``. Exit status 1 when no suggestion was drawn.
-Needs vim (with +job, +timers, +textprop) and curl, which llama.vim calls.
+Needs vim (with +job, +timers, +textprop) or nvim, and curl, which llama.vim calls.
 """
 
 from __future__ import annotations
@@ -67,14 +68,34 @@ function! s:vars() abort
   let l:sid = get(get(getscriptinfo({{'name': 'autoload/llama.vim'}}), 0, {{}}), 'sid', 0)
   return l:sid ? get(getscriptinfo({{'sid': l:sid}})[0], 'variables', {{}}) : {{}}
 endfunction
-function! s:poll(timer) abort
+function! s:drawn() abort
+  " [ghost-text pieces, the info line's text] as llama.vim drew them: text properties in Vim, extmarks in Neovim
+  if has('nvim')
+    let l:marks = nvim_buf_get_extmarks(0, nvim_create_namespace('vt_fim'), 0, -1, {{'details': v:true}})
+    let l:pieces = []
+    let l:info = ''
+    for l:mark in l:marks
+      for [l:text, l:hl] in get(l:mark[3], 'virt_text', [])
+        if l:hl ==# 'llama_hl_fim_info' | let l:info = l:text | else | call add(l:pieces, l:text) | endif
+      endfor
+      for l:line in get(l:mark[3], 'virt_lines', [])
+        call add(l:pieces, join(map(copy(l:line), 'v:val[0]'), ''))
+      endfor
+    endfor
+    return [l:pieces, l:info]
+  endif
   let l:props = prop_list({line})
   let l:hint = filter(copy(l:props), 'v:val.type ==# "llama_hl_fim_hint"')
   let l:info = filter(copy(l:props), 'v:val.type ==# "llama_hl_fim_info"')
+  return [map(l:hint, 'get(v:val, "text", "")'), empty(l:info) ? '' : get(l:info[0], 'text', 'shown')]
+endfunction
+function! s:poll(timer) abort
+  let [l:pieces, l:info] = s:drawn()
   if !empty(l:info) || reltimefloat(reltime(s:t0)) > {timeout}
     let l:vars = s:vars()
     let l:result = {{'shown': !empty(l:info), 'ms': 1000 * reltimefloat(reltime(s:t0)), 'mode': mode(),
-          \ 'hint_props': len(l:hint), 'content': get(get(l:vars, 'fim_data', {{}}), 'content', []),
+          \ 'hint_props': len(l:pieces), 'info': l:info,
+          \ 'content': get(get(l:vars, 'fim_data', {{}}), 'content', l:pieces),
           \ 'ring': len(get(s:ring_before, 'ring_chunks', [])), 'queued': len(get(s:ring_before, 'ring_queued', []))}}
     call writefile([json_encode(l:result)], '{out}')
     qall!
@@ -132,12 +153,12 @@ def start_server(max_seq_len: int) -> tuple:
     raise RuntimeError(f"the server did not start:\n{log}")
 
 
-def run_vim(script: str, timeout: float) -> None:
-    """Vim on a pseudo-terminal (it draws to it; nobody looks), until it quits or ``timeout`` passes."""
+def run_vim(editor: str, script: str, timeout: float) -> None:
+    """Vim (or Neovim) on a pseudo-terminal (it draws to it; nobody looks), until it quits or ``timeout`` passes."""
     pid, fd = pty.fork()
     if pid == 0:
         os.environ["TERM"] = "xterm"
-        os.execvp("vim", ["vim", "-N", "-u", script, "-i", "NONE", "-n"])
+        os.execvp(editor, [editor, "-N", "-u", script, "-i", "NONE", "-n"])
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -158,10 +179,10 @@ def run_vim(script: str, timeout: float) -> None:
         os.close(fd)
 
 
-def run(llama_vim: str, line: int = 500, max_seq_len: int = 512, timeout: float = 120.0) -> dict:
-    """The whole scenario; returns what Vim drew and what went over the wire."""
-    if not shutil.which("vim") or not shutil.which("curl"):
-        raise RuntimeError("needs vim and curl")
+def run(llama_vim: str, line: int = 500, max_seq_len: int = 512, timeout: float = 120.0, editor: str = "vim") -> dict:
+    """The whole scenario in ``editor`` (vim or nvim); returns what it drew and what went over the wire."""
+    if not shutil.which(editor) or not shutil.which("curl"):
+        raise RuntimeError(f"needs {editor} and curl")
     proc, url = start_server(max_seq_len)
     Recorder.upstream, Recorder.records = url, []
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
@@ -175,7 +196,7 @@ def run(llama_vim: str, line: int = 500, max_seq_len: int = 512, timeout: float 
             f.write(VIMSCRIPT.format(llama_vim=llama_vim, endpoint=f"http://127.0.0.1:{proxy.server_port}/infill",
                                      files=json.dumps(files), target=TARGET, line=line, timeout=timeout / 2,
                                      out=out))
-        run_vim(script, timeout)
+        run_vim(editor, script, timeout)
         drawn = json.load(open(out)) if os.path.exists(out) else {"shown": False}
     finally:
         proxy.shutdown()
@@ -202,21 +223,23 @@ def report(result: dict) -> bool:
               f"{answer.get('content')!r}")
     if fims:
         print(f"fields llama.vim sent: {sorted(fims[-1]['request'])}")
-    print(f"vim: suggestion drawn {vim['shown']} {vim.get('ms', 0):.0f} ms after entering insert mode (mode "
-          f"{vim.get('mode')!r}), {vim.get('hint_props', 0)} ghost-text pieces: {vim.get('content')}; its ring "
-          f"held {vim.get('ring')} chunks ({vim.get('queued')} queued) when the file was opened")
+    print(f"editor: suggestion drawn {vim['shown']} {vim.get('ms', 0):.0f} ms after entering insert mode (mode "
+          f"{vim.get('mode')!r}), {vim.get('hint_props', 0)} ghost-text pieces: {vim.get('content')}; info line "
+          f"{vim.get('info')!r}; its ring held {vim.get('ring')} chunks ({vim.get('queued')} queued) when the file "
+          f"was opened")
     return bool(vim["shown"])
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama-vim", default=os.environ.get("LLAMA_VIM_DIR"), help="llama.vim checkout ($LLAMA_VIM_DIR)")
+    p.add_argument("--editor", choices=("vim", "nvim"), default="vim")
     p.add_argument("--line", type=int, default=500)
     p.add_argument("--max_seq_len", type=int, default=512, help="the server's context (the bundled model's: 512)")
     a = p.parse_args(argv)
     if not a.llama_vim or not os.path.isfile(os.path.join(a.llama_vim, "autoload", "llama.vim")):
         sys.exit("give --llama-vim DIR, a checkout of https://github.com/ggml-org/llama.vim")
-    sys.exit(0 if report(run(os.path.abspath(a.llama_vim), a.line, a.max_seq_len)) else 1)
+    sys.exit(0 if report(run(os.path.abspath(a.llama_vim), a.line, a.max_seq_len, editor=a.editor)) else 1)
 
 
 if __name__ == "__main__":
