@@ -2,7 +2,8 @@
 
 ``POST /infill`` (``input_prefix``, ``input_suffix``, ``input_extra``, ``prompt``), ``POST /completion`` and
 ``/completions`` (``prompt``: text, token ids, a mix, or several prompts), ``POST /tokenize``,
-``/detokenize`` and ``/apply-template``, ``GET /health``, ``/props``, ``/slots`` (read-only) and ``/models``;
+``/detokenize``, ``/apply-template`` and ``/chat/completions/input_tokens``, ``GET /health``, ``/props``,
+``/slots`` (read-only) and ``/models``;
 streams are server-sent events, one per token, the last one with ``"stop": true``.
 
 Field names, shapes and defaults follow llama.cpp's server (``tools/server``): temperature 0.8 (the server's
@@ -185,6 +186,14 @@ async def detokenize(request: Request, body: DetokenizeBody = json_body(Detokeni
 async def apply_template(request: Request, body: TemplateBody = json_body(TemplateBody)) -> dict:
     service = service_of(request)
     return {"prompt": service.render(service.chat(_dialog(body.messages)).ids)}
+
+
+@router.post("/chat/completions/input_tokens")
+@router.post("/v1/chat/completions/input_tokens")
+async def chat_input_tokens(request: Request, body: TemplateBody = json_body(TemplateBody)) -> dict:
+    """How many tokens the instruct prompt of ``messages`` takes (llama-server's count for chat clients)."""
+    service = service_of(request)
+    return {"input_tokens": len(service.chat(_dialog(body.messages)).ids)}
 
 
 @router.get("/props")

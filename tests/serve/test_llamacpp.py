@@ -373,6 +373,8 @@ def test_tokenize_detokenize_props_slots_models_template_health(tiny, served, ht
     assert models["id"] == NAME and models["aliases"] == [NAME, "codellama:7b", "code"] and models["tags"] == ["fim"]
     template = http.post("/apply-template", json={"messages": [{"role": "user", "content": "Reverse a string."}]})
     assert template.json()["prompt"] == "<s> [INST] Reverse a string. [/INST]"
+    counted = http.post("/chat/completions/input_tokens", json={"messages": [{"role": "user", "content": "Hi."}]})
+    assert counted.json() == {"input_tokens": len(tiny.tokenizer.encode("[INST] Hi. [/INST]", bos=True, eos=False))}
     assert http.get("/health").json() == http.get("/v1/health").json() == {"status": "ok"}
     chat = http.post("/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert chat.json()["choices"][0]["message"]["role"] == "assistant"
