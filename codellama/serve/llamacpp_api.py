@@ -40,7 +40,6 @@ from .web import SSE, Body, Stream, json_body, results, service_of, sse, start
 
 router = APIRouter()
 SAMPLERS = ("temperature", "top_k", "top_p")  # the samplers of llama.cpp's chain this engine has
-IGNORED_SAMPLERS = ("infill", "min_p", "typ_p", "top_n_sigma", "xtc", "penalties", "dry", "adaptive_p")
 SAMPLER_CHARS = {"t": "temperature", "k": "top_k", "p": "top_p", "i": "infill", "m": "min_p", "y": "typ_p",
                  "s": "top_n_sigma", "x": "xtc", "e": "penalties", "d": "dry", "a": "adaptive_p"}
 
@@ -380,7 +379,7 @@ def _n_cmpl(body: CompletionBody, service: ModelService) -> int:
 
 def _samplers(given: Union[List[str], str, None]) -> Optional[List[str]]:
     """The sampler chain's names (a list, or llama.cpp's one letter each), or None for the default chain.
-    Unknown names are left out, as llama.cpp does; so are those this engine lacks (:data:`IGNORED_SAMPLERS`)."""
+    Unknown names are left out, as llama.cpp does; so are those this engine lacks (all but :data:`SAMPLERS`)."""
     if given is None:
         return None
     names = [SAMPLER_CHARS.get(ch, "") for ch in given] if isinstance(given, str) else given
