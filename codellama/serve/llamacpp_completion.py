@@ -58,11 +58,11 @@ class Piece:
 class Completion:
     """One answer of a request (one prompt, one of ``n_cmpl``) and the engine request(s) behind it."""
 
-    def __init__(self, service: ModelService, generation: Generation, index: int, slot: int, rules: Rules):
-        """``slot`` is this answer's engine request in ``generation``; ``index`` its place in the response."""
+    def __init__(self, service: ModelService, generation: Generation, index: int, request: int, rules: Rules):
+        """``request`` is this answer's engine request in ``generation``; ``index`` its place in the response."""
         self.service, self.generation, self.index, self.rules = service, generation, index, rules
-        self.prompt: Prompt = generation.prompts[slot]
-        self.segments: List[int] = [slot]  # the engine requests, in order (more than one after a context shift)
+        self.prompt: Prompt = generation.prompts[request]
+        self.segments: List[int] = [request]  # its engine requests, in order (several after a context shift)
         self.text, self.tokens, self.probs = "", [], []
         self.stop_type, self.stopping_word = "none", ""
         self.truncated, self.has_new_line, self.done = self.prompt.truncated, False, False
