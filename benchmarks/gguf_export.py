@@ -80,6 +80,8 @@ def _add_vocab(w, tokenizer_path: Optional[str], vocab_size: int) -> None:
         pieces += [f"piece{i}" for i in range(vocab_size - len(pieces))]
         types += [kinds.NORMAL] * (vocab_size - len(types))
         scores, unk, bos, eos = [0.0] * vocab_size, 0, 1, 2
+    fim_pieces = ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")  # control tokens for llama.cpp: never printed
+    types = [kinds.CONTROL if p in fim_pieces else k for p, k in zip(pieces, types)]
     w.add_tokenizer_model("llama")
     w.add_token_list([p.encode() for p in pieces])
     w.add_token_scores(scores)
@@ -87,5 +89,10 @@ def _add_vocab(w, tokenizer_path: Optional[str], vocab_size: int) -> None:
     w.add_bos_token_id(bos)
     w.add_eos_token_id(eos)
     w.add_unk_token_id(unk)
+    fim = {"▁<PRE>": gguf.Keys.Tokenizer.FIM_PRE_ID, "▁<SUF>": gguf.Keys.Tokenizer.FIM_SUF_ID,
+           "▁<MID>": gguf.Keys.Tokenizer.FIM_MID_ID, "▁<EOT>": gguf.Keys.Tokenizer.EOT_ID}
+    for piece, key in fim.items():  # Code Llama's FIM pieces: llama.cpp infills with them and stops at <EOT>
+        if piece in pieces:
+            w.add_uint32(key, pieces.index(piece))
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)

@@ -25,9 +25,11 @@ from typing import List, Optional
 
 from ..build import BUNDLED_CONTEXT_LEN, BUNDLED_MAX_GEN_LEN, build
 from ..checkpoint import BUNDLED_CKPT_DIR
-from ..options import ENGINE_FLAGS, FLAGS, LOAD_FLAGS, HelpFormatter, add_flag, add_flags, engine_options, load_options
+from ..options import (ENGINE_FLAGS, FLAGS, LOAD_FLAGS, EngineOptions, HelpFormatter, add_flag, add_flags, engine_options,
+                       load_options)
 from ..serve.app import MAX_BODY_BYTES, server
 from ..serve.connections import READ_TIMEOUT_S, bind_socket
+from ..serve.llamacpp_api import Settings
 from ..serve.security import check_api_key, check_origins
 from ..serve.service import CHAT_FORMATS, ModelService
 from . import error_line
@@ -42,7 +44,8 @@ def parser(prog: str = "python -m codellama.serve") -> argparse.ArgumentParser:
     """The library's load and engine flags (the examples' spelling ``--ckpt_dir`` and ``--ckpt-dir`` alike),
     with a server's defaults, plus the server's own."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
-    add_flags(p, LOAD_FLAGS + ENGINE_FLAGS, max_waiting=64, max_seq_len=None)
+    # The engine's own --seed is not a server flag: the server's --seed is llama-server's (below).
+    add_flags(p, LOAD_FLAGS + tuple(f for f in ENGINE_FLAGS if f != "seed"), max_waiting=64, max_seq_len=None)
     add_flag(p, "host", "address to bind (127.0.0.1: this machine only)", default="127.0.0.1")
     add_flag(p, "port", "0: any free port (printed at start)", type=int, default=8000)
     add_flag(p, "api_key", f"require 'Authorization: Bearer KEY' (or 'X-Api-Key: KEY') on every request (unset: "
@@ -58,11 +61,28 @@ def parser(prog: str = "python -m codellama.serve") -> argparse.ArgumentParser:
                                 "response)", type=float, default=READ_TIMEOUT_S)
     add_flag(p, "max_connections", "open connections before the longest-idle one is closed for a new one (unset: "
                                    "what RLIMIT_NOFILE leaves room for, at most 4096)", type=int)
-    add_flag(p, "model_name", "the name clients send as 'model' (unset: the checkpoint directory's name, lowercased; "
-                              "'codellama-tiny' for the bundled model)")
+    add_flag(p, "model_name", "the name clients send as 'model' (unset: the first --alias in sorted order, as "
+                              "llama-server; else the checkpoint directory's name, lowercased; 'codellama-tiny' for "
+                              "the bundled model)")
+    p.add_argument("--alias", "-a", action="append", default=[], metavar="NAMES",
+                   help="more names for the model, comma-separated or repeated (llama-server's --alias)")
+    add_flag(p, "tags", "tags listed with the model by /models, comma-separated (informational)", action="append",
+             default=[], metavar="TAGS")
+    add_flag(p, "strict_model_name", "answer a request naming another model with 404 (unset: serve it, as "
+                                     "llama-server does: editors send whatever name their configuration holds)",
+             action="store_true")
     add_flag(p, "chat_format", "instruct format: auto (from the tokenizer), inst ([INST]), step (70B-Instruct), none",
              default="auto", choices=CHAT_FORMATS)
     add_flag(p, "max_body_bytes", "largest request body accepted (past it: 413)", type=int, default=MAX_BODY_BYTES)
+    g = p.add_argument_group("llama.cpp endpoints", "defaults of /completion and /infill (llama-server's flags)")
+    add_flag(g, "n_predict", "tokens to predict when a request does not say (-1: until the context is full)", type=int,
+             default=-1)
+    add_flag(g, "temp", "temperature when a request does not say (0: greedy)", type=float, default=0.8)
+    add_flag(g, "seed", "seed when a request does not say (-1: a fresh one)", type=int, default=-1)
+    add_flag(g, "context_shift", "when the context fills up, drop half of what follows n_keep and go on",
+             action="store_true")
+    g.add_argument("--slots", action=argparse.BooleanOptionalAction, default=True,
+                   help="the read-only GET /slots (default: on)")
     return p
 
 
@@ -70,6 +90,11 @@ def default_name(ckpt_dir: Optional[str]) -> str:
     if ckpt_dir is None:
         return "codellama-tiny"
     return os.path.basename(os.path.normpath(ckpt_dir)).lower()
+
+
+def split_names(values: List[str]) -> List[str]:
+    """Names given as comma lists, repeated or both, in order, each once."""
+    return list(dict.fromkeys(n.strip() for v in values for n in v.split(",") if n.strip()))
 
 
 def build_service(args: argparse.Namespace) -> ModelService:
@@ -81,9 +106,17 @@ def build_service(args: argparse.Namespace) -> ModelService:
     if bundled and max_seq_len > BUNDLED_CONTEXT_LEN:
         log.warning("the bundled model was trained on %d-token rows: past them its output degrades",
                     BUNDLED_CONTEXT_LEN)
-    built = build(load_options(args), engine_options(args, max_seq_len=max_seq_len))
-    return ModelService(built.engine, built.tokenizer, args.model_name or default_name(args.ckpt_dir),
-                        chat_format=args.chat_format, default_max_tokens=BUNDLED_MAX_GEN_LEN if bundled else None)
+    aliases = split_names(args.alias)
+    name = args.model_name or (sorted(aliases)[0] if aliases else default_name(args.ckpt_dir))
+    built = build(load_options(args), engine_options(args, max_seq_len=max_seq_len, seed=EngineOptions.seed))
+    return ModelService(built.engine, built.tokenizer, name, chat_format=args.chat_format,
+                        default_max_tokens=BUNDLED_MAX_GEN_LEN if bundled else None, aliases=aliases,
+                        strict_model_name=args.strict_model_name, tags=split_names(args.tags))
+
+
+def llamacpp_settings(args: argparse.Namespace) -> Settings:
+    return Settings(n_predict=args.n_predict, temperature=args.temp, seed=args.seed, context_shift=args.context_shift,
+                    slots=args.slots, model_path=os.path.abspath(args.ckpt_dir or BUNDLED_CKPT_DIR))
 
 
 def check_access(args: argparse.Namespace) -> None:
@@ -130,7 +163,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m codellama.serv
     try:
         server(service, host=args.host, port=args.port, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins, read_timeout=args.read_timeout,
-               max_connections=args.max_connections).run(sockets=[sock])
+               max_connections=args.max_connections, llamacpp=llamacpp_settings(args)).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once everything has stopped
         pass
     finally:

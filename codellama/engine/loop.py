@@ -148,6 +148,12 @@ class Engine:
             raise ValueError(f"the prompt has {len(prompt)} tokens, more than max_seq_len={self.max_seq_len}")
         return prompt
 
+    def slot_states(self) -> List[Tuple[Optional[Request], int]]:
+        """Each slot's request (None when idle) and how many tokens its cache holds, read at one instant (a
+        server's read-only view of its slots)."""
+        with self.lock:
+            return [(s.owner, len(s.cached)) for s in self.scheduler.slots]
+
     def cancel(self, request: Request) -> None:
         """Stop ``request``; its slot is freed at the next step and it finishes as ``cancelled``."""
         with self.lock:

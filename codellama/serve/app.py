@@ -35,20 +35,27 @@ GRACEFUL_SHUTDOWN_S = 5  # after the engine has stopped, how long a slow client 
 PROTOCOLS = (("/v1/", openai_api), ("/api/", ollama_api))  # any other path: llama.cpp's
 
 
-def error_response(path: str, status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
-    """An error in the shape of the protocol that ``path`` belongs to."""
+def error_response(path: str, status: int, message: str, headers: Optional[dict] = None,
+                   error: Optional[ServiceError] = None) -> JSONResponse:
+    """An error in the shape of the protocol that ``path`` belongs to (llama.cpp's with ``error``'s kind and
+    details, e.g. ``exceed_context_size_error``)."""
     adapter = next((a for prefix, a in PROTOCOLS if path.startswith(prefix)), llamacpp_api)
-    return JSONResponse(adapter.error_body(status, message), status_code=status, headers=headers)
+    if adapter is llamacpp_api and error is not None:
+        body = llamacpp_api.error_body(status, message, error.kind, error.details)
+    else:
+        body = adapter.error_body(status, message)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def create_app(service: ModelService, *, api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
-               host: str = "127.0.0.1", allowed_hosts: Sequence[str] = (), cors_origins: Sequence[str] = ()) -> FastAPI:
+               host: str = "127.0.0.1", allowed_hosts: Sequence[str] = (), cors_origins: Sequence[str] = (),
+               llamacpp: Optional[llamacpp_api.Settings] = None) -> FastAPI:
     """The ASGI application serving ``service``; its lifespan starts the engine's thread and stops it.
 
     With ``api_key`` (never empty) every path needs ``Authorization: Bearer <api_key>`` or ``X-Api-Key:
     <api_key>``; request bodies longer than ``max_body_bytes`` get a 413. Requests naming a Host that a server
     bound to ``host`` does not answer to, or coming from a web page whose origin is not in ``cors_origins``,
-    get a 403 (see ``security.py``).
+    get a 403 (see ``security.py``). ``llamacpp`` holds the llama.cpp endpoints' server-wide defaults.
     """
     api_key = check_api_key(api_key, "api_key")
 
@@ -63,8 +70,11 @@ def create_app(service: ModelService, *, api_key: Optional[str] = None, max_body
     app = FastAPI(title="codellama", summary="Code Llama over the OpenAI, Ollama and llama.cpp protocols",
                   lifespan=lifespan)
     app.state.service, app.state.max_body_bytes = service, max_body_bytes
+    app.state.llamacpp = llamacpp or llamacpp_api.Settings()
     for adapter in (openai_api, ollama_api, llamacpp_api):
         app.include_router(adapter.router)
+    # llama-server's path for OpenAI's chat (its errors in llama.cpp's shape, as llama-server answers there)
+    app.add_api_route("/chat/completions", openai_api.chat_completions, methods=["POST"])
     _add_error_handlers(app)
     if api_key:
         app.add_middleware(RequireKey, api_key=api_key, error=error_response)
@@ -78,7 +88,7 @@ def create_app(service: ModelService, *, api_key: Optional[str] = None, max_body
 def _add_error_handlers(app: FastAPI) -> None:
     async def service_error(request: Request, e: ServiceError) -> Response:
         headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
-        return error_response(request.url.path, e.status, e.message, headers)
+        return error_response(request.url.path, e.status, e.message, headers, e)
 
     async def http_error(request: Request, e: HTTPException) -> Response:
         return error_response(request.url.path, e.status_code, str(e.detail), getattr(e, "headers", None))
@@ -159,12 +169,12 @@ class Server(uvicorn.Server):
 def server(service: ModelService, *, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
            max_body_bytes: int = MAX_BODY_BYTES, log_level: str = "info", allowed_hosts: Sequence[str] = (),
            cors_origins: Sequence[str] = (), read_timeout: float = READ_TIMEOUT_S,
-           max_connections: Optional[int] = None) -> Server:
+           max_connections: Optional[int] = None, llamacpp: Optional[llamacpp_api.Settings] = None) -> Server:
     """A :class:`Server` for ``service``; ``.run()`` serves until SIGINT/SIGTERM (or ``.run(sockets=[sock])``
     on a socket bound already to ``host``). ``read_timeout`` and ``max_connections`` bound idle and incomplete
     connections (``connections.py``)."""
     app = create_app(service, api_key=api_key, max_body_bytes=max_body_bytes, host=host, allowed_hosts=allowed_hosts,
-                     cors_origins=cors_origins)
+                     cors_origins=cors_origins, llamacpp=llamacpp)
     config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level=log_level,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, backlog=BACKLOG,
                             http=guarded_protocol(read_timeout, max_connections))

@@ -103,7 +103,9 @@ async def generate(request: Request, body: GenerateBody = json_body(GenerateBody
     service.check_model(body.model)
     if not body.prompt and body.suffix is None:  # Ollama's way of loading a model: it is loaded
         return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
-    prompt = service.infill(body.prompt, body.suffix) if body.suffix is not None else service.raw(body.prompt)
+    reserve = body.options.num_predict  # the answer's room when an infilling prompt is cut to fit
+    prompt = (service.infill(body.prompt, body.suffix, reserve=reserve) if body.suffix is not None
+              else service.raw(body.prompt, reserve=reserve))
     generation = start(request, [(prompt, _params(body))])
     if body.stream:
         return Stream(_stream(service, generation, body, lambda text: {"response": text}), NDJSON, generation)

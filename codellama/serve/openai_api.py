@@ -155,7 +155,9 @@ async def fim_completions(request: Request, body: FimBody = json_body(FimBody)):
                                 "and top_logprobs (or use /v1/completions with suffix)")
     if body.seed is None and body.random_seed is not None:
         body = body.model_copy(update={"seed": body.random_seed})
-    prompt = service.raw(body.prompt) if body.suffix is None else service.infill(body.prompt, body.suffix)
+    reserve = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    prompt = (service.raw(body.prompt, reserve=reserve) if body.suffix is None
+              else service.infill(body.prompt, body.suffix, reserve=reserve))  # cut to fit, as the others are
     return await _chat_response(request, service, prompt, body)
 
 
@@ -192,8 +194,8 @@ def _completion_prompts(service: ModelService, body: CompletionBody) -> List[Pro
             raise ServiceError(400, "suffix needs a text prompt, not token ids")
         return [service.token_ids(ids) for ids in given]
     if body.suffix is not None:
-        return [service.infill(text, body.suffix) for text in given]
-    return [service.raw(text) for text in given]
+        return [service.infill(text, body.suffix, reserve=body.max_tokens) for text in given]
+    return [service.raw(text, reserve=body.max_tokens) for text in given]
 
 
 def _params(body: Union[CompletionBody, ChatBody, FimBody], max_tokens: Optional[int], choice: int, *,

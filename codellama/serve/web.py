@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, List, Sequence, Tuple, Type, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Optional, Sequence, Tuple, Type, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -14,7 +14,6 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from ..engine import Request as EngineRequest
 from ..engine import SamplingParams
 from .security import check_content_type
 from .service import Generation, ModelService, Prompt, ServiceError
@@ -108,10 +107,11 @@ def start(request: Request, work: Sequence[Tuple[Prompt, SamplingParams]]) -> Ge
     return generation
 
 
-async def results(request: Request, generation: Generation) -> List[EngineRequest]:
-    """The finished requests of ``generation``, unless the client disconnects first: then the generation is
-    cancelled (its slots freed at the next step) and :class:`ClientGone` raised."""
-    task = asyncio.ensure_future(generation.finish())
+async def results(request: Request, generation: Generation, work: Optional[Awaitable[Any]] = None) -> Any:
+    """The finished requests of ``generation`` (or what ``work``, which follows it, returns), unless the client
+    disconnects first: then the generation is cancelled (its slots freed at the next step) and
+    :class:`ClientGone` raised."""
+    task = asyncio.ensure_future(generation.finish() if work is None else work)
     watcher = asyncio.ensure_future(_disconnected(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
