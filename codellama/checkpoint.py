@@ -164,20 +164,31 @@ def check_checkpoint_dir(ckpt_dir: str | os.PathLike) -> str:
     ckpt_dir = os.fspath(ckpt_dir)
     if not os.path.exists(ckpt_dir):
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
-    if not os.path.isdir(ckpt_dir):
+    if not os.path.isdir(ckpt_dir) and not _gguf().is_gguf_file(ckpt_dir):  # a GGUF checkpoint is one file
         raise FileNotFoundError(f"{ckpt_dir} is a file, not a checkpoint directory (pass the directory that holds "
-                                "params.json + consolidated.*.pth or config.json + model.safetensors)")
+                                "params.json + consolidated.*.pth or config.json + model.safetensors, or a .gguf file)")
     return ckpt_dir
 
 
+def _gguf():
+    from .formats import gguf  # imports the gguf package only when a GGUF file is read
+    return gguf
+
+
 def detect_layout(ckpt_dir: str | os.PathLike) -> str:
-    """``"meta"`` or ``"hf"`` from the files in ``ckpt_dir``; a directory holding both layouts is refused, not guessed."""
+    """``"meta"``, ``"hf"`` or ``"gguf"`` from the files in ``ckpt_dir`` (or ``"gguf"`` for a GGUF file itself); a
+    directory holding both Meta and HF checkpoints is refused, not guessed. GGUF files count only where neither
+    layout's weights are present (llama.cpp's converter writes its output into the checkpoint directory)."""
     ckpt_dir = check_checkpoint_dir(ckpt_dir)
+    if not os.path.isdir(ckpt_dir):
+        return "gguf"
     names = os.listdir(ckpt_dir)
     meta, hf = "params.json" in names, "config.json" in names
+    meta_weights = any(META_SHARD.fullmatch(n) for n in names)
+    hf_weights = any(n.endswith(".safetensors") or n == HF_INDEX for n in names)
+    if not (meta_weights or hf_weights) and _gguf().gguf_files(ckpt_dir):
+        return "gguf"
     if meta and hf:
-        meta_weights = any(META_SHARD.fullmatch(n) for n in names)
-        hf_weights = any(n.endswith(".safetensors") or n == HF_INDEX for n in names)
         if meta_weights == hf_weights:
             raise ValueError(f"{ckpt_dir} is ambiguous: it holds params.json (Meta layout) and config.json (Hugging Face "
                              f"layout) and {'weights of both' if meta_weights else 'weights of neither'}; keep one "
@@ -188,8 +199,8 @@ def detect_layout(ckpt_dir: str | os.PathLike) -> str:
     if hf:
         return "hf"
     raise FileNotFoundError(
-        f"{ckpt_dir} is not a checkpoint: expected params.json + consolidated.*.pth (Meta) "
-        f"or config.json + model.safetensors (Hugging Face); found {sorted(names)}")
+        f"{ckpt_dir} is not a checkpoint: expected params.json + consolidated.*.pth (Meta), "
+        f"config.json + model.safetensors (Hugging Face) or a .gguf file; found {sorted(names)}")
 
 
 def open_checkpoint(ckpt_dir: str | os.PathLike) -> CheckpointSource:
@@ -199,7 +210,10 @@ def open_checkpoint(ckpt_dir: str | os.PathLike) -> CheckpointSource:
     and consistent with each other, and the config describes the tensors the files hold.
     """
     ckpt_dir = os.fspath(ckpt_dir)
-    return _open_meta(ckpt_dir) if detect_layout(ckpt_dir) == "meta" else _open_hf(ckpt_dir)
+    layout = detect_layout(ckpt_dir)
+    if layout == "gguf":
+        return _gguf().open_gguf(ckpt_dir)
+    return _open_meta(ckpt_dir) if layout == "meta" else _open_hf(ckpt_dir)
 
 
 def _meta_shard_paths(ckpt_dir: str) -> List[str]:
@@ -455,7 +469,8 @@ def check_tokenizer(args: ModelArgs, n_words: int, tokenizer_path: str = "the to
 def load_model(ckpt_dir: "str | os.PathLike | CheckpointSource | None" = None, *, device: torch.device | str | None = None,
                dtype: torch.dtype | str | None = None, optimize: bool = True, tp: TensorParallel = SINGLE,
                transforms: Optional[List[Transform]] = None, quantize: "QuantizeArg" = None) -> Transformer:
-    """Build a ``Transformer`` from a Meta or Hugging Face checkpoint directory (None: the bundled tiny model).
+    """Build a ``Transformer`` from a Meta or Hugging Face checkpoint directory or a GGUF file (None: the bundled
+    tiny model; GGUF: ``codellama.formats.gguf`` says what each tensor type becomes).
 
     A short pipeline of named steps: **read** the checkpoint's config and index its tensors
     (``open_checkpoint``), **build** the model on the ``meta`` device (no memory; a quantized checkpoint's
@@ -478,6 +493,8 @@ def load_model(ckpt_dir: "str | os.PathLike | CheckpointSource | None" = None, *
     source = ckpt_dir if isinstance(ckpt_dir, CheckpointSource) else open_checkpoint(ckpt_dir)
     device = resolve_device(device)
     dtype = parse_dtype(dtype) or default_dtype(device)
+    if source.layout == "gguf" and source.quantization is None:  # its blocks become this library's schemes here
+        source, config = _gguf().as_loaded(source, config, dtype), None
     if source.quantization is not None:
         if config not in (None, source.quantization):
             raise ValueError(f"{source.path} is already quantized ({source.quantization.describe()}); load it with "

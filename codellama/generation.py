@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 
-from .checkpoint import (BUNDLED_CKPT_DIR, check_checkpoint_dir, check_tokenizer, default_transforms, load_model,
-                         open_checkpoint)
+from .checkpoint import (BUNDLED_CKPT_DIR, check_checkpoint_dir, check_tokenizer, default_transforms, detect_layout,
+                         load_model, open_checkpoint)
 from .distributed import check_parallel, env_world, init_tensor_parallel
 from .engine import Engine, SamplingParams
 from .speculative import check_speculation, make_speculator
@@ -97,11 +97,12 @@ class Llama:
               seed: int = 1, attention: str = "auto", compile: bool = False, speculate: Optional[str] = None,
               draft_ckpt_dir: Optional[str] = None, speculate_tokens: Optional[int] = None,
               max_waiting: Optional[int] = None, quantize: "QuantizeArg" = None) -> "Llama":
-        """Load a checkpoint (Meta or Hugging Face layout) and its tokenizer.
+        """Load a checkpoint (Meta or Hugging Face layout, or a GGUF file) and its tokenizer.
 
         Positional arguments are the reference's. ``ckpt_dir=None`` uses the tiny model bundled with the
-        package; ``tokenizer_path`` defaults to ``ckpt_dir/tokenizer.model``. Runs in a plain process on
-        CPU, CUDA or MPS; ``device``/``dtype`` default to CUDA/bf16 where available, else CPU/fp32.
+        package; ``tokenizer_path`` defaults to ``ckpt_dir/tokenizer.model`` (a GGUF file's own vocabulary).
+        Runs in a plain process on CPU, CUDA or MPS; ``device``/``dtype`` default to CUDA/bf16 where
+        available, else CPU/fp32.
         ``attention`` picks the kernels: ``"auto"`` (Triton on CUDA), ``"torch"`` or ``"triton"``.
         ``compile=True`` decodes with a ``torch.compile``d static-shape step (CUDA graphs on CUDA).
         ``speculate="prompt"`` (prompt lookup) or ``"draft"`` (``draft_ckpt_dir``: a small model with the same
@@ -131,13 +132,17 @@ class Llama:
         speculate = check_speculation(speculate, draft_ckpt_dir, speculate_tokens, world)
         bundled = ckpt_dir is None
         ckpt_dir = check_checkpoint_dir(os.fspath(DEFAULT_CKPT_DIR if bundled else ckpt_dir))
+        own_vocabulary = tokenizer_path is None and detect_layout(ckpt_dir) == "gguf"  # a GGUF file holds its tokenizer
         tokenizer_path = os.fspath(tokenizer_path) if tokenizer_path is not None else os.path.join(ckpt_dir, "tokenizer.model")
-        if not os.path.isfile(tokenizer_path):
+        if not own_vocabulary and not os.path.isfile(tokenizer_path):
             raise FileNotFoundError(f"tokenizer not found: {tokenizer_path} (pass tokenizer_path=…)")
         if bundled and rank == 0:
             print(BUNDLED_NOTICE, file=sys.stderr)
-        tokenizer = Tokenizer(tokenizer_path)
+        tokenizer = None if own_vocabulary else Tokenizer(tokenizer_path)
         source = open_checkpoint(ckpt_dir)
+        if own_vocabulary:
+            from .formats.gguf_tokenizer import gguf_tokenizer
+            tokenizer = gguf_tokenizer(source)
         check_parallel(source.args, world)  # every rank fails alike, before any collective could hang
         tp = init_tensor_parallel(world, rank, device)
         transforms = default_transforms(device, compiled_decode_rows=max_batch_size if compile else None)
