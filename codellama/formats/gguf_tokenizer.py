@@ -9,11 +9,13 @@ alternative, sentencepiece's generated ``sentencepiece_model_pb2``, would need t
 nothing else. What the file does not record is Llama's: BPE with byte fallback, identity normalization,
 SentencePiece's leading space (``tokenizer.ggml.add_space_prefix``, default on) and whitespace kept as is.
 
-Converters from Hugging Face's repositories may mark Code Llama's FIM pieces (``▁<PRE>``, ``▁<SUF>``,
-``▁<MID>``, ``▁<EOT>``) and ``<step>`` as control or user-defined tokens, with a placeholder score of -1000
-(and a user-defined piece's ``▁`` written as a space). ``tokenizer.model`` holds them as ordinary pieces,
-the last merges of the vocabulary: they are restored so (a placeholder score continues the descending
-scores of the piece before), so text, FIM prompts and decoding are those of ``tokenizer.model``.
+llama.cpp's converter marks the tokens a Hugging Face repository's ``tokenizer_config.json`` lists as
+special as control pieces, and the others as user-defined ones with SentencePiece's ``▁`` written as a
+space; both with a placeholder score of -1000. ``tokenizer.model`` holds Code Llama's FIM pieces (``▁<PRE>``,
+``▁<SUF>``, ``▁<MID>``, ``▁<EOT>``) and ``<step>`` as ordinary pieces, which text can merge into and which
+decode to their text: their type and spelling are restored. (Their scores need no repair: each is reached
+only by merging its prefix, ``▁<PRE``, ``▁<SU`` …, which scores below every ordinary merge the following
+character could take part in, so by then no merge is left that a placeholder score could reorder.)
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from .gguf import GGUFSource, Metadata
 # SentencePiece's piece types, which GGUF's token types number alike.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 BPE = 2  # TrainerSpec.model_type
-PLACEHOLDER_SCORE = -1000.0  # what llama.cpp's converter gives the tokens it marks control or user-defined
 # Pieces the library places itself (codellama.tokenizer): ordinary pieces in tokenizer.model.
 LIBRARY_PIECES = ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>", "<step>")
 # GGUF keys naming the FIM ids (current and older spellings), and the piece this library infills with.
@@ -62,7 +63,7 @@ def sentencepiece_model(meta: Metadata) -> bytes:
     for name, i in ids.items():
         if not 0 <= i < n:
             raise ValueError(f"{path}: the {name} token id is {i}, outside the vocabulary [0, {n})")
-    _restore_library_pieces(pieces, scores, types)
+    _restore_library_pieces(pieces, types)
     types[ids["unk"]] = UNKNOWN  # SentencePiece finds unk, bos and eos by their pieces' types
     types[ids["bos"]] = types[ids["eos"]] = CONTROL
     _check_pieces(pieces, path)
@@ -77,15 +78,13 @@ def sentencepiece_model(meta: Metadata) -> bytes:
             + _bytes(2, trainer) + _bytes(3, normalizer))
 
 
-def _restore_library_pieces(pieces: List[str], scores: List[float], types: List[int]) -> None:
+def _restore_library_pieces(pieces: List[str], types: List[int]) -> None:
     """Code Llama's FIM pieces and ``<step>`` as ``tokenizer.model`` holds them, whatever a converter made of them."""
     for i, piece in enumerate(pieces):
         if types[i] == USER_DEFINED and " " in piece:  # a converter wrote SentencePiece's "▁" as a space
             pieces[i] = piece = piece.replace(" ", "▁")
         if piece in LIBRARY_PIECES and types[i] in (CONTROL, USER_DEFINED):
             types[i] = NORMAL
-            if scores[i] == PLACEHOLDER_SCORE and i > 0:
-                scores[i] = scores[i - 1] - 1
 
 
 def _check_pieces(pieces: List[str], path: str) -> None:
