@@ -46,9 +46,8 @@ if TYPE_CHECKING:
 MAGIC = b"GGUF"
 INSTALL = "pip install -e '.[gguf]' (or pip install gguf)"
 
-# Tensor types this library reads, and what each becomes without ``quantize=`` (module docstring).
-TYPES = {"F32": "as it is", "F16": "as it is", "BF16": "as it is", "Q4_0": "int4 g32 (its own codes)",
-         **{t: "dequantized" for t in ("Q8_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}}
+# Tensor types this library reads (what each becomes: the module docstring).
+TYPES = ("F32", "F16", "BF16", "Q4_0", "Q8_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 Q4_0_BLOCK = 32  # weights a Q4_0 block holds: 2 bytes of fp16 scale, then 16 bytes of 4-bit codes
 
 # llama.cpp's names (``blk.N.<name>.weight`` and top-level ``<name>.weight``) → Meta's.
@@ -161,10 +160,9 @@ def model_args(meta: Metadata, vocab_size: int) -> Tuple[ModelArgs, int]:
 
 
 def _model_args(meta: Metadata, vocab_size: int) -> Tuple[ModelArgs, int]:
-    path = meta.path
     arch = meta.get("general.architecture", str, required=True)
     if arch != "llama":
-        raise ValueError(f"{path}: architecture {arch!r} is not supported; only 'llama' (Code Llama, Llama 2)")
+        raise ValueError(f"architecture {arch!r} is not supported; only 'llama' (Code Llama, Llama 2)")
     p = "llama."
     sizes = {k: meta.get(p + k, int, required=True) for k in
              ("embedding_length", "block_count", "feed_forward_length", "attention.head_count", "context_length")}
@@ -178,20 +176,20 @@ def _model_args(meta: Metadata, vocab_size: int) -> Tuple[ModelArgs, int]:
     rope_theta = meta.get(p + "rope.freq_base", float, 10000.0)
     check_number(p + "rope.freq_base", rope_theta, ROPE_THETA_RANGE)
     if meta.get(p + "expert_count", int, 0) > 0:
-        raise ValueError(f"{path}: {p}expert_count is {meta.get(p + 'expert_count', int)}: mixture-of-experts models "
+        raise ValueError(f"{p}expert_count is {meta.get(p + 'expert_count', int)}: mixture-of-experts models "
                          "are not supported, only dense Llama models")
     scaling = meta.get(p + "rope.scaling.type", str, "none")
     if scaling != "none":
-        raise ValueError(f"{path}: {p}rope.scaling.type is {scaling!r}; only plain RoPE ('none') is supported")
+        raise ValueError(f"{p}rope.scaling.type is {scaling!r}; only plain RoPE ('none') is supported")
     if n_heads > 0 and dim % n_heads == 0:
         for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
             value = meta.get(p + key, int, dim // n_heads)
             if value != dim // n_heads:
-                raise ValueError(f"{path}: {p}{key} is {value}, but embedding_length / head_count = {dim // n_heads}; "
+                raise ValueError(f"{p}{key} is {value}, but embedding_length / head_count = {dim // n_heads}; "
                                  "only full-width heads with RoPE on every channel are supported")
     given_vocab = meta.get(p + "vocab_size", int, vocab_size)
     if given_vocab != vocab_size:
-        raise ValueError(f"{path}: {p}vocab_size is {given_vocab}, but token_embd.weight has {vocab_size} rows")
+        raise ValueError(f"{p}vocab_size is {given_vocab}, but token_embd.weight has {vocab_size} rows")
     multiple_of, multiplier = _ffn_params_for(dim, sizes["feed_forward_length"])
     args = ModelArgs(dim=dim, n_layers=sizes["block_count"], n_heads=n_heads,
                      n_kv_heads=None if n_kv_heads == n_heads else n_kv_heads, vocab_size=vocab_size,
@@ -241,7 +239,8 @@ def open_gguf(path: str) -> GGUFSource:
     by_name = {t.name: t for t in reader.tensors}
     emb = by_name.get("token_embd.weight")
     if emb is None or len(emb.shape) != 2:
-        raise ValueError(f"{path}: no 2-D token_embd.weight tensor; a llama GGUF file holds its embedding under that name")
+        raise ValueError(f"{path}: no 2-D token_embd.weight tensor; a llama GGUF file holds its embedding under "
+                         "that name")
     args, context_length = model_args(meta, int(emb.shape[1]))  # GGUF lists dimensions innermost first
     expected = build_on_meta(args).state_dict()
     unexpected = sorted(name for name in by_name if meta_name(name) is None)

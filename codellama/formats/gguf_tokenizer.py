@@ -55,7 +55,8 @@ def sentencepiece_model(meta: Metadata) -> bytes:
     for key, values in (("scores", scores), ("token_type", types)):
         if len(values) != n:
             raise ValueError(f"{path}: {k}{key} has {len(values)} entries, {k}tokens {n}")
-    bad = next((i for i, t in enumerate(types) if t not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE)), None)
+    valid = (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE)
+    bad = next((i for i, t in enumerate(types) if t not in valid), None)
     if bad is not None:
         raise ValueError(f"{path}: {k}token_type[{bad}] is {types[bad]}; valid: 1 (normal) … 6 (byte)")
     ids = {name: meta.get(k + key, int, default) for name, key, default in
@@ -74,8 +75,8 @@ def sentencepiece_model(meta: Metadata) -> bytes:
     normalizer = (_bytes(1, b"identity") + _bytes(2, bytes(meta.get(k + "precompiled_charsmap", list, [])))
                   + _int(3, meta.get(k + "add_space_prefix", bool, True))
                   + _int(4, meta.get(k + "remove_extra_whitespaces", bool, False)) + _int(5, True))
-    return (b"".join(_bytes(1, _bytes(1, p.encode()) + _float(2, s) + _int(3, t)) for p, s, t in zip(pieces, scores, types))
-            + _bytes(2, trainer) + _bytes(3, normalizer))
+    entries = (_bytes(1, p.encode()) + _float(2, s) + _int(3, t) for p, s, t in zip(pieces, scores, types))
+    return b"".join(_bytes(1, entry) for entry in entries) + _bytes(2, trainer) + _bytes(3, normalizer)
 
 
 def _restore_library_pieces(pieces: List[str], types: List[int]) -> None:

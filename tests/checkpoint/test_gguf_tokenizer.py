@@ -19,9 +19,9 @@ from codellama.testing import random_state_dict, write_gguf  # noqa: E402
 
 from conftest import shared_path  # noqa: E402
 
-PIECES = ["<PRE>", "▁<PRE>", "<SUF>", "<MID>", "<EOT>", "<EOT><EOT>", "<step>", "<s>", "</s>", "<unk>", "▁", "[INST]",
-          "<<SYS>>", " ", "  ", "    ", "\t", "\n", "\r\n", "\n\n\n", "\u3000", "\xa0", "\x00", "\x7f", "é", "e\u0301",
-          "漢字", "\U0001F600", "\U0010FFFF", "☺", "def", " return", "0123456789"]
+PIECES = ["<PRE>", "▁<PRE>", "<SUF>", "<MID>", "<EOT>", "<EOT><EOT>", "<step>", "<s>", "</s>", "<unk>", "▁",
+          "[INST]", "<<SYS>>", " ", "  ", "    ", "\t", "\n", "\r\n", "\n\n\n", "\u3000", "\xa0", "\x00", "\x7f",
+          "é", "e\u0301", "漢字", "\U0001F600", "\U0010FFFF", "☺", "def", " return", "0123456789"]
 TEXT = st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=12)), max_size=12).map("".join)
 
 
@@ -85,7 +85,8 @@ def test_fim_pieces_a_converter_marked_special_are_restored(tmp_path, codellama_
     sp = original.sp_model
     pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
     scores = [sp.get_score(i) for i in range(sp.vocab_size())]
-    types = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1 for i in range(len(pieces))]
+    types = [3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1
+             for i in range(len(pieces))]
     for i in (32007, 32008):
         types[i], scores[i] = 3, -1000.0
     for i in (32009, 32010):
