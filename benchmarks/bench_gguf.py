@@ -3,6 +3,7 @@
     python benchmarks/bench_gguf.py                          # 7B shapes: Q4_0, Q8_0 (as int8), Q4_K (as int4)
     python benchmarks/bench_gguf.py --types Q4_0 --scale 8   # dims and layers / 8: a quick run
     python benchmarks/bench_gguf.py --accuracy               # logit error of every type, no large files
+    python benchmarks/bench_gguf.py --llama-cpp              # greedy tokens against llama.cpp on its own files
 
 **Loading.** A random model of Code Llama 7B's shapes (dim 4096, 32 layers, 32 heads, FFN 11008, vocab 32016)
 is written as GGUF tensor by tensor (one tensor in memory; llama.cpp's mixes: Q4_0 and Q4_K files keep the
@@ -17,6 +18,11 @@ parameters), fp32 greedily generates 256 tokens; each GGUF type is then run over
 error over the largest fp32 logit, and how often its argmax is fp32's. The files are quantized by
 llama.cpp itself when ``llama-cpp-python`` is installed (a peer, never a dependency), else by the ``gguf``
 package (and ``codellama.testing``'s plain K-quant rounding, a little less accurate than llama.cpp's).
+
+**Against llama.cpp.** The trained stories260K model (``../shared/data``) as an F32 file and quantized by
+llama.cpp: how many of 100 greedy tokens from BOS this library (each way of loading the file) and llama.cpp
+(llama-cpp-python) share before they first differ. Exact equality is the bar for F32 only: for its
+quantized types llama.cpp also rounds the activations to 8 bits (Q8_0/Q8_K) in its dot products.
 """
 
 from __future__ import annotations
@@ -157,6 +163,36 @@ def accuracy(a) -> None:
                 print(f"| {kind} | {loads} | {err:.4f} | {agree:.1%} |", flush=True)
 
 
+def against_llama_cpp(a) -> None:
+    import llama_cpp
+    from codellama import open_checkpoint
+    source = open_checkpoint(a.stories)
+    print(f"model: stories260K ({a.stories}); load average {os.getloadavg()[0]:.2f}")
+    print("| file (llama.cpp's quantizer) | this library loads it as | greedy tokens equal to llama.cpp's, of 100 |")
+    print("|---|---|---|")
+    with tempfile.TemporaryDirectory() as workdir:
+        f32 = write_gguf(os.path.join(workdir, "F32.gguf"), {k: t.load() for k, t in source.tensors.items()},
+                         source.args, tokenizer_path=os.path.join(a.stories, "tokenizer.model"), context=512)
+        llama_cpp.llama_log_set(_quiet_logs(), ctypes.c_void_p())
+        for kind in ("F32", "Q8_0", "Q6_K", "Q4_K_M", "Q4_0"):
+            path = f32
+            if kind != "F32":
+                path = os.path.join(workdir, f"{kind}.gguf")
+                params = llama_cpp.llama_model_quantize_default_params()
+                params.ftype = FTYPES[kind]
+                llama_cpp.llama_model_quantize(f32.encode(), path.encode(), ctypes.byref(params))
+            llm = llama_cpp.Llama(path, n_ctx=256, n_threads=2, verbose=False)
+            theirs = [t for _, t in zip(range(100), llm.generate([1], top_k=1, temp=0.0, repeat_penalty=1.0))]
+            for quantize in (None, "int8", "int4"):
+                llama = Llama.build(path, max_seq_len=256, max_batch_size=1, device="cpu", dtype="fp32",
+                                    quantize=quantize)
+                ours = llama.generate([[1]], max_gen_len=100, temperature=0)[0][0]
+                same = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), len(theirs))
+                loads = (f"quantize={quantize!r}" if quantize else "int4 g32" if kind == "Q4_0" else
+                         "as it is" if kind == "F32" else "dequantized (fp32)")
+                print(f"| {kind} | {loads} | {same} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--accuracy", action="store_true", help="each type's logit error instead of load time and memory")
@@ -164,8 +200,11 @@ def main() -> None:
     p.add_argument("--scale", type=int, default=1, choices=[1, 2, 4, 8, 16], help="divide dims and layers by this")
     p.add_argument("--dir", default=None, help="where to write the files (default: the temp dir); they are deleted")
     p.add_argument("--steps", type=int, default=256, help="--accuracy: greedy steps compared")
+    p.add_argument("--llama-cpp", action="store_true", help="greedy tokens against llama.cpp on the same files")
+    p.add_argument("--stories", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                     "stories260K", "meta"), help="--llama-cpp: stories260K's folder")
     a = p.parse_args()
-    accuracy(a) if a.accuracy else loading(a)
+    against_llama_cpp(a) if a.llama_cpp else accuracy(a) if a.accuracy else loading(a)
 
 
 if __name__ == "__main__":

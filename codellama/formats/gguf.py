@@ -290,7 +290,8 @@ def dequantize(t: Any) -> torch.Tensor:
         return torch.from_numpy(t.data)
     if kind == "BF16":  # stored as raw bytes: two per weight
         return torch.from_numpy(t.data).view(torch.bfloat16)
-    return torch.from_numpy(require_gguf().quants.dequantize(t.data, t.tensor_type))
+    # a plain array over the same bytes: numpy's memmap subclass costs a Python call per slice the package takes
+    return torch.from_numpy(require_gguf().quants.dequantize(np.asarray(t.data), t.tensor_type))
 
 
 # ----------------------------------------------------------------------------- quantized schemes
