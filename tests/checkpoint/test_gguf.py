@@ -35,7 +35,6 @@ SMALL = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=300)  # for the file
 MID = ModelArgs(dim=256, n_layers=1, n_heads=4, vocab_size=300)  # K-quant-sized, with a vocabulary quick to read
 PROMPT = torch.tensor([[1, 822, 18755, 29898, 29876, 1125, 13, 1678, 736, 302, 32007, 5, 31000, 2]])
 FLOAT_TYPES = ("F32", "F16", "BF16")
-NO_LLAMA_CPP = "llama-cpp-python is not installed (a peer, never a dependency)"
 # Each quantized type's logit error against the original fp32 weights on this random model (Gaussian weights:
 # the worst case for few bits), as max |error| / max |logit|; measured 0.025 (Q8_0), 0.12 (Q6_K), 0.34 (Q4_K),
 # 0.42 (Q4_0) with the same seed. The bounds leave room for other seeds, not for a misread block: that errs by
@@ -389,9 +388,18 @@ def test_llama_cpp_converter_output_loads(tmp_path):
     assert greedy(str(out), 200) == expected["greedy_ids"]
 
 
+def llama_cpp_python():
+    """llama-cpp-python (a peer, never a dependency; LLAMA_CPP_LIB_PATH may name its libllama), or skip."""
+    try:
+        import llama_cpp
+    except (ImportError, OSError, RuntimeError) as e:  # not installed, or installed without a loadable libllama
+        pytest.skip(f"llama-cpp-python is not usable (a peer, never a dependency): {e}")
+    return llama_cpp
+
+
 def test_llama_cpp_generates_our_greedy_tokens(stories):
     """llama.cpp (through llama-cpp-python) on the same F32 file: the same 64 greedy tokens."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason=NO_LLAMA_CPP)
+    llama_cpp = llama_cpp_python()
     path, _ = stories
     llm = llama_cpp.Llama(path, n_ctx=256, n_threads=2, verbose=False)
     theirs = [t for _, t in zip(range(64), llm.generate([1], top_k=1, temp=0.0, repeat_penalty=1.0))]
@@ -402,7 +410,7 @@ def test_llama_cpp_generates_our_greedy_tokens(stories):
 def test_llama_cpp_quantized_files_load(files, tmp_path, kind):
     """Files quantized by llama.cpp itself (its mixes: Q4_K_M keeps some layers in Q6_K, Q4_0 its output layer)
     load as the values the gguf package reads from them."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason=NO_LLAMA_CPP)
+    llama_cpp = llama_cpp_python()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
     path = str(tmp_path / f"{kind}.gguf")
