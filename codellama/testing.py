@@ -182,6 +182,8 @@ K_QUANTIZERS = {"Q4_K": _q4_k, "Q6_K": _q6_k}
 
 
 def _add_value(w, key: str, value: Any) -> None:
+    for kv in w.kv_data:  # replace a key already set (newer gguf versions refuse a second one)
+        kv.pop(key, None)
     if isinstance(value, bool):
         w.add_bool(key, value)
     elif isinstance(value, int):
