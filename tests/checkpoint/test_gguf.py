@@ -320,6 +320,13 @@ def test_unsupported_models_are_refused(tmp_path, metadata, match):
         load_model(small_file(tmp_path, metadata=metadata), device="cpu")
 
 
+def test_a_gguf_file_is_known_by_its_bytes_not_its_name(tmp_path):
+    """Ollama's blobs are GGUF files named by their hash."""
+    blob = tmp_path / "sha256-5a7c1d"
+    shutil.copyfile(small_file(tmp_path), blob)
+    assert open_checkpoint(blob).args == SMALL
+
+
 def test_missing_truncated_and_foreign_files(tmp_path):
     state = random_state_dict(SMALL, seed=2)
     del state["layers.1.feed_forward.w3.weight"]
