@@ -36,11 +36,23 @@ def sample():  # RssAnon has no kernel high-water mark: poll it
 from codellama import load_model
 base_rss, base_anon = status("VmRSS:"), status("RssAnon:")
 t = threading.Thread(target=sample); t.start()
-model = load_model(sys.argv[1], device="cpu", dtype=sys.argv[2])
+start = time.perf_counter()
+model = load_model(sys.argv[1], device="cpu", dtype=sys.argv[2], quantize=None if sys.argv[3] == "none" else sys.argv[3])
+seconds = time.perf_counter() - start
 done[0] = True; t.join()
 nbytes = sum(x.numel() * x.element_size() for x in [*model.parameters(), *model.buffers()])  # packed weights are buffers
-print(json.dumps({"rss": status("VmHWM:") - base_rss, "anon": peak_anon[0] - base_anon, "weights": nbytes}))
+print(json.dumps({"rss": status("VmHWM:") - base_rss, "anon": peak_anon[0] - base_anon, "weights": nbytes,
+                  "seconds": seconds}))
 """
+
+
+def measure(path: str, dtype: str, quantize: str = "none") -> dict:
+    """Load ``path`` in a fresh subprocess: peak anon and rss above the level after imports, the weights' bytes as
+    loaded, and the seconds ``load_model`` took."""
+    out = subprocess.run([sys.executable, "-c", CHILD, path, dtype, quantize], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"loading {path} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,8 +90,7 @@ def run_cases(args, root: str) -> None:
         if key not in written:
             written[key] = write_checkpoint(os.path.join(root, f"{layout}{shards}"), args, layout, shards=shards,
                                             dtype=torch.bfloat16)
-        out = subprocess.run([sys.executable, "-c", CHILD, written[key], dtype], capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = measure(written[key], dtype)
         w = r["weights"]
         print(f"{layout:<8}{shards:>7}{'bf16':>11}{dtype:>11}{w / 2**30:>13.2f}"
               f"{r['anon'] / 2**30:>10.2f}{r['anon'] / w:>7.2f}{r['rss'] / 2**30:>9.2f}{r['rss'] / w:>7.2f}")

@@ -25,7 +25,8 @@ from .distributed import check_parallel, env_world, init_tensor_parallel
 from .engine import Engine
 from .engine.speculative import DraftModel, PromptLookup, same_tokenizer
 from .model import Transformer
-from .formats import check_checkpoint_dir, open_checkpoint
+from .formats import CheckpointSource, check_checkpoint_dir, open_checkpoint
+from .formats.gguf_tokenizer import gguf_tokenizer
 from .kernels import select_ops
 from .options import EngineOptions, LoadOptions, OptionError, blame
 from .tokenizer import Tokenizer
@@ -75,7 +76,7 @@ def build(load: LoadOptions = LoadOptions(), options: EngineOptions = EngineOpti
     with blame("ckpt_dir"):
         ckpt_dir = check_checkpoint_dir(BUNDLED_CKPT_DIR if bundled else load.ckpt_dir)
         source = open_checkpoint(ckpt_dir)
-    tokenizer = load_tokenizer(load.tokenizer_path, ckpt_dir)
+    tokenizer = load_tokenizer(load.tokenizer_path, ckpt_dir, source)
     with blame("tokenizer_path"):
         check_tokenizer(source.args, tokenizer.n_words, tokenizer.model_path)
     if bundled and rank == 0:
@@ -92,8 +93,11 @@ def build(load: LoadOptions = LoadOptions(), options: EngineOptions = EngineOpti
     return Built(model, tokenizer, engine, load, options, bundled)
 
 
-def load_tokenizer(tokenizer_path: Optional[str], ckpt_dir: str) -> Tokenizer:
-    """The tokenizer at ``tokenizer_path``, else the checkpoint's own ``tokenizer.model``."""
+def load_tokenizer(tokenizer_path: Optional[str], ckpt_dir: str, source: CheckpointSource) -> Tokenizer:
+    """The tokenizer at ``tokenizer_path``, else the checkpoint's own: its ``tokenizer.model``, or a GGUF file's
+    vocabulary."""
+    if tokenizer_path is None and source.layout == "gguf":
+        return gguf_tokenizer(source)
     path = tokenizer_path if tokenizer_path is not None else os.path.join(ckpt_dir, "tokenizer.model")
     with blame("tokenizer_path"):
         if not os.path.isfile(path):

@@ -90,8 +90,9 @@ class Llama:
         """Load a checkpoint (Meta or Hugging Face layout) and its tokenizer.
 
         Positional arguments are the reference's. ``ckpt_dir=None`` uses the tiny model bundled with the
-        package; ``tokenizer_path`` defaults to ``ckpt_dir/tokenizer.model``. Runs in a plain process on
-        CPU, CUDA or MPS; ``device``/``dtype`` default to CUDA/bf16 where available, else CPU/fp32.
+        package; ``tokenizer_path`` defaults to ``ckpt_dir/tokenizer.model`` (a GGUF file's own vocabulary).
+        Runs in a plain process on CPU, CUDA or MPS; ``device``/``dtype`` default to CUDA/bf16 where
+        available, else CPU/fp32.
         ``attention`` picks the kernels: ``"auto"`` (Triton on CUDA), ``"torch"`` or ``"triton"``.
         ``compile=True`` decodes with a ``torch.compile``d static-shape step (CUDA graphs on CUDA).
         ``speculate="prompt"`` (prompt lookup) or ``"draft"`` (``draft_ckpt_dir``: a small model with the same

@@ -475,3 +475,9 @@ def _check_slots(slots: Optional[Sequence[int]], B: int, cache: Optional[KVCache
     if slots == list(range(slots[0], slots[0] + B)):
         return slots[0], None
     return 0, slots
+
+
+def build_on_meta(args: ModelArgs, tp: TensorParallel = SINGLE) -> Transformer:
+    """The model's modules with shapes but no memory: weights are assigned by ``load_weights``."""
+    with torch.device("meta"):
+        return Transformer(args, tp)

@@ -19,15 +19,19 @@ class Tokenizer:
     (Code Llama Python and 34B cannot infill; only 70B-Instruct has ``<step>``).
     """
 
-    def __init__(self, model_path: str | os.PathLike):
+    def __init__(self, model_path: str | os.PathLike, *, model_proto: Optional[bytes] = None):
+        """``model_path``: a SentencePiece ``tokenizer.model``; or, with ``model_proto`` (a serialized SentencePiece
+        model, e.g. the one ``codellama.formats.gguf_tokenizer`` builds from a GGUF file), where it came from."""
         model_path = os.fspath(model_path)
-        if not os.path.isfile(model_path):
+        if model_proto is None and not os.path.isfile(model_path):
             raise FileNotFoundError(f"tokenizer model not found: {model_path}")
         try:
-            self.sp_model = SentencePieceProcessor(model_file=model_path)
+            self.sp_model = (SentencePieceProcessor(model_file=model_path) if model_proto is None else
+                             SentencePieceProcessor(model_proto=model_proto))
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{model_path} is not a SentencePiece model: {e}") from None
         self.model_path = model_path
+        self.model_proto = model_proto  # None: the model is the file at model_path
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()

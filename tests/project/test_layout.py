@@ -28,7 +28,7 @@ ALLOWED = {
     "sampling": set(),
     "cpu": set(),
     "quantize": {"cpu", "kernels"},
-    "formats": {"config", "distributed", "quantize", "tokenizer"},  # one module per checkpoint format
+    "formats": {"config", "distributed", "model", "quantize", "tokenizer"},  # one module per checkpoint format
     "checkpoint": {"config", "cpu", "distributed", "formats", "model", "runtime", "quantize"},
     "save": {"checkpoint", "config", "formats", "runtime", "tokenizer", "quantize"},
     "testing": {"checkpoint", "config", "formats", "model"},
