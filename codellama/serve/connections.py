@@ -22,6 +22,7 @@ accepts (asyncio accepts up to ``backlog`` connections before any is seen here).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import resource
 import socket
@@ -45,8 +46,35 @@ def default_max_connections(backlog: int = BACKLOG) -> int:
         in_use = len(os.listdir("/proc/self/fd"))
     except OSError:
         in_use = 64
-    room = MAX_CONNECTIONS_CAP if soft == resource.RLIM_INFINITY else soft - in_use - backlog - 32
+    # A burst of accepts can come while as many connections closed to make room still hold their descriptors
+    # (a transport releases it on the loop's next turn): room for both, and a margin for the process itself.
+    room = MAX_CONNECTIONS_CAP if soft == resource.RLIM_INFINITY else soft - in_use - 2 * backlog - 64
     return max(8, min(MAX_CONNECTIONS_CAP, room))
+
+
+class _AcceptErrors(logging.Filter):
+    """asyncio logs each failed ``accept()`` (no descriptor left: EMFILE) with a traceback and tries again a
+    second later; the server says it once a second, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "socket.accept() out of system resource" not in record.getMessage():
+            return True
+        now = time.monotonic()
+        if now - getattr(self, "said", -1e9) < 1.0:
+            return False
+        self.said = now
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            "no file descriptor left to accept a connection: accepting again in a second (raise RLIMIT_NOFILE or "
+            "lower --max_connections)", None, None, None)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def quiet_accept_errors() -> None:
+    """Install :class:`_AcceptErrors` on asyncio's logger (once)."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AcceptErrors) for f in logger.filters):
+        logger.addFilter(_AcceptErrors())
 
 
 def guarded_protocol(read_timeout: float = READ_TIMEOUT_S, max_connections: Optional[int] = None) -> Type[H11Protocol]:
@@ -54,6 +82,7 @@ def guarded_protocol(read_timeout: float = READ_TIMEOUT_S, max_connections: Opti
     when None); pass it as ``uvicorn.Config(http=...)``."""
     if not read_timeout > 0:
         raise ValueError(f"read_timeout must be a positive number of seconds, got {read_timeout!r}")
+    quiet_accept_errors()
     if max_connections is None:
         max_connections = default_max_connections()
     if not isinstance(max_connections, int) or max_connections < 1:
