@@ -128,17 +128,17 @@ def test_canonical_solutions_pass_as_the_harness_decodes_them_not_as_text_comple
 
 
 # ------------------------------------------------------------------------------------- the oracle
-@pytest.mark.parametrize("benchmark", ["humaneval", "mbpp"])
+@pytest.mark.parametrize("suite", ["humaneval", "mbpp"])
 @pytest.mark.parametrize("chat", [False, True], ids=["base", "instruct"])
-def test_the_oracle_scores_100_percent_on_a_few_tasks(benchmark, chat, tmp_path):
-    bench = _benchmark(benchmark)
+def test_the_oracle_scores_100_percent_on_a_few_tasks(suite, chat, tmp_path):
+    bench = _benchmark(suite)
     bench = Benchmark(bench.name, bench.tasks[:6], bench.shots)
-    path = tmp_path / f"{benchmark}.jsonl"
+    path = tmp_path / f"{suite}.jsonl"
     _assert_all_pass(_score(bench, chat, path), bench, path)
     records = [json.loads(line) for line in open(path)]
     assert all(r["decoded"] == ("answer" if chat else "in context") for r in records)
     if not chat:  # the stop sequences cut the text after each answer, which the generation keeps
-        assert all(any(s in r["generation"] for s in STOP_SEQUENCES[benchmark]) for r in records)
+        assert all(any(s in r["generation"] for s in STOP_SEQUENCES[suite]) for r in records)
         assert all(r["generation"].startswith(r["completion"]) for r in records)
 
 
@@ -176,12 +176,12 @@ def test_a_resumed_run_writes_what_an_uninterrupted_one_does(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("benchmark", ["humaneval", "mbpp"])
+@pytest.mark.parametrize("suite", ["humaneval", "mbpp"])
 @pytest.mark.parametrize("chat", [False, True], ids=["base", "instruct"])
-def test_the_oracle_scores_100_percent_on_every_task(benchmark, chat, tmp_path):
+def test_the_oracle_scores_100_percent_on_every_task(suite, chat, tmp_path):
     # HumanEval's 164 tasks; MBPP's test split, tasks 11-510.
-    bench = _benchmark(benchmark)
-    path = tmp_path / f"{benchmark}.jsonl"
+    bench = _benchmark(suite)
+    path = tmp_path / f"{suite}.jsonl"
     report = _score(bench, chat, path)
     _assert_all_pass(report, bench, path)
-    assert report["tasks"] == {"humaneval": 164, "mbpp": 500}[benchmark]
+    assert report["tasks"] == {"humaneval": 164, "mbpp": 500}[suite]
