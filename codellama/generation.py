@@ -20,6 +20,7 @@ from .checkpoint import (BUNDLED_CKPT_DIR, check_checkpoint_dir, check_tokenizer
                          open_checkpoint)
 from .distributed import check_parallel, env_world, init_tensor_parallel
 from .engine import Engine, SamplingParams
+from .engine.prompt_cache import cache_budget
 from .engine.speculative import check_speculation, make_speculator
 from .model import Transformer
 from .ops import select_ops
@@ -73,7 +74,7 @@ class Llama:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int = 2048, max_batch_size: int = 4,
                  seed: int = 1, *, compile: bool = False, max_tokens_per_step: int = 512, speculator=None,
-                 max_waiting: Optional[int] = None):
+                 max_waiting: Optional[int] = None, cache_ram_mb: Optional[float] = None, cache_reuse: int = 0):
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -88,7 +89,7 @@ class Llama:
         self.default_max_gen_len: Optional[int] = None  # what max_gen_len=None means (None: max_seq_len - 1)
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed,
                              compile=compile, max_tokens_per_step=max_tokens_per_step, speculator=speculator,
-                             max_waiting=max_waiting)
+                             max_waiting=max_waiting, cache_ram_mb=cache_ram_mb, cache_reuse=cache_reuse)
 
     @staticmethod
     def build(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 2048,
@@ -96,7 +97,8 @@ class Llama:
               device: Union[None, str, torch.device] = None, dtype: Union[None, str, torch.dtype] = None,
               seed: int = 1, attention: str = "auto", compile: bool = False, speculate: Optional[str] = None,
               draft_ckpt_dir: Optional[str] = None, speculate_tokens: Optional[int] = None,
-              max_waiting: Optional[int] = None, quantize: "QuantizeArg" = None) -> "Llama":
+              max_waiting: Optional[int] = None, quantize: "QuantizeArg" = None,
+              cache_ram_mb: Optional[float] = None, cache_reuse: int = 0) -> "Llama":
         """Load a checkpoint (Meta or Hugging Face layout) and its tokenizer.
 
         Positional arguments are the reference's. ``ckpt_dir=None`` uses the tiny model bundled with the
@@ -107,6 +109,7 @@ class Llama:
         ``speculate="prompt"`` (prompt lookup) or ``"draft"`` (``draft_ckpt_dir``: a small model with the same
         tokenizer) turns on speculative decoding, which never changes what is generated;
         ``speculate_tokens`` is the longest proposal. ``max_waiting`` bounds the engine's queue (servers).
+        ``cache_ram_mb`` and ``cache_reuse`` set the engine's prompt cache and chunk reuse (``Engine``).
         ``quantize="int8"`` or ``"int4"`` (or a ``codellama.quantize.QuantConfig``) quantizes the weights as
         they load (weight-only; a checkpoint written by ``python -m codellama.quantize`` loads quantized
         without it).
@@ -126,6 +129,7 @@ class Llama:
             device = torch.device("cuda", local_rank)  # under torchrun: this rank's GPU
         dtype = parse_dtype(dtype)
         select_ops(attention, device)
+        cache_budget(cache_ram_mb, cache_reuse)
         from .quantize import parse_quantize
         quantize = parse_quantize(quantize)
         speculate = check_speculation(speculate, draft_ckpt_dir, speculate_tokens, world)
@@ -146,7 +150,8 @@ class Llama:
         speculator = make_speculator(speculate, draft_ckpt_dir, speculate_tokens, tokenizer, max_batch_size,
                                      max_seq_len, device, dtype)
         llama = Llama(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed,
-                      compile=compile, speculator=speculator, max_waiting=max_waiting)
+                      compile=compile, speculator=speculator, max_waiting=max_waiting, cache_ram_mb=cache_ram_mb,
+                      cache_reuse=cache_reuse)
         # As in Meta's reference, generator.model.forward(tokens, start_pos) reads and writes a KV cache of
         # max_batch_size × max_seq_len; it is allocated by the first such forward, not here. (Generation
         # uses the engine's own slot cache.)

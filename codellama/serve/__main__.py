@@ -23,6 +23,7 @@ from ..commands import add_quantize_flags, quantize_option, run
 from ..generation import Llama
 from ..ops import ATTENTION_CHOICES
 from ..runtime import DTYPES
+from ..engine.prompt_cache import DEFAULT_CACHE_RAM_MB
 from ..engine.speculative import SPECULATE_CHOICES
 from .app import MAX_BODY_BYTES, server
 from .service import CHAT_FORMATS, ModelService
@@ -60,7 +61,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--draft_ckpt_dir", "--draft-ckpt-dir", default=None,
                    help="the draft model for --speculate draft (same tokenizer)")
     add_quantize_flags(p)
+    add_cache_flags(p)
     return p
+
+
+def add_cache_flags(p: argparse.ArgumentParser) -> None:
+    """The prompt cache and chunk reuse (``codellama.engine.prompt_cache``), and the infilling order, for editors."""
+    p.add_argument("--cache_ram_mb", "--cache-ram-mb", "--cache-ram", type=float, default=DEFAULT_CACHE_RAM_MB,
+                   metavar="MIB", help="host memory for prompts kept beyond the slots, restored when a prompt starts "
+                   f"the same way (exact); 0: none (default {DEFAULT_CACHE_RAM_MB})")
+    p.add_argument("--cache_reuse", "--cache-reuse", type=int, default=0, metavar="N",
+                   help="move cached runs of at least N prompt tokens found at other positions instead of "
+                        "computing them, keys re-rotated (as llama-server's --cache-reuse; not exact); 0: off")
+    p.add_argument("--spm_infill", "--spm-infill", action="store_true",
+                   help="lay infilling prompts out suffix first (SPM), so a keystroke only appends to the cached "
+                        "prompt (exact for that layout; see docs/server.md for its quality cost)")
 
 
 def default_name(ckpt_dir: Optional[str]) -> str:
@@ -74,9 +89,9 @@ def build_service(args: argparse.Namespace) -> ModelService:
     llama = Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size,
                         device=args.device, dtype=args.dtype, attention=args.attention, compile=args.compile,
                         speculate=args.speculate, draft_ckpt_dir=args.draft_ckpt_dir, max_waiting=args.max_waiting,
-                        quantize=quantize_option(args))
+                        quantize=quantize_option(args), cache_ram_mb=args.cache_ram_mb, cache_reuse=args.cache_reuse)
     return ModelService(llama.engine, llama.tokenizer, args.model_name or default_name(args.ckpt_dir),
-                        chat_format=args.chat_format)
+                        chat_format=args.chat_format, spm_infill=args.spm_infill)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -10,7 +10,7 @@ input_suffix)``. ``/completion`` takes text or token ids; text spelling the FIM 
 
 from __future__ import annotations
 
-from typing import AsyncIterator, List, Union
+from typing import AsyncIterator, List, Optional, Union
 
 from fastapi import APIRouter, Request
 
@@ -40,6 +40,7 @@ class CompletionBody(Body):
     seed: int = -1  # negative: a fresh seed
     stream: bool = False
     return_tokens: bool = False
+    id_slot: int = -1  # a client's slot: its newer request supersedes the one in flight (see session_of)
 
 
 class ExtraChunk(Body):
@@ -78,8 +79,17 @@ async def infill(request: Request, body: InfillBody = json_body(InfillBody)):
 
 
 # ----------------------------------------------------------------------------- helpers
+def session_of(request: Request, body: CompletionBody) -> Optional[tuple]:
+    """The session a request belongs to: its client's address and the slot it names (``id_slot`` ≥ 0, what editors
+    send with every request of one document), or None. Its newer request stops it, unless that one computes no
+    answer (``n_predict`` 0: editors warm the cache with their extra context so)."""
+    if body.id_slot < 0:
+        return None
+    return ("llama.cpp", request.client.host if request.client else None, body.id_slot)
+
+
 async def _respond(request: Request, service: ModelService, prompt: Prompt, body: CompletionBody):
-    generation = start(request, [(prompt, _params(body))])
+    generation = start(request, [(prompt, _params(body))], session_of(request, body), supersede=body.n_predict != 0)
     if body.stream:
         return Stream(_stream(service, generation, body), SSE, generation)
     [r] = await results(request, generation)

@@ -14,7 +14,7 @@ import dataclasses
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import AsyncIterator, Callable, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 from ..engine import Engine, EngineFull, EngineStopped, Event, Request, SamplingParams, TopLogprobs
 from ..prompts import (UNSAFE_ERROR, Dialog, chat_prompt_tokens, has_special_tags, step_dialog_prompt_tokens,
@@ -102,12 +102,16 @@ def resolve_chat_format(tokenizer: Tokenizer, choice: str) -> Optional[str]:
 class ModelService:
     """The served model for the protocol adapters: its name and context, its prompt formats, and generation."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, name: str, *, chat_format: str = "auto"):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, name: str, *, chat_format: str = "auto",
+                 spm_infill: bool = False):
         """``engine`` runs the requests (started and stopped by the app); ``name`` is what clients put in
-        ``model``; ``chat_format`` is one of :data:`CHAT_FORMATS` (see :func:`resolve_chat_format`)."""
+        ``model``; ``chat_format`` is one of :data:`CHAT_FORMATS` (see :func:`resolve_chat_format`);
+        ``spm_infill`` lays infilling prompts out suffix first (SPM) where the client does not spell the order,
+        so that an editor's keystroke only appends to the cached prompt (as llama-server's ``--spm-infill``)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"the model name must be a non-empty string, got {name!r}")
         self.engine, self.tokenizer, self.name = engine, tokenizer, name
+        self.spm_infill = spm_infill
         self.chat_format = resolve_chat_format(tokenizer, chat_format)
 
     @property
@@ -140,9 +144,13 @@ class ModelService:
         prefix, suffix, suffix_first = parts
         return self.infill(prefix, suffix, suffix_first, text=text)
 
-    def infill(self, prefix: str, suffix: str, suffix_first: bool = False, *, text: Optional[str] = None) -> Prompt:
-        """The prompt ``text_infilling`` builds; generation stops at ``<EOT>`` or EOS (a 400 without FIM pieces)."""
+    def infill(self, prefix: str, suffix: str, suffix_first: Optional[bool] = None, *,
+               text: Optional[str] = None) -> Prompt:
+        """The prompt ``text_infilling`` builds (``suffix_first`` None: the server's order, ``spm_infill``);
+        generation stops at ``<EOT>`` or EOS (a 400 without FIM pieces)."""
         t = self.tokenizer
+        if suffix_first is None:
+            suffix_first = self.spm_infill
         with bad_request():
             ids = infilling_prompt_tokens(t, prefix, suffix, suffix_first)
         return Prompt(ids, prefix if text is None else text, t.decode_infilling, (t.eot_id, t.eos_id))
@@ -198,9 +206,12 @@ class ModelService:
         return [stream.push(i) for i in ids]
 
     # ------------------------------------------------------------------ generation
-    def generate(self, work: Sequence[Tuple[Prompt, SamplingParams]]) -> "Generation":
-        """Submit each ``(prompt, params)``; must run on the event loop that will await the results."""
-        return Generation(self.engine, work)
+    def generate(self, work: Sequence[Tuple[Prompt, SamplingParams]], session: Hashable = None,
+                 supersede: bool = True) -> "Generation":
+        """Submit each ``(prompt, params)``; must run on the event loop that will await the results. ``session``
+        (e.g. a client and the slot it names): a newer generation of the same session stops this one unless it
+        says ``supersede=False`` (see ``Engine.submit``)."""
+        return Generation(self.engine, work, session, supersede)
 
 
 class Generation:
@@ -210,7 +221,8 @@ class Generation:
     where :meth:`events` takes what the requests produced. :meth:`cancel` frees their slots at the next step.
     """
 
-    def __init__(self, engine: Engine, work: Sequence[Tuple[Prompt, SamplingParams]]):
+    def __init__(self, engine: Engine, work: Sequence[Tuple[Prompt, SamplingParams]], session: Hashable = None,
+                 supersede: bool = True):
         loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
 
@@ -223,9 +235,10 @@ class Generation:
         self.prompts = [prompt for prompt, _ in work]
         self.requests: List[Request] = []
         try:
-            for prompt, params in work:
+            for k, (prompt, params) in enumerate(work):
                 params = dataclasses.replace(params, stop_token_ids=prompt.stop_ids)
-                self.requests.append(engine.submit(prompt.ids, params, decode=prompt.decode, on_event=wake))
+                self.requests.append(engine.submit(prompt.ids, params, decode=prompt.decode, on_event=wake,
+                                                   session=session, supersede=supersede and k == 0))
         except (EngineFull, EngineStopped, ValueError) as e:
             self.cancel()
             raise _submit_error(e) from None
@@ -251,6 +264,9 @@ class Generation:
             self._ready.clear()
             batch = [(i, event) for i in sorted(running) for event in self._take(i)]
             for i, event in batch:
+                if event.finish_reason == "cancelled" and self.requests[i].superseded:
+                    raise ServiceError(409, "superseded: a newer request of the same session (a client and the "
+                                            "slot it names) arrived, so this one was stopped")
                 if event.finish_reason == "cancelled":
                     raise ServiceError(503, "the server is shutting down: generation was stopped")
                 if event.finish_reason is not None:
