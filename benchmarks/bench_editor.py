@@ -17,11 +17,12 @@ extra-context chunks: up to 16 chunks of 33 lines, gathered as llama.vim gathers
 buffer is entered, left or saved, beyond the window after a jump of more than 32 lines, queued and moved into
 the ring once a second while the user is in normal mode, each move sending a ``n_predict: 0`` request that
 warms the cache; chunks similar to the text around the cursor leave the ring), ``id_slot: 0``,
-``cache_prompt: true``, ``t_max_prompt_ms``, ``t_max_predict_ms``, ``samplers``, ``n_indent``,
-``response_fields``. One FIM request per keystroke and per cursor move in insert mode (llama.vim's
-``CursorMovedI``, skipped as llama.vim skips it when more than 8 characters follow the cursor). Two changes,
-both the same for every server: ``temperature: 0`` (so that outputs can be compared) and, when a prompt would
-not fit ``--ctx``, the oldest ring chunks are left out (llama.vim sends them and lets llama-server cut them).
+``cache_prompt: true``, ``t_max_prompt_ms``, ``t_max_predict_ms``, ``samplers``, ``n_indent``. One FIM request per keystroke and per cursor move in insert mode (llama.vim's
+``CursorMovedI``, skipped as llama.vim skips it when more than 8 characters follow the cursor). Changes, the
+same for every server: ``temperature: 0`` (so that outputs can be compared), ``stream: true`` (to time the
+first token), no ``response_fields`` (to read every count), and each request cut to ``--ctx`` as llama-server
+cuts it for ``-c --ctx -b --batch`` (:class:`Fitter`, at whole lines and chunks), so both servers get the
+same text (this server refuses a prompt longer than its context).
 
 **The client** sends each request at its time on the session's timer (``--key-ms`` between keystrokes,
 ``--move-ms`` before a move, ``--pause-ms`` after entering a file). ``--client wait`` (llama.vim: one request in
@@ -66,6 +67,7 @@ from bench_serve import SHARED_TOKENIZER, ServerProcess, percentile, write_check
 from codellama import ModelArgs, Tokenizer
 from codellama.prompts import infilling_prompt_tokens
 from codellama.runtime import parse_dtype
+from codellama.testing import random_state_dict
 
 STDLIB_FILES = ("argparse.py", "dataclasses.py", "subprocess.py", "tarfile.py")
 LLAMA_SERVER = "/work/peers/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server"
@@ -164,7 +166,7 @@ class Vim:
         self.ring.append(self.queued.pop(0))
         return {"id_slot": 0, "input_prefix": "", "input_suffix": "", "input_extra": self.extra(), "prompt": "",
                 "n_predict": 0, "temperature": 0.0, "samplers": [], "stream": False, "cache_prompt": True,
-                "t_max_prompt_ms": 1, "t_max_predict_ms": 1, "response_fields": [""]}
+                "t_max_prompt_ms": 1, "t_max_predict_ms": 1}
 
     def extra(self, keep: Optional[int] = None) -> List[dict]:
         ring = self.ring if keep is None else self.ring[len(self.ring) - keep:] if keep else []
@@ -192,9 +194,7 @@ class Vim:
                 "input_suffix": cur_suffix + "\n" + "\n".join(suffix_lines) + "\n", "input_extra": self.extra(),
                 "prompt": cur_prefix, "n_predict": self.n_predict, "stop": [], "n_indent": indent, "top_k": 40,
                 "top_p": 0.90, "samplers": ["top_k", "top_p", "infill"], "stream": False, "cache_prompt": True,
-                "t_max_prompt_ms": 500, "t_max_predict_ms": 250 if self.first else 1000, "temperature": 0.0,
-                "response_fields": ["content", "timings/prompt_n", "timings/prompt_ms", "timings/predicted_n",
-                                    "timings/predicted_ms", "truncated", "tokens_cached"]}
+                "t_max_prompt_ms": 500, "t_max_predict_ms": 250 if self.first else 1000, "temperature": 0.0}
         self.first = False
         if abs(self.y - self.pos_y_pick) > 32:  # gather chunks beyond the window after a jump
             self.pick_chunk(self.getline(max(1, self.y - self.RING_SCOPE), max(1, self.y - self.N_PREFIX)), False, False)
@@ -377,8 +377,7 @@ async def post(client: httpx.AsyncClient, url: str, result: Result, start: float
                 now = time.perf_counter() - start
                 if result.first is None:
                     result.first = now
-                if data.get("stop"):
-                    result.final, result.done = data, now
+                result.final, result.done = data, now  # the last event is the final object
     except asyncio.CancelledError:
         result.superseded = True
         raise
@@ -445,6 +444,14 @@ def row(name: str, s: dict) -> str:
 def run_server(name: str, command: List[str], ready: str, events: List[Event], client: str) -> List[Result]:
     server = ServerProcess(command, ready=ready, timeout=1800)
     try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:  # llama-server says it listens before its model is loaded
+            try:
+                if httpx.get(server.url + "/health", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
         warm = Event(0.0, "fim", {**events[0].body, "input_prefix": "x = 1\n", "input_suffix": "\n",
                                   "input_extra": [], "prompt": ""}, "warm-up")
         asyncio.run(replay(server.url, [warm], client))  # the first request pays for lazy set-up: not the session's
@@ -490,6 +497,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--llama-server", default=LLAMA_SERVER)
     p.add_argument("--skip-llama-cpp", action="store_true")
+    p.add_argument("--model-dir", default=None, help="keep the random checkpoint and its GGUF here between runs "
+                   "(default: a temporary directory)")
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="more flags for our server")
     a = p.parse_args()
 
@@ -515,8 +524,12 @@ def main() -> None:
              "| recomputed share | answered | superseded | same as exact |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     results: Dict[str, List[Result]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if a.model_dir:
+            tmp = os.path.join(a.model_dir, f"{a.size}-{a.dtype}")
         ckpt = os.path.join(tmp, "ckpt")
-        state = write_random_checkpoint(ckpt, args, parse_dtype(a.dtype), tokenizer_path)
+        state = None
+        if not os.path.isfile(os.path.join(ckpt, "params.json")):
+            state = write_random_checkpoint(ckpt, args, parse_dtype(a.dtype), tokenizer_path)
         for mode in a.modes:
             command = [sys.executable, "-m", "codellama.serve", "--ckpt_dir", ckpt, "--port", "0", "--dtype", a.dtype,
                        "--max_batch_size", str(a.slots), "--max_seq_len", str(a.ctx), *MODES[mode], *a.server_args]
@@ -534,7 +547,9 @@ def main() -> None:
         else:
             from gguf_export import write_gguf
             gguf_path = os.path.join(tmp, "model.gguf")
-            write_gguf(gguf_path, state, args, tokenizer_path, a.ctx)
+            if not os.path.isfile(gguf_path):
+                state = state or random_state_dict(args, seed=0, dtype=parse_dtype(a.dtype))
+                write_gguf(gguf_path, state, args, tokenizer_path, a.ctx)
             del state
             for name, flags in PEERS.items():
                 port = free_port()
