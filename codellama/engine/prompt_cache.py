@@ -27,7 +27,9 @@ restored in the same step are never dropped.
 
 **Chunk reuse** (:func:`match_runs`, opt-in): after the shared start, text of the new prompt that the slot
 holds at another position (a run of at least ``min_run`` tokens) is moved there, its keys re-rotated by the
-position difference, instead of being recomputed. Not exact: those keys and values were computed after
+position difference, instead of being recomputed. When a start is restored from host memory, the blocks that
+last followed it there are restored with it, for chunk reuse to take runs from (a file the editor comes back
+to, its window slid by a few lines). Not exact: those keys and values were computed after
 other text. llama.cpp's ``--cache-reuse`` takes only runs that keep their order with nothing inserted
 between them; this matcher takes every long run, in any order, with new text in between (an edit in the
 middle of a prompt, a window that slid by a line).
@@ -131,6 +133,17 @@ class PromptCache:
                 break
             path.append(node)
         return path
+
+    def continuation(self, blocks: Sequence[Block], limit: int) -> List[Block]:
+        """The blocks that last followed ``blocks`` (the most recently used child, block after block), within
+        ``limit`` positions: the rest of the prompt that was cached after that start, which chunk reuse can take
+        runs from when it is restored with it."""
+        out: List[Block] = []
+        node = blocks[-1] if blocks else None
+        while node is not None and node.children and (node.depth + 2) * self.block_size <= limit:
+            node = max(node.children.values(), key=lambda b: b.last_used)
+            out.append(node)
+        return out
 
     def touch(self, blocks: Sequence[Block]) -> None:
         now = next(self._clock)

@@ -213,12 +213,15 @@ class Scheduler:
         slot, limit = self.slots[slot_index], self.reusable_limit(request)
         if self.prompt_cache is not None:
             blocks = self.prompt_cache.match(request.prompt, limit)
-            if len(slot.cached) > reused:  # positions past the shared prefix will be overwritten
-                ops += self.prompt_cache.save(slot_index, slot.cached, protect=blocks)
             restored = len(blocks) * self.prompt_cache.block_size
+            after = (self.prompt_cache.continuation(blocks, self.max_seq_len)
+                     if self.cache_reuse and restored > reused else [])  # sources for chunk reuse
+            if len(slot.cached) > reused:  # positions past the shared prefix will be overwritten
+                ops += self.prompt_cache.save(slot_index, slot.cached, protect=blocks + after)
             if restored > reused:
                 start = reused - reused % self.prompt_cache.block_size
-                ops.append(self.prompt_cache.restore(slot_index, blocks, start))
+                ops.append(self.prompt_cache.restore(slot_index, blocks + after, start))
+                slot.cached = request.prompt[:restored] + [t for b in after for t in b.tokens]
                 request.restored_tokens, reused = restored - reused, restored
         runs: List[Tuple[int, int, int]] = []
         if self.cache_reuse and limit > reused:  # sources past the prefix: a restore has not touched them

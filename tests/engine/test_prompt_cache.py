@@ -255,6 +255,19 @@ def test_chunk_reuse_counts_moved_tokens_and_computes_the_rest_in_order(tiny, te
     assert e.scheduler.slots[0].cached[:len(edited)] == edited  # the slot holds the edited prompt, in order
 
 
+def test_chunk_reuse_takes_runs_from_what_followed_a_restored_start(tiny, texts):
+    """A file the editor comes back to, its window slid: the start is restored from host memory with what
+    followed it there, and the rest is moved into place from that."""
+    e = engine(tiny, cache_reuse=32)
+    a = texts[3]
+    e.submit(a, GREEDY).result()
+    e.submit(texts[0], GREEDY).result()  # a leaves the only slot for host memory
+    slid = a[:70] + a[80:]  # ten tokens gone after the first 70
+    r = e.submit(slid, GREEDY).result()
+    assert r.restored_tokens == 64 - 1 and r.shifted_tokens == len(slid) - 1 - 70
+    assert r.cached_tokens == 70 + r.shifted_tokens - (70 - 64)  # tokens 64 … 69 of the partial block computed
+
+
 def test_a_follower_mirrors_the_moved_runs():
     """Under tensor parallelism rank 0 plans; the others replay its plan and must skip the same runs."""
     def sched():
