@@ -47,27 +47,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import re
+import shutil
 import socket
 import statistics
 import sys
 import sysconfig
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import httpx
 import torch
 
 from bench_generate import SIZES
-from bench_serve import SHARED_TOKENIZER, ServerProcess, percentile, write_checkpoint
+from bench_serve import SHARED_TOKENIZER, ServerProcess, percentile
 from codellama import ModelArgs, Tokenizer
 from codellama.prompts import infilling_prompt_tokens
+from codellama.checkpoint import build_on_meta, open_checkpoint
 from codellama.runtime import parse_dtype
-from codellama.testing import random_state_dict
+from codellama.distributed import split_dim
+from codellama.save import check_num_shards, write_json
 
 STDLIB_FILES = ("argparse.py", "dataclasses.py", "subprocess.py", "tarfile.py")
 LLAMA_SERVER = "/work/peers/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server"
@@ -388,7 +393,8 @@ async def replay(url: str, events: List[Event], client_mode: str) -> List[Result
     whichever is later; ``supersede``, each at its time, giving up on the FIM request still in flight."""
     results = [Result(e) for e in events]
     start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600) as client:
+    # A connection per request, as llama.vim's curl makes: no race with a server closing an idle keep-alive one.
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         if client_mode == "wait":
             for result in results:
                 await asyncio.sleep(max(0.0, result.event.at - (time.perf_counter() - start)))
@@ -426,19 +432,27 @@ def summarize(results: List[Result], reference: Optional[List[Result]]) -> dict:
                  if a in answered and b.done is not None]
         same = (sum(a.final.get("content") == b.final.get("content") for a, b in pairs), len(pairs))
     errors = [r.error for r in results if r.error]
+    by_kind = {k: statistics.median(r.latency * 1000 for r in answered if r.event.what == k)
+               for k in ("enter", "key", "newline", "move") if any(r.event.what == k for r in answered)}
     return {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
             "late": statistics.mean(r.late for r in fims) * 1000 if fims else float("nan"),
             "mean": statistics.mean(latencies) if latencies else float("nan"),
             "wall": max((r.done or r.sent) for r in results), "answered": len(answered), "fims": len(fims),
             "superseded": sum(r.superseded for r in fims), "recomputed": statistics.mean(recomputed) if recomputed else 0,
             "share": sum(recomputed) / max(sum(prompt), 1), "prompt": (min(prompt, default=0), max(prompt, default=0)),
-            "same": same, "errors": errors}
+            "same": same, "errors": errors, "by_kind": by_kind}
 
 
 def row(name: str, s: dict) -> str:
     same = f"{s['same'][0]}/{s['same'][1]}" if s["same"] else "—"
     return (f"| {name} | {s['p50']:.0f} | {s['p95']:.0f} | {s['mean']:.0f} | {s['late']:.0f} | {s['wall']:.1f} | "
             f"{s['recomputed']:.0f} | {100 * s['share']:.0f}% | {s['answered']}/{s['fims']} | {s['superseded']} | {same} |")
+
+
+def report(line: str, s: dict) -> None:
+    kinds = ", ".join(f"{k} {v:.0f}" for k, v in s["by_kind"].items())
+    print(line, f"prompts {s['prompt'][0]}–{s['prompt'][1]} tokens; median ms by request: {kinds}",
+          f"errors: {s['errors'][:2]}" if s["errors"] else "", flush=True)
 
 
 def run_server(name: str, command: List[str], ready: str, events: List[Event], client: str) -> List[Result]:
@@ -472,17 +486,56 @@ def llama_server_missing(path: str) -> Optional[str]:
     return None
 
 
-def write_random_checkpoint(out: str, args: ModelArgs, dtype: torch.dtype, tokenizer_path: str) -> Dict[str, torch.Tensor]:
-    return write_checkpoint(out, args, dtype, tokenizer_path)
+class RandomModel:
+    """The random model of ``args`` as a Meta checkpoint in shards of at most ~2 GB (a 7B model fits a machine
+    that cannot hold it twice): each shard's piece of each weight is made from its name and shard alone, scaled
+    as ``codellama.testing.random_state_dict`` scales weights, so any weight can be made again, in any order,
+    for the GGUF."""
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype):
+        self.args, self.dtype = args, dtype
+        self.shapes = {k: tuple(v.shape) for k, v in build_on_meta(args).state_dict().items()}
+        size = sum(math.prod(v) for v in self.shapes.values()) * torch.empty((), dtype=dtype).element_size()
+        self.shards = next(n for n in (1, 2, 4, 8, 16, 32) if size / n <= 2**31 or n == args.kv_heads)
+        check_num_shards(args, self.shards)
+
+    def piece(self, key: str, shard: int) -> torch.Tensor:
+        shape, dim = list(self.shapes[key]), split_dim(key, len(self.shapes[key]))
+        if dim is not None:
+            shape[dim] //= self.shards
+        g = torch.Generator().manual_seed(zlib.crc32(f"{key}#{shard if dim is not None else 0}".encode()))
+        if key.endswith("norm.weight"):
+            return (1.0 + 0.1 * torch.randn(shape, generator=g)).to(self.dtype)
+        return (torch.randn(shape, generator=g) * self.shapes[key][-1] ** -0.5).to(self.dtype)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        dim = split_dim(key, len(self.shapes[key]))
+        if dim is None:
+            return self.piece(key, 0)
+        return torch.cat([self.piece(key, i) for i in range(self.shards)], dim)
+
+    def makers(self) -> Dict[str, Callable[[], torch.Tensor]]:
+        return {k: (lambda k=k: self.tensor(k)) for k in self.shapes}
+
+    def write(self, out: str, tokenizer_path: str) -> None:
+        os.makedirs(out, exist_ok=True)
+        for i in range(self.shards):
+            torch.save({k: self.piece(k, i) for k in self.shapes}, os.path.join(out, f"consolidated.{i:02d}.pth"))
+        write_json(os.path.join(out, "params.json"), self.args.to_params())
+        shutil.copyfile(tokenizer_path, os.path.join(out, "tokenizer.model"))
 
 
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="base", choices=sorted({**SIZES, **EXTRA_SIZES}))
+    p.add_argument("--ckpt_dir", default=None, help="a real checkpoint (Meta or HF layout, with its tokenizer) "
+                   "instead of a random model, e.g. codellama/assets/tiny with --ctx 512 --batch 256 to measure "
+                   "chunk reuse's agreement on a trained model")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="our server's --quantize")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES), help="our server's modes (none: "
+                   "only llama-server)")
     p.add_argument("--files", nargs="+", default=None, help="source files (default: four of the standard library's)")
     p.add_argument("--requests", type=int, default=60, help="FIM requests in the session")
     p.add_argument("--n-predict", type=int, default=1)
@@ -502,7 +555,7 @@ def main() -> None:
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="more flags for our server")
     a = p.parse_args()
 
-    tokenizer_path = SHARED_TOKENIZER
+    tokenizer_path = os.path.join(a.ckpt_dir, "tokenizer.model") if a.ckpt_dir else SHARED_TOKENIZER
     if not os.path.isfile(tokenizer_path):
         sys.exit(f"needs a Code Llama tokenizer with the FIM pieces: {tokenizer_path}")
     tokenizer = Tokenizer(tokenizer_path)
@@ -513,7 +566,10 @@ def main() -> None:
                           a.pause_ms / 1000, Fitter(tokenizer, a.ctx, a.batch))
     fims = [e for e in events if e.kind == "fim"]
     kinds = {k: sum(e.what == k for e in fims) for k in ("enter", "key", "newline", "move")}
-    args = ModelArgs(**{**{**SIZES, **EXTRA_SIZES}[a.size], "vocab_size": tokenizer.n_words})
+    if a.ckpt_dir:
+        args = open_checkpoint(a.ckpt_dir).args
+    else:
+        args = ModelArgs(**{**{**SIZES, **EXTRA_SIZES}[a.size], "vocab_size": tokenizer.n_words})
     print(f"torch {torch.__version__}, {a.threads} threads, load average {os.getloadavg()[0]:.2f}; model "
           f"{args.num_params() / 1e6:.0f}M parameters ({a.size}), {a.dtype}{' ' + a.quantize if a.quantize else ''}; "
           f"{len(fims)} FIM requests ({', '.join(f'{v} {k}' for k, v in kinds.items())}) and "
@@ -526,10 +582,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if a.model_dir:
             tmp = os.path.join(a.model_dir, f"{a.size}-{a.dtype}")
-        ckpt = os.path.join(tmp, "ckpt")
-        state = None
-        if not os.path.isfile(os.path.join(ckpt, "params.json")):
-            state = write_random_checkpoint(ckpt, args, parse_dtype(a.dtype), tokenizer_path)
+        ckpt = a.ckpt_dir or os.path.join(tmp, "ckpt")
+        if a.ckpt_dir:
+            makers = {k: v.load for k, v in open_checkpoint(a.ckpt_dir).tensors.items()}
+        else:
+            model = RandomModel(args, parse_dtype(a.dtype))
+            if not os.path.isfile(os.path.join(ckpt, "params.json")):
+                model.write(ckpt, tokenizer_path)
+            makers = model.makers()
         for mode in a.modes:
             command = [sys.executable, "-m", "codellama.serve", "--ckpt_dir", ckpt, "--port", "0", "--dtype", a.dtype,
                        "--max_batch_size", str(a.slots), "--max_seq_len", str(a.ctx), *MODES[mode], *a.server_args]
@@ -539,8 +599,7 @@ def main() -> None:
             reference = results.get("spm" if mode.startswith("spm") else "base")
             s = summarize(results[mode], reference if reference is not results[mode] else None)
             table.append(row(mode, s))
-            print(table[-1], f"prompts {s['prompt'][0]}–{s['prompt'][1]} tokens",
-                  f"errors: {s['errors'][:2]}" if s["errors"] else "", flush=True)
+            report(table[-1], s)
         why_not = "--skip-llama-cpp" if a.skip_llama_cpp else llama_server_missing(a.llama_server)
         if why_not:
             print(f"llama-server skipped: {why_not}")
@@ -548,9 +607,8 @@ def main() -> None:
             from gguf_export import write_gguf
             gguf_path = os.path.join(tmp, "model.gguf")
             if not os.path.isfile(gguf_path):
-                state = state or random_state_dict(args, seed=0, dtype=parse_dtype(a.dtype))
-                write_gguf(gguf_path, state, args, tokenizer_path, a.ctx)
-            del state
+                bf16 = a.dtype == "bf16" and not a.ckpt_dir
+                write_gguf(gguf_path, makers, args, tokenizer_path, a.ctx, bf16=bf16)
             for name, flags in PEERS.items():
                 port = free_port()
                 command = [a.llama_server, "-m", gguf_path, "--host", "127.0.0.1", "--port", str(port),
@@ -559,8 +617,7 @@ def main() -> None:
                 results[name] = run_server(name, command, r"listening on (http://[0-9.:]+)", events, a.client)
                 s = summarize(results[name], None)
                 table.append(row(name, s))
-                print(table[-1], f"prompts {s['prompt'][0]}–{s['prompt'][1]} tokens",
-                      f"errors: {s['errors'][:2]}" if s["errors"] else "", flush=True)
+                report(table[-1], s)
     print("\n" + "\n".join(table))
     if "base" in results:
         base = summarize(results["base"], None)

@@ -9,11 +9,13 @@ trip). Matrices are F32, or BF16 when the state is bf16; norms are always F32, a
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import math
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
 from codellama import ModelArgs
+from codellama.checkpoint import build_on_meta
 
 NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output", "attention.wq": "attn_q",
          "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
@@ -29,10 +31,13 @@ def gguf_name(key: str) -> str:
     return f"{NAMES['.'.join(parts)]}.weight"
 
 
-def write_gguf(path: str, state: Dict[str, torch.Tensor], args: ModelArgs, tokenizer_path: Optional[str] = None,
-               context: int = 4096) -> None:
+def write_gguf(path: str, state: Mapping[str, Union[torch.Tensor, Callable[[], torch.Tensor]]], args: ModelArgs,
+               tokenizer_path: Optional[str] = None, context: int = 4096, bf16: Optional[bool] = None) -> None:
     """Write ``state`` (Meta names) to ``path``. The vocabulary is ``tokenizer_path``'s SentencePiece pieces, or
-    without one unk/bos/eos, the 256 byte pieces and fillers (enough when token ids are what is fed)."""
+    without one unk/bos/eos, the 256 byte pieces and fillers (enough when token ids are what is fed).
+
+    A value of ``state`` may be a function that makes its tensor: it is called once, when that tensor is
+    written, so a model larger than memory streams through (``bf16`` then says the matrices' dtype)."""
     import gguf
     import numpy as np
 
@@ -46,18 +51,29 @@ def write_gguf(path: str, state: Dict[str, torch.Tensor], args: ModelArgs, token
     w.add_head_count_kv(args.kv_heads)
     w.add_layer_norm_rms_eps(args.norm_eps)
     w.add_rope_freq_base(args.rope_theta)
-    bf16 = next(iter(state.values())).dtype == torch.bfloat16
+    if bf16 is None:
+        bf16 = next(iter(state.values())).dtype == torch.bfloat16
     w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.ALL_F32)
     _add_vocab(w, tokenizer_path, args.vocab_size)
-    for key, tensor in state.items():
-        if tensor.dim() == 1 or not bf16:
-            w.add_tensor(gguf_name(key), np.ascontiguousarray(tensor.float().numpy()))
-        else:  # bf16 bits as uint16, which is how gguf stores BF16
-            w.add_tensor(gguf_name(key), tensor.contiguous().view(torch.int16).numpy().view(np.uint16),
-                         raw_dtype=gguf.GGMLQuantizationType.BF16)
+    shapes = {k: tuple(v.shape) for k, v in build_on_meta(args).state_dict().items()}
+
+    def as_bf16(key: str) -> bool:
+        return bf16 and len(shapes[key]) > 1
+
+    for key in state:  # first every tensor's name, shape and type; the data follows in the same order
+        shape, half = shapes[key], as_bf16(key)
+        w.add_tensor_info(gguf_name(key), shape, np.dtype(np.uint16 if half else np.float32),
+                          math.prod(shape) * (2 if half else 4),
+                          raw_dtype=gguf.GGMLQuantizationType.BF16 if half else None)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    for key, value in state.items():
+        tensor = value() if callable(value) else value
+        if as_bf16(key):  # bf16 bits as uint16, which is how gguf stores BF16
+            w.write_tensor_data(tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16))
+        else:
+            w.write_tensor_data(np.ascontiguousarray(tensor.float().numpy()))
     w.close()
 
 
