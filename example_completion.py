@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 1 example_completion.py --ckpt_dir CodeLlama-7b/ --stream
 """
 
-from codellama.commands import complete, run
+from codellama.cli.generate import complete, run
 
 if __name__ == "__main__":
     run(complete)

@@ -4,7 +4,7 @@
     python example_infill.py --prompt $'def area(r):\n    <FILL>\n'
 """
 
-from codellama.commands import infill, run
+from codellama.cli.generate import infill, run
 
 if __name__ == "__main__":
     run(infill)

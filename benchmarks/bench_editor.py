@@ -69,10 +69,12 @@ from bench_generate import SIZES
 from bench_serve import SHARED_TOKENIZER, ServerProcess, percentile
 from codellama import ModelArgs, Tokenizer
 from codellama.prompts import infilling_prompt_tokens
-from codellama.checkpoint import build_on_meta, open_checkpoint
+from codellama.checkpoint import build_on_meta
+from codellama.config import write_json
 from codellama.runtime import parse_dtype
 from codellama.distributed import split_dim
-from codellama.save import check_num_shards, write_json
+from codellama.formats import open_checkpoint
+from codellama.formats.meta import check_num_shards
 
 STDLIB_FILES = ("argparse.py", "dataclasses.py", "subprocess.py", "tarfile.py")
 LLAMA_SERVER = "/work/peers/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server"

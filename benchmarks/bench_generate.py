@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from codellama import Llama, ModelArgs, Transformer, load_model
-from codellama.save import to_hf_state_dict
+from codellama.formats.hf import to_hf_state_dict, write_config
 from codellama.cpu import bf16_packing_supported, bf16_path, optimize_for_cpu
 from codellama.runtime import parse_dtype
 
@@ -67,7 +67,7 @@ def hf_model(model, dtype):
     """Hugging Face's LlamaForCausalLM holding the same weights (q/k permuted as HF's converter does)."""
     import transformers
 
-    config = transformers.LlamaConfig(**{k: v for k, v in model.args.to_hf_config().items() if k != "architectures"})
+    config = transformers.LlamaConfig(**{k: v for k, v in write_config(model.args).items() if k != "architectures"})
     hf = transformers.LlamaForCausalLM(config).to(dtype).eval()
     hf.load_state_dict(to_hf_state_dict({k: v.detach() for k, v in model.state_dict().items()}, model.args), strict=True)
     return hf

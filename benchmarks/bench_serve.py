@@ -40,7 +40,7 @@ from gguf_export import write_gguf
 from codellama import ModelArgs, Tokenizer
 from codellama.checkpoint import BUNDLED_CKPT_DIR
 from codellama.runtime import parse_dtype
-from codellama.save import save_meta
+from codellama.formats.meta import save_meta
 from codellama.testing import random_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,6 +1,7 @@
 """codellama: a minimal, readable, fast PyTorch implementation of Meta's Code Llama models."""
 
-from .checkpoint import load_model, open_checkpoint
+from .checkpoint import load_model
+from .formats import open_checkpoint
 from .config import PRESETS, ModelArgs
 from .engine import Engine, EngineFull, Event, Request, SamplingParams
 from .generation import ChatPrediction, CompletionPrediction, InfillingPrediction, Llama

@@ -109,111 +109,11 @@ class ModelArgs:
         except ValueError as e:
             raise ValueError(f"{os.fspath(path)}: {e}") from None
 
-    @classmethod
-    def from_hf_config(cls, config: str | os.PathLike | Dict[str, Any]) -> "ModelArgs":
-        """From a Hugging Face ``config.json`` (a path or the loaded dict) of a ``LlamaForCausalLM``.
-
-        Every value is checked under HF's own key name; an error names the file, the key and what is valid.
-        """
-        cfg = config if isinstance(config, dict) else read_json(config)
-        where = "config.json" if isinstance(config, dict) else str(config)
-        try:
-            return cls._from_hf_dict(cfg)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-
-    @classmethod
-    def _from_hf_dict(cls, cfg: Dict[str, Any]) -> "ModelArgs":
-        required = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
-        missing = [k for k in required if k not in cfg]
-        if missing:
-            raise ValueError(f"missing key(s) {missing}; a Llama config needs {required}")
-        model_type = cfg.get("model_type", "llama")
-        if model_type != "llama":
-            raise ValueError(f"model_type {model_type!r} is not supported; only 'llama'")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported; only 'silu'")
-        for flag in ("attention_bias", "mlp_bias"):
-            if cfg.get(flag):
-                raise ValueError(f"{flag}=true is not supported; Llama layers have no biases")
-        for key in required:
-            check_size(key, cfg[key])
-        n_heads, n_kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads")
-        if n_kv_heads is not None:
-            check_size("num_key_value_heads", n_kv_heads, also="or null (= num_attention_heads)")
-        norm_eps = cfg.get("rms_norm_eps", 1e-6)
-        check_number("rms_norm_eps", norm_eps, NORM_EPS_RANGE)
-        dim = cfg["hidden_size"]
-        if cfg.get("head_dim") not in (None, dim // n_heads):
-            raise ValueError(f"head_dim={cfg['head_dim']!r} differs from hidden_size / num_attention_heads = {dim // n_heads}")
-        multiple_of, multiplier = _ffn_params_for(dim, cfg["intermediate_size"])
-        return cls(
-            dim=dim,
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=None if n_kv_heads in (None, n_heads) else n_kv_heads,  # as Meta writes params.json without GQA
-            vocab_size=cfg["vocab_size"],
-            multiple_of=multiple_of,
-            ffn_dim_multiplier=multiplier,
-            norm_eps=norm_eps,
-            rope_theta=_hf_rope_theta(cfg),
-        )
-
     # ----------------------------------------------------------------- serialisation
     def to_params(self) -> Dict[str, Any]:
         """The ``params.json`` dict (``n_kv_heads`` and ``ffn_dim_multiplier`` only when set)."""
         params = dataclasses.asdict(self)
         return {k: v for k, v in params.items() if not (k in ("n_kv_heads", "ffn_dim_multiplier") and v is None)}
-
-    def to_hf_config(self, max_position_embeddings: int = 16384, torch_dtype: str = "bfloat16") -> Dict[str, Any]:
-        """A Hugging Face ``LlamaForCausalLM`` ``config.json`` dict for this architecture."""
-        if self.vocab_size <= 0:
-            raise ValueError("vocab_size must be resolved (not -1) to write a Hugging Face config")
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": self.dim,
-            "intermediate_size": self.hidden_dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.kv_heads,
-            "vocab_size": self.vocab_size,
-            "rms_norm_eps": self.norm_eps,
-            "rope_theta": float(self.rope_theta),
-            "max_position_embeddings": max_position_embeddings,
-            "hidden_act": "silu",
-            "tie_word_embeddings": False,
-            "attention_bias": False,
-            "mlp_bias": False,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "torch_dtype": torch_dtype,
-        }
-
-
-def _hf_rope_theta(cfg: Dict[str, Any]) -> float:
-    """RoPE base from a HF config: top-level ``rope_theta`` (transformers 4) or ``rope_parameters`` (5).
-
-    Only plain RoPE is accepted: a scaled variant silently read as plain would give garbage.
-    """
-    theta = cfg.get("rope_theta")
-    if theta is not None:
-        check_number("rope_theta", theta, ROPE_THETA_RANGE)
-    for key in ("rope_parameters", "rope_scaling"):
-        params = cfg.get(key)
-        if not params:
-            continue
-        if not isinstance(params, dict):
-            raise ValueError(f"{key} must be an object, got {params!r}")
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise ValueError(f"{key} has rope_type {kind!r}; only plain RoPE ('default') is supported")
-        if "rope_theta" in params:
-            check_number(f"{key}.rope_theta", params["rope_theta"], ROPE_THETA_RANGE)
-            if theta is not None and theta != params["rope_theta"]:
-                raise ValueError(f"rope_theta {theta} disagrees with {key}.rope_theta {params['rope_theta']}")
-            theta = params["rope_theta"]
-    return float(theta) if theta is not None else 10000.0
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
@@ -221,25 +121,6 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
-def _ffn_params_for(dim: int, hidden_dim: int) -> tuple[int, Optional[float]]:
-    """``(multiple_of, ffn_dim_multiplier)`` that reproduce ``hidden_dim`` for ``dim``.
-
-    Hugging Face stores only the result; prefer a released preset's values, then the largest power of
-    two without a multiplier, then an exact fallback, so ``params.json`` round-trips for real models.
-    """
-    candidates = [(p["multiple_of"], p.get("ffn_dim_multiplier")) for p in PRESETS.values() if p["dim"] == dim]
-    candidates += [(2**k, None) for k in range(14, -1, -1)]
-    base = int(2 * 4 * dim / 3)
-    if hidden_dim >= base:
-        candidates.append((hidden_dim, None))
-    else:
-        candidates.append((1, (hidden_dim + 0.5) / base))
-    for multiple_of, multiplier in candidates:
-        if ffn_hidden_dim(dim, multiple_of, multiplier) == hidden_dim:
-            return multiple_of, multiplier
-    raise ValueError(f"cannot express intermediate_size={hidden_dim} for dim={dim} as Meta FFN parameters")
 
 
 def check_size(name: str, value: Any, also: str = "") -> None:
@@ -296,3 +177,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 _PRESET_ALIASES = {k: k for k in PRESETS}
 _PRESET_ALIASES.update({k.replace("-", ""): k for k in PRESETS})
+
+
+def write_json(path: str | os.PathLike, data: Dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)

@@ -10,27 +10,19 @@ sampling draws from the ``Llama``'s own seeded generator, not torch's global one
 
 from __future__ import annotations
 
-import os
-import sys
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
-from .checkpoint import (BUNDLED_CKPT_DIR, check_checkpoint_dir, check_tokenizer, default_transforms, load_model,
-                         open_checkpoint)
-from .distributed import check_parallel, env_world, init_tensor_parallel
+from .build import BUNDLED_MAX_GEN_LEN, Built, build
+from .checkpoint import BUNDLED_CKPT_DIR, check_tokenizer
 from .engine import Engine, SamplingParams
-from .engine.prompt_cache import cache_budget
-from .engine.speculative import check_speculation, make_speculator
 from .model import Transformer
-from .ops import select_ops
-from .prompts import (UNSAFE_ERROR, Dialog, Message, chat_prompt_tokens, has_special_tags, infilling_prompt_tokens,
-                      step_dialog_prompt_tokens, validate_dialog)
-from .runtime import parse_dtype, resolve_device
-from .tokenizer import TextStream, Tokenizer
-
-if TYPE_CHECKING:
-    from .quantize import QuantizeArg  # imported where used, as checkpoint.py explains
+from .options import EngineOptions, LoadOptions
+from .quantize import QuantizeArg
+from .prompts import (UNSAFE_ERROR, Dialog, Message, chat_prompt_tokens, chat_stop_ids, has_special_tags,
+                      infilling_prompt_tokens, step_dialog_prompt_tokens, validate_dialog)
+from .tokenizer import Tokenizer
 
 StopTokens = Union[None, int, Iterable[int]]
 
@@ -57,11 +49,6 @@ class ChatPrediction(TypedDict, total=False):
     logprobs: List[float]
 
 DEFAULT_CKPT_DIR = BUNDLED_CKPT_DIR  # the name earlier releases used
-# The bundled model is a demonstration: it rarely stops by itself, so answers are capped unless asked otherwise.
-BUNDLED_MAX_GEN_LEN = 128
-BUNDLED_NOTICE = ("codellama: no checkpoint given: using the bundled tiny demonstration model (5M parameters, trained "
-                  f"on the Python standard library; answers capped at {BUNDLED_MAX_GEN_LEN} new tokens). "
-                  "For real work pass a Code Llama checkpoint: Llama.build(ckpt_dir) or --ckpt_dir DIR.")
 
 
 class Llama:
@@ -74,22 +61,23 @@ class Llama:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int = 2048, max_batch_size: int = 4,
                  seed: int = 1, *, compile: bool = False, max_tokens_per_step: int = 512, speculator=None,
-                 max_waiting: Optional[int] = None, cache_ram_mb: Optional[float] = None, cache_reuse: int = 0):
-        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+                 max_waiting: Optional[int] = None, engine: Optional[Engine] = None):
+        """``engine``: serve through this engine (``codellama.build.build`` made it); otherwise one is made here
+        from the other arguments."""
         check_tokenizer(model.args, tokenizer.n_words, tokenizer.model_path)
+        if engine is None:
+            options = EngineOptions(max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed,
+                                    compile=compile, max_tokens_per_step=max_tokens_per_step, max_waiting=max_waiting)
+            engine = Engine(model, tokenizer, max_batch_size=options.max_batch_size, max_seq_len=options.max_seq_len,
+                            seed=options.seed, compile=options.compile, speculator=speculator,
+                            max_tokens_per_step=options.max_tokens_per_step, max_waiting=options.max_waiting)
         self.model = model
         self.tokenizer = tokenizer
-        self.max_seq_len = max_seq_len
-        self.max_batch_size = max_batch_size
+        self.engine = engine
+        self.max_seq_len = engine.max_seq_len
+        self.max_batch_size = engine.max_batch_size
         self.device = model.tok_embeddings.weight.device
         self.default_max_gen_len: Optional[int] = None  # what max_gen_len=None means (None: max_seq_len - 1)
-        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_seq_len=max_seq_len, seed=seed,
-                             compile=compile, max_tokens_per_step=max_tokens_per_step, speculator=speculator,
-                             max_waiting=max_waiting, cache_ram_mb=cache_ram_mb, cache_reuse=cache_reuse)
 
     @staticmethod
     def build(ckpt_dir: Optional[str] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 2048,
@@ -97,8 +85,9 @@ class Llama:
               device: Union[None, str, torch.device] = None, dtype: Union[None, str, torch.dtype] = None,
               seed: int = 1, attention: str = "auto", compile: bool = False, speculate: Optional[str] = None,
               draft_ckpt_dir: Optional[str] = None, speculate_tokens: Optional[int] = None,
-              max_waiting: Optional[int] = None, quantize: "QuantizeArg" = None,
-              cache_ram_mb: Optional[float] = None, cache_reuse: int = 0) -> "Llama":
+              max_waiting: Optional[int] = None, quantize: QuantizeArg = None,
+              max_tokens_per_step: int = 512, cache_ram_mb: Optional[float] = None,
+              cache_reuse: int = 0) -> "Llama":
         """Load a checkpoint (Meta or Hugging Face layout) and its tokenizer.
 
         Positional arguments are the reference's. ``ckpt_dir=None`` uses the tiny model bundled with the
@@ -108,55 +97,34 @@ class Llama:
         ``compile=True`` decodes with a ``torch.compile``d static-shape step (CUDA graphs on CUDA).
         ``speculate="prompt"`` (prompt lookup) or ``"draft"`` (``draft_ckpt_dir``: a small model with the same
         tokenizer) turns on speculative decoding, which never changes what is generated;
-        ``speculate_tokens`` is the longest proposal. ``max_waiting`` bounds the engine's queue (servers).
-        ``cache_ram_mb`` and ``cache_reuse`` set the engine's prompt cache and chunk reuse (``Engine``).
-        ``quantize="int8"`` or ``"int4"`` (or a ``codellama.quantize.QuantConfig``) quantizes the weights as
-        they load (weight-only; a checkpoint written by ``python -m codellama.quantize`` loads quantized
-        without it).
+        ``speculate_tokens`` is the longest proposal. ``max_waiting`` bounds the engine's queue (servers);
+        ``max_tokens_per_step`` bounds the tokens of one engine step (smaller keeps streams smooth while a
+        long prompt is admitted). ``cache_ram_mb`` and ``cache_reuse`` set the prompt cache and chunk reuse
+        (``codellama.engine.prompt_cache``). ``quantize="int8"`` or ``"int4"`` (or a ``codellama.quantize.QuantConfig``)
+        quantizes the weights as they load (weight-only; a checkpoint written by ``python -m
+        codellama.quantize`` loads quantized without it). Every option is described, with its check, in
+        :mod:`codellama.options`.
         Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is split across the ranks (tensor parallelism,
         ``model_parallel_size`` defaulting to the world size): each rank joins the process group, takes
         its GPU (``LOCAL_RANK``) and loads only its slices, whatever the checkpoint's shard count.
         """
-        world, rank, local_rank = env_world()
-        if model_parallel_size is None:
-            model_parallel_size = world
-        if model_parallel_size != world:
-            raise ValueError(f"model_parallel_size={model_parallel_size} but this job has WORLD_SIZE={world}: launch "
-                             f"`torchrun --nproc_per_node {model_parallel_size} …` (or leave model_parallel_size=None)")
-        # Every argument is checked before anything is loaded.
-        device = resolve_device(device)
-        if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-            device = torch.device("cuda", local_rank)  # under torchrun: this rank's GPU
-        dtype = parse_dtype(dtype)
-        select_ops(attention, device)
-        cache_budget(cache_ram_mb, cache_reuse)
-        from .quantize import parse_quantize
-        quantize = parse_quantize(quantize)
-        speculate = check_speculation(speculate, draft_ckpt_dir, speculate_tokens, world)
-        bundled = ckpt_dir is None
-        ckpt_dir = check_checkpoint_dir(os.fspath(DEFAULT_CKPT_DIR if bundled else ckpt_dir))
-        tokenizer_path = os.fspath(tokenizer_path) if tokenizer_path is not None else os.path.join(ckpt_dir, "tokenizer.model")
-        if not os.path.isfile(tokenizer_path):
-            raise FileNotFoundError(f"tokenizer not found: {tokenizer_path} (pass tokenizer_path=…)")
-        if bundled and rank == 0:
-            print(BUNDLED_NOTICE, file=sys.stderr)
-        tokenizer = Tokenizer(tokenizer_path)
-        source = open_checkpoint(ckpt_dir)
-        check_parallel(source.args, world)  # every rank fails alike, before any collective could hang
-        tp = init_tensor_parallel(world, rank, device)
-        transforms = default_transforms(device, compiled_decode_rows=max_batch_size if compile else None)
-        model = load_model(source, device=device, dtype=dtype, tp=tp, quantize=quantize, transforms=transforms)
-        model.set_attention(attention)
-        speculator = make_speculator(speculate, draft_ckpt_dir, speculate_tokens, tokenizer, max_batch_size,
-                                     max_seq_len, device, dtype)
-        llama = Llama(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed,
-                      compile=compile, speculator=speculator, max_waiting=max_waiting, cache_ram_mb=cache_ram_mb,
-                      cache_reuse=cache_reuse)
+        load = LoadOptions(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, device=device, dtype=dtype,
+                           attention=attention, quantize=quantize, model_parallel_size=model_parallel_size)
+        options = EngineOptions(max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed, compile=compile,
+                                speculate=speculate, draft_ckpt_dir=draft_ckpt_dir, speculate_tokens=speculate_tokens,
+                                max_waiting=max_waiting, max_tokens_per_step=max_tokens_per_step,
+                                cache_ram_mb=cache_ram_mb, cache_reuse=cache_reuse)
+        return Llama.from_built(build(load, options))
+
+    @staticmethod
+    def from_built(built: Built) -> "Llama":
+        """The ``Llama`` over what :func:`codellama.build.build` made."""
+        llama = Llama(built.model, built.tokenizer, engine=built.engine)
         # As in Meta's reference, generator.model.forward(tokens, start_pos) reads and writes a KV cache of
         # max_batch_size × max_seq_len; it is allocated by the first such forward, not here. (Generation
         # uses the engine's own slot cache.)
-        model.setup_cache(max_batch_size, max_seq_len, lazy=True)
-        if bundled:
+        built.model.setup_cache(built.options.max_batch_size, built.options.max_seq_len, lazy=True)
+        if built.bundled:
             llama.default_max_gen_len = BUNDLED_MAX_GEN_LEN
         return llama
 
@@ -335,8 +303,8 @@ class Llama:
             return step_dialog_prompt_tokens(self.tokenizer, dialog)
         return chat_prompt_tokens(self.tokenizer, dialog)
 
-    def _chat_stop(self) -> int:
-        return self.tokenizer.step_id if self.tokenizer.step_id is not None else self.tokenizer.eos_id
+    def _chat_stop(self) -> List[int]:
+        return list(chat_stop_ids(self.tokenizer, self.tokenizer.step_id is not None))
 
     def _result(self, text: str, tokens: List[int], lps: Optional[List[List[float]]], i: int) -> Dict:
         if lps is None:

@@ -18,7 +18,8 @@ from torch import nn
 
 from .config import ModelArgs
 from .distributed import SINGLE, TensorParallel, check_parallel, local_heads
-from .ops import Ops, StartPos, TorchOps, apply_rotary, select_ops
+from .kernels import select_ops
+from .ops import Ops, StartPos, TorchOps, apply_rotary
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -63,6 +64,21 @@ class KVCache(nn.Module):
     @property
     def max_batch_size(self) -> int:
         return self.slots
+
+    @classmethod
+    def allocate(cls, args: ModelArgs, slots: int, max_seq_len: int, dtype: torch.dtype, device: torch.device,
+                 tp: TensorParallel = SINGLE) -> "KVCache":
+        """A cache for ``args`` (this rank's KV heads), or ``ValueError`` with the sizes when it cannot fit."""
+        size = slots * max_seq_len * cls.bytes_per_token(args, dtype, tp)
+        need = (f"the KV cache needs {size / 2**30:.2f} GiB ({slots} slots × {max_seq_len} positions × "
+                f"{cls.bytes_per_token(args, dtype, tp)} bytes); lower max_batch_size or max_seq_len")
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        if free is not None and size > free:
+            raise ValueError(f"{need}: only {free / 2**30:.2f} GiB are free on {device}")
+        try:
+            return cls(args.n_layers, slots, max_seq_len, local_heads(args, tp)[1], args.head_dim, dtype, device)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            raise ValueError(f"{need} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
     @staticmethod
     def bytes_per_token(args: ModelArgs, dtype: torch.dtype, tp: TensorParallel = SINGLE) -> int:
@@ -302,9 +318,8 @@ class Transformer(nn.Module):
 
     def _allocate_cache(self) -> KVCache:
         slots, length, dtype = self._cache_plan
-        a, ref = self.args, self.norm.weight  # a float weight (a quantized embedding holds integer codes)
-        self.cache = KVCache(a.n_layers, slots, length, local_heads(a, self.tp)[1], a.head_dim, dtype or ref.dtype,
-                             ref.device)
+        ref = self.norm.weight  # a float weight (a quantized embedding holds integer codes)
+        self.cache = KVCache.allocate(self.args, slots, length, dtype or ref.dtype, ref.device, self.tp)
         return self.cache
 
     def clear_cache(self) -> None:
@@ -397,6 +412,9 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, start_pos: int = 0, chunk_size: Optional[int] = None) -> torch.Tensor:
         """Feed a prompt into the cache (optionally in chunks) and return the last position's logits (B, V)."""
+        if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer (tokens per forward) or None, got {chunk_size!r}")
+        _check_tokens(tokens, self.args.vocab_size)
         T = tokens.shape[1]
         step = chunk_size or T
         logits = None

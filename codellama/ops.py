@@ -11,7 +11,6 @@ Shapes: B batch, T queries in this call, L attended length, H query heads, Hkv k
 
 from __future__ import annotations
 
-import sys
 from typing import Optional, Protocol, Tuple, Union
 
 import torch
@@ -152,37 +151,3 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B|1, T, 1, hd/2)
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
-
-
-_told: set = set()  # reasons already printed by select_ops("auto"), so each is said once per process
-
-
-def select_ops(attention: str, device: torch.device | str) -> Ops:
-    """The ``Ops`` implementation for an ``attention=`` choice on ``device``.
-
-    ``"torch"``: PyTorch. ``"triton"``: the Triton kernels, or ``ValueError`` saying why they cannot run here.
-    ``"auto"``: Triton on CUDA when it works (saying once on stderr why not, when it does not), else PyTorch.
-    """
-    if attention not in ATTENTION_CHOICES:
-        raise ValueError(f"unknown attention implementation {attention!r}; valid: {', '.join(ATTENTION_CHOICES)}")
-    device = torch.device(device)
-    if attention == "torch" or (attention == "auto" and device.type != "cuda"):
-        return TorchOps
-    why = None
-    try:
-        from .kernels import interpreting, triton_available
-    except ImportError as e:  # a broken install of the package itself
-        why = f"codellama.kernels cannot be imported ({e})"
-    else:
-        ok, why = triton_available()
-        if ok and device.type == "cpu" and not interpreting():
-            why = "the model is on the CPU; Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1)"
-        elif ok:
-            from .kernels.triton_ops import TritonOps
-            return TritonOps
-    if attention == "triton":
-        raise ValueError(f"attention='triton' is unavailable here: {why}")
-    if why not in _told:
-        _told.add(why)
-        print(f"codellama: using PyTorch attention on {device} because Triton is unavailable: {why}", file=sys.stderr)
-    return TorchOps

@@ -22,6 +22,21 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+# Logits are divided by the temperature in float32: below float32's smallest normal number the divisor
+# rounds to 0 (or loses all precision) and the division gives NaN, so such a temperature means greedy.
+GREEDY_BELOW = torch.finfo(torch.float32).tiny
+
+
+def is_greedy(temperature: float) -> bool:
+    """Whether ``temperature`` samples greedily: 0, or too small for float32 to divide by."""
+    return temperature < GREEDY_BELOW
+
+
+def usable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: rows of ``logits`` (B, V) that a token can be chosen from: no NaN, no +inf, not all -inf."""
+    return ~(torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)) & (logits > float("-inf")).any(-1)
+
+
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Nucleus sampling as in Meta's reference: probs (B, V) → token ids (B,).
 
@@ -46,8 +61,9 @@ def restrict_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, temperature: float = 0.6, top_p: float = 0.9, top_k: Optional[int] = None,
            generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token ids (B,) from float logits (B, V): greedy at ``temperature == 0``, else temperature, top-k, top-p."""
-    if temperature == 0:
+    """Next token ids (B,) from float logits (B, V): greedy at ``temperature == 0`` (or one too small for float32,
+    :func:`is_greedy`), else temperature, top-k, top-p."""
+    if is_greedy(temperature):
         return torch.argmax(logits, dim=-1)
     probs = _tempered_probs(logits, temperature, top_k)
     if top_p >= 1.0:
@@ -59,7 +75,7 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 0.6, top_p: float 
                    top_k: Optional[int] = None) -> torch.Tensor:
     """The distribution (B, V) that ``sample`` draws from, explicitly (speculative decoding needs it):
     one-hot at the argmax when greedy; else tempered, top-k and top-p restricted, renormalised."""
-    if temperature == 0:
+    if is_greedy(temperature):
         return torch.nn.functional.one_hot(torch.argmax(logits, dim=-1), logits.shape[-1]).float()
     probs = _tempered_probs(logits, temperature, top_k)
     if top_p >= 1.0:

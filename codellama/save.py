@@ -1,31 +1,31 @@
-"""Writing checkpoints in Meta's and Hugging Face's layouts, and converting one into the other.
+"""Writing whole checkpoints safely: converting one layout into the other (``convert_checkpoint``) and writing a
+quantized one (``quantize_checkpoint``).
 
-The reading side, and the names and q/k permutation both layouts share, are in ``checkpoint.py``;
-``python -m codellama.convert`` is the command line over :func:`convert_checkpoint`, which never
-modifies its source and never leaves a half-written destination.
+Each format writes its own files (``codellama.formats``); here is what every write shares: the source is
+only ever read, the destination is checked before anything is written, and the new checkpoint is staged in a
+temporary sibling and moved into place only when complete and readable, so a failed or interrupted run
+leaves nothing half-written. ``python -m codellama convert`` and ``quantize`` are the command lines.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import os
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
-from .checkpoint import (HF_INDEX, _rope_heads, build_on_meta, check_checkpoint_dir, check_tokenizer, meta_to_hf_name,
-                         open_checkpoint, permute_to_hf)
-from .config import ModelArgs, check_size
-from .distributed import split_dim
+from .checkpoint import build_on_meta, check_tokenizer
+from .formats import check_checkpoint_dir, open_checkpoint
+from .formats.hf import HF_INDEX, save_hf, save_hf_tokenizer
+from .formats.meta import check_num_shards, save_meta
+from .config import check_size
 from .runtime import parse_dtype
 from .tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from .quantize import QuantConfig, QuantizeArg  # imported where used, as checkpoint.py explains
+from .quantize import SCHEMES, QuantizeArg, parse_quantize, quantize_model, quantize_weight
 
 # Files of either layout that ``convert --force`` replaces in a destination: any of them left behind from an
 # older checkpoint would be read with the new one (a stale index wins over a new model.safetensors, a stale
@@ -35,176 +35,7 @@ CHECKPOINT_FILES = ("params.json", "consolidated.*.pth", "config.json", "generat
                     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def check_num_shards(args: ModelArgs, num_shards: int) -> None:
-    """Refuse a Meta shard count that does not split every weight into whole heads and equal blocks."""
-    check_size("num_shards", num_shards)
-    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.kv_heads, "dim": args.dim, "FFN hidden size": args.hidden_dim}
-    if args.vocab_size > 0:  # -1 (from the tokenizer): output.weight's rows are checked when it is split
-        sizes["vocab_size"] = args.vocab_size
-    bad = [f"{name}={size}" for name, size in sizes.items() if size % num_shards]
-    if bad:
-        valid = [n for n in range(1, args.kv_heads + 1) if all(size % n == 0 for size in sizes.values())]
-        raise ValueError(f"cannot split this model into {num_shards} Meta shards: {', '.join(bad)} not divisible by "
-                         f"{num_shards}; valid shard counts: {valid}")
-
-
-def split_for_shards(key: str, tensor: torch.Tensor, num_shards: int) -> List[torch.Tensor]:
-    """Meta's model-parallel pieces of one full tensor."""
-    dim = split_dim(key, tensor.dim())
-    if num_shards == 1 or dim is None:
-        return [tensor] * num_shards
-    if tensor.shape[dim] % num_shards:
-        raise ValueError(f"{key}: size {tensor.shape[dim]} along dim {dim} does not divide into {num_shards} shards")
-    return [t.clone() for t in tensor.chunk(num_shards, dim=dim)]
-
-
-def save_meta(state: Dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os.PathLike, num_shards: int = 1) -> None:
-    """Write ``params.json`` and ``consolidated.{00..}.pth`` split as Meta's model-parallel ranks are.
-
-    Every shard is split before anything is written, so a bad ``num_shards`` leaves no file behind.
-    ``out_dir`` is written as it is: use :func:`convert_checkpoint` to replace a checkpoint safely.
-    """
-    check_num_shards(args, num_shards)
-    shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
-    for key, tensor in state.items():
-        for shard, piece in zip(shards, split_for_shards(key, tensor, num_shards)):
-            shard[key] = piece.contiguous()
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "params.json"), args.to_params())
-    for i, shard in enumerate(shards):
-        torch.save(shard, os.path.join(out_dir, f"consolidated.{i:02d}.pth"))
-
-
-def to_hf_state_dict(state: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
-    """Meta-named weights → Hugging Face names, with ``wq``/``wk`` rows permuted for rotate-half RoPE."""
-    hf_state = {}
-    for key, tensor in state.items():
-        n = _rope_heads(key, args)
-        hf_state[meta_to_hf_name(key)] = (tensor if n is None else permute_to_hf(tensor, n)).contiguous()
-    return hf_state
-
-
-def save_hf(state: Dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os.PathLike,
-            max_shard_bytes: int = 5 * 2**30, quantization: Optional["QuantConfig"] = None) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (sharded with an index past ``max_shard_bytes``).
-
-    ``quantization``: the scheme of a quantized ``state`` (integer codes and scales), recorded in ``config.json``.
-    """
-    from safetensors.torch import save_file
-
-    check_size("max_shard_bytes", max_shard_bytes)
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    dtype = next(t.dtype for t in state.values() if t.is_floating_point())
-    config = args.to_hf_config(torch_dtype=str(dtype).removeprefix("torch."))
-    if quantization is not None:
-        from .quantize import CONFIG_KEY
-        config[CONFIG_KEY] = quantization.to_json()
-    write_json(os.path.join(out_dir, "config.json"), config)
-    hf_state = to_hf_state_dict(state, args)
-    groups: List[Dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in hf_state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if groups[-1] and size + nbytes > max_shard_bytes:
-            groups.append({})
-            size = 0
-        groups[-1][name] = tensor
-        size += nbytes
-    if len(groups) == 1:
-        save_file(groups[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, group in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file(group, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        for name, t in group.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-    write_json(os.path.join(out_dir, HF_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-
-def write_json(path: str, data: Dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-
-
 # ----------------------------------------------------------------------------- Hugging Face tokenizer files
-_FIM_TOKENS = {"prefix_token": "▁<PRE>", "middle_token": "▁<MID>", "suffix_token": "▁<SUF>", "eot_token": "▁<EOT>"}
-
-
-def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike) -> None:
-    """Write what ``transformers.AutoTokenizer`` needs next to ``tokenizer.model``, and ``generation_config.json``.
-
-    ``tokenizer_config.json`` names ``CodeLlamaTokenizer`` (as Hugging Face's own Code Llama repositories do),
-    with its FIM tokens where the vocabulary has them and none where it does not (Python, 34B: no infilling).
-    ``tokenizer.json`` holds the vocabulary and BPE merges, so that transformers 5 needs neither protobuf nor
-    a conversion of ``tokenizer.model``; with its SentencePiece-exact normalizer it encodes as this library
-    does when read by ``tokenizers`` or transformers 4.
-    """
-    out_dir = os.fspath(out_dir)
-    sp = tokenizer.sp_model
-    pieces = [sp.id_to_piece(i) for i in range(tokenizer.n_words)]
-    bos, eos, unk = pieces[tokenizer.bos_id], pieces[tokenizer.eos_id], pieces[sp.unk_id()]
-    fim = {key: piece if piece in pieces else None for key, piece in _FIM_TOKENS.items()}
-    special = [bos, eos, unk] + [piece for piece in fim.values() if piece]
-    write_json(os.path.join(out_dir, "tokenizer.json"), _tokenizer_json(tokenizer, pieces, special))
-    write_json(os.path.join(out_dir, "tokenizer_config.json"), {
-        "tokenizer_class": "CodeLlamaTokenizer", "bos_token": bos, "eos_token": eos, "unk_token": unk,
-        "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False, **fim,
-        "fill_token": "<FILL_ME>" if all(fim.values()) else None, "use_default_system_prompt": False,
-        "legacy": True})  # transformers 4: encode as SentencePiece does, also after a special token
-    write_json(os.path.join(out_dir, "special_tokens_map.json"), {
-        "bos_token": bos, "eos_token": eos, "unk_token": unk,
-        "additional_special_tokens": [piece for piece in fim.values() if piece]})
-    write_json(os.path.join(out_dir, "generation_config.json"),
-               {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id})
-
-
-def _tokenizer_json(tokenizer: Tokenizer, pieces: List[str], special: List[str]) -> Dict[str, Any]:
-    """The ``tokenizers`` serialisation of a SentencePiece BPE model (the layout HF's own Llama converter writes)."""
-    ids = {piece: i for i, piece in enumerate(pieces)}
-    prefix = {"type": "Prepend", "prepend": "▁"}  # SentencePiece's implicit leading space, always added
-    spaces = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
-    bos = pieces[tokenizer.bos_id]
-    return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": ids[p], "content": p, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for p in special],
-        "normalizer": {"type": "Sequence", "normalizers": [prefix, spaces]},
-        "pre_tokenizer": None,
-        "post_processor": {"type": "TemplateProcessing",
-                           "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                           "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                                    {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                           "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}}},
-        "decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-                                                     {"type": "ByteFallback"}, {"type": "Fuse"},
-                                                     {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        "model": {"type": "BPE", "dropout": None, "unk_token": pieces[tokenizer.sp_model.unk_id()],
-                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
-                  "ignore_merges": False, "vocab": ids, "merges": bpe_merges(tokenizer, pieces)},
-    }
-
-
-def bpe_merges(tokenizer: Tokenizer, pieces: List[str]) -> List[List[str]]:
-    """The BPE merges that reproduce SentencePiece's encoding, highest-scoring merged piece first.
-
-    SentencePiece stores only scored pieces: at each step it joins the adjacent pair whose concatenation is
-    the highest-scoring piece. So every way of splitting a piece into two pieces is a merge, ranked by the
-    score of the piece it makes. Control, unknown and byte pieces never come out of a merge.
-    """
-    sp = tokenizer.sp_model
-    mergeable = {p: i for i, p in enumerate(pieces) if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i))}
-    ranked = []
-    for piece, i in mergeable.items():
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in mergeable and right in mergeable:
-                ranked.append((-sp.GetScore(i), i, mergeable[left], left, right))
-    ranked.sort()
-    return [[left, right] for *_, left, right in ranked]
 
 
 # ----------------------------------------------------------------------------- converting
@@ -258,7 +89,6 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     ``dtype`` is that of the scales and of the tensors left in full precision (default: the checkpoint's).
     Safe as ``convert_checkpoint`` is: ``src`` is only read and a failed run leaves nothing behind.
     """
-    from .quantize import SCHEMES, parse_quantize, quantize_model, quantize_weight
     config = parse_quantize(config)
     if config is None:
         raise ValueError(f"quantize_checkpoint needs a scheme: one of {', '.join(map(repr, SCHEMES))} or a QuantConfig")
@@ -390,6 +220,7 @@ def _publish(tmp: str, dst: str) -> None:
     data, possibly hard-linked elsewhere, is unlinked, not overwritten).
     """
     target = os.path.realpath(dst)
+    _usual_modes(tmp)
     if not os.path.exists(target):
         os.rename(tmp, target)
         return
@@ -400,3 +231,23 @@ def _publish(tmp: str, dst: str) -> None:
     for name in new:
         os.replace(os.path.join(tmp, name), os.path.join(target, name))
 
+
+def _usual_modes(tmp: str) -> None:
+    """Give the staged checkpoint the modes a new directory and new files get (0755 / 0644 under the usual umask):
+    ``mkdtemp`` made the directory 0700, and a model folder must stay readable to whoever serves it."""
+    mask = _umask()
+    os.chmod(tmp, 0o777 & ~mask)
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``/proc/self/status``)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

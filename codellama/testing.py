@@ -14,7 +14,8 @@ import torch
 from .checkpoint import build_on_meta
 from .config import ModelArgs
 from .model import Transformer
-from .save import save_hf, save_meta
+from .formats.hf import save_hf
+from .formats.meta import save_meta
 
 
 def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:

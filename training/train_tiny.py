@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from codellama import ModelArgs, Tokenizer, Transformer
-from codellama.save import save_meta
+from codellama.formats.meta import save_meta
 from training.data import ExampleSampler, instruct_pairs, load_corpus, train_tokenizer
 from training.evaluate_tiny import scoring_rows, token_nlls
 

@@ -17,17 +17,17 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Callable, Hashable, List, Optional, Sequence
+from typing import Callable, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..model import KVCache, Transformer
-from ..sampling import TopLogprobs, logprobs_and_top
+from ..sampling import TopLogprobs, is_greedy, logprobs_and_top
 from ..tokenizer import TextStream
 from .detokenizer import Detokenizer
 from .prompt_cache import PromptCache, cache_budget
 from .request import EngineFull, EngineStopped, Event, Request, SamplingParams, is_int
-from .runner import ModelRunner
+from .runner import UNUSABLE, ModelRunner
 from .scheduler import Forward, Plan, Scheduler
 
 HEARTBEAT_S = 30.0  # an idle tensor-parallel server sends its followers an empty plan this often
@@ -40,8 +40,9 @@ class Engine:
                  max_tokens_per_step: int = 512, max_waiting: Optional[int] = None, compile: bool = False,
                  seed: int = 0, speculator=None, cache_ram_mb: Optional[float] = None, cache_reuse: int = 0):
         """``max_batch_size`` slots of ``max_seq_len`` positions; ``max_tokens_per_step`` bounds the tokens of
-        one step (decode rows first, then prefill chunks); ``max_waiting`` bounds the queue (``EngineFull``
-        past it; None: unbounded); ``compile`` uses a ``torch.compile``d static-shape decode step;
+        one step (decode rows first, then prefill chunks); ``max_waiting`` bounds the requests
+        waiting for a slot beyond the free ones (``EngineFull`` past it; 0: no more than there are free slots;
+        None: unbounded); ``compile`` uses a ``torch.compile``d static-shape decode step;
         ``seed`` seeds the generator that gives each unseeded request its own seed, in submission order.
         ``tokenizer`` is needed for text (events' text pieces, stop strings). ``speculator`` (a
         ``codellama.engine.speculative.PromptLookup`` or ``DraftModel``) proposes tokens that each decode step
@@ -129,12 +130,13 @@ class Engine:
         with self.lock:
             if self._stopped:
                 raise EngineStopped("the engine has been stopped and takes no more requests")
-            if self.max_waiting is not None and len(self.scheduler.waiting) >= self.max_waiting:
-                raise EngineFull(f"{len(self.scheduler.waiting)} requests are already waiting "
-                                 f"(max_waiting={self.max_waiting})")
+            queued = len(self.scheduler.waiting) - self.scheduler.free_slots  # those no free slot awaits
+            if self.max_waiting is not None and queued >= self.max_waiting:
+                raise EngineFull(f"all {self.max_batch_size} slots are taken and {queued} requests are already "
+                                 f"waiting for one (max_waiting={self.max_waiting})")
             seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seeds))
             generator = None
-            if params.temperature > 0:
+            if not is_greedy(params.temperature):
                 generator = torch.Generator(device=self.device).manual_seed(seed)
             max_new = self.max_seq_len - len(prompt)
             limit = max_new if params.max_tokens is None else min(params.max_tokens, max_new)
@@ -242,7 +244,11 @@ class Engine:
 
     # ----------------------------------------------------------------- one step
     def step(self) -> bool:
-        """One scheduler step: admit, run the forwards, hand out tokens. False when there was nothing to do."""
+        """One scheduler step: admit, run the forwards, hand out tokens. False when there was nothing to do.
+
+        A forward that fails fails only its own requests (which raise it from ``result()``); the thread
+        driving the step goes on. Under tensor parallelism a failure fails every request instead (the ranks'
+        collectives cannot be trusted after it) and is raised."""
         with self.lock:
             plan = self.scheduler.schedule() if self.rank == 0 else None
         if self.world > 1:
@@ -251,28 +257,69 @@ class Engine:
                 with self.lock:
                     self.scheduler.follow(plan)
         if not plan.forwards and not plan.cache_ops:
+            if plan.changed:  # requests were retired or finished on admission: their waiters must look
+                with self.lock:
+                    self._wake.notify_all()
             return False
-        try:
-            self.runner.apply_cache_ops(plan.cache_ops)
-            results = self.runner.execute(plan.forwards, self.scheduler.requests)
-            with self.lock:
-                self._apply(plan.forwards, results)
-        except Exception as error:  # e.g. out of memory: the slots' contents are unknown now
-            with self.lock:
-                for request in list(self.scheduler.running.values()):
-                    request.error = error
-                    self.scheduler.finish(request, "error")
-                for slot in range(len(self.scheduler.slots)):
-                    self.scheduler.forget_slot(slot)
-                self.scheduler.forget_prompt_cache()
-                self._wake.notify_all()
-            if self._thread is None or threading.current_thread() is not self._thread:
+        if self.world > 1:
+            try:
+                self.runner.apply_cache_ops(plan.cache_ops)
+                forwards, results = plan.forwards, self.runner.execute(plan.forwards, self.scheduler.requests)
+            except Exception as error:
+                with self.lock:
+                    for request in list(self.scheduler.running.values()):
+                        request.error = error
+                        self.scheduler.finish(request, "error")
+                    for slot in range(len(self.scheduler.slots)):
+                        self.scheduler.forget_slot(slot)
+                    self.scheduler.forget_prompt_cache()
+                    self._wake.notify_all()
                 raise
-            return True
+        else:
+            self._apply_cache_ops(plan)
+            forwards, results = self._run_isolated(plan.forwards)
         with self.lock:
+            self._apply(forwards, results)
             self.scheduler.steps += 1
             self._wake.notify_all()
         return True
+
+    def _apply_cache_ops(self, plan: Plan) -> None:
+        """The plan's prompt-cache copies and chunk moves. If they fail, the prompt cache is dropped and the
+        requests admitted into the slots they touched fail (those slots' contents are unknown); the others go on."""
+        try:
+            self.runner.apply_cache_ops(plan.cache_ops)
+        except Exception as error:
+            with self.lock:
+                self.scheduler.forget_prompt_cache()
+                for slot in sorted({op.slot for op in plan.cache_ops if hasattr(op, "slot")}):
+                    owner = self.scheduler.slots[slot].owner
+                    if owner is not None:
+                        self._fail(owner, error)
+                    self.scheduler.forget_slot(slot)
+
+    def _run_isolated(self, forwards: List[Forward]) -> Tuple[List[Forward], list]:
+        """Run each forward on its own, so that one that raises costs only its own requests: its result is the
+        exception. A decode batch that raises is run again row by row (eagerly), so the row at fault is found
+        and the others go on (a speculative batch fails as a whole: its proposer's state has moved)."""
+        done_forwards, results = [], []
+        for f in forwards:
+            try:
+                results.append(self.runner.execute([f], self.scheduler.requests)[0])
+                done_forwards.append(f)
+                continue
+            except Exception as error:
+                if f.kind != "decode" or len(f.ids) == 1 or self.speculator is not None:
+                    done_forwards.append(f)
+                    results.append(error)
+                    continue
+            for row in f.rows():
+                try:
+                    results.append(self.runner.execute([row], self.scheduler.requests, eager=True)[0])
+                except Exception as error:
+                    results.append(error)
+                done_forwards.append(row)
+        return done_forwards, results
 
     def follow(self) -> None:
         """Ranks other than 0 of a tensor-parallel server: run rank 0's steps until it stops."""
@@ -297,6 +344,11 @@ class Engine:
         scheduler = self.scheduler
         for f, logits in zip(plan, results):
             requests = [scheduler.requests.get(i) for i in f.ids]
+            if isinstance(logits, Exception):
+                for r in requests:
+                    if r is not None:
+                        self._fail(r, logits)
+                continue
             if f.kind == "prefill":
                 r = requests[0]
                 n = len(f.tokens[0])
@@ -336,6 +388,11 @@ class Engine:
         for j, (r, t) in enumerate(zip(requests, tokens)):
             if r is None or r.done:
                 continue
+            if t == UNUSABLE:
+                self._fail(r, FloatingPointError(
+                    f"the model's logits at position {r.computed - 1} are not finite (NaN or inf): no token can "
+                    "be chosen (numerical overflow in the weights or activations?)"))
+                continue
             if r.limit <= 0:  # prompt logprobs only: nothing to generate
                 self.scheduler.finish(r, "length")
                 continue
@@ -364,6 +421,13 @@ class Engine:
             self.scheduler.finish(r, "length")
             return
         self.scheduler.set_pending(r, token)
+
+    def _fail(self, r: Request, error: Exception) -> None:
+        """``r`` alone failed: it finishes with ``error``, and nothing may be reused from its slot."""
+        r.error = error
+        if r.slot is not None:
+            self.scheduler.forget_slot(r.slot)
+        self.scheduler.finish(r, "error")
 
     def _finished(self, r: Request, reason: str) -> None:
         """The scheduler finishes ``r``: close its text, send its last event, tell the runner."""

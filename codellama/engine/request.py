@@ -194,6 +194,10 @@ class Request:
         return self
 
     def _raise_error(self) -> None:
+        """Raise this request's own failure: a ``ValueError`` (what it asked for cannot be done, e.g. the KV
+        cache does not fit) as such, anything else as ``RuntimeError("generation failed: …")``."""
+        if isinstance(self.error, ValueError):
+            raise ValueError(str(self.error)) from self.error
         if self.error is not None:
             raise RuntimeError(f"generation failed: {type(self.error).__name__}: {self.error}") from self.error
 

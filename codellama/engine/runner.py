@@ -9,17 +9,23 @@ run eagerly. Sampling draws each row with its own parameters and generator; unde
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..distributed import local_heads
 from ..model import KVCache, Transformer, rope_inv_freq
-from ..sampling import TopLogprobs, logprobs_and_top, sample
+from ..sampling import TopLogprobs, logprobs_and_top, sample, usable_rows
 from .host_blocks import HostBlocks, apply_cache_ops
 from .prompt_cache import BLOCK_SIZE
 from .request import Request
 from .scheduler import Forward
+
+
+progress = logging.getLogger("codellama.progress")
+
+UNUSABLE = -1  # the token "sampled" from a row whose logits are not finite: its request fails
 
 
 class ModelRunner:
@@ -45,18 +51,9 @@ class ModelRunner:
     def ensure_cache(self) -> KVCache:
         """The slot cache, allocated once; a clear error (with the sizes) when it does not fit."""
         if self.cache is None:
-            a, ref = self.model.args, self.model.norm.weight  # a quantized embedding holds integers
-            need = (f"the KV cache needs {self.cache_bytes / 2**30:.2f} GiB ({self.max_batch_size} slots × "
-                    f"{self.max_seq_len} positions × {self.cache_bytes // (self.max_batch_size * self.max_seq_len)} "
-                    "bytes); lower max_batch_size or max_seq_len")
-            free = torch.cuda.mem_get_info(ref.device)[0] if ref.device.type == "cuda" else None
-            if free is not None and self.cache_bytes > free:
-                raise ValueError(f"{need}: only {free / 2**30:.2f} GiB are free on {ref.device}")
-            try:
-                self.cache = KVCache(a.n_layers, self.max_batch_size, self.max_seq_len,
-                                     local_heads(a, self.model.tp)[1], a.head_dim, ref.dtype, ref.device)
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                raise ValueError(f"{need} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+            ref = self.model.norm.weight  # a float weight (a quantized embedding holds integer codes)
+            self.cache = KVCache.allocate(self.model.args, self.max_batch_size, self.max_seq_len, ref.dtype,
+                                          ref.device, self.model.tp)
         return self.cache
 
     @property
@@ -77,9 +74,10 @@ class ModelRunner:
             apply_cache_ops(ops, cache, self.host_blocks, self._inv_freq)
 
     # ----------------------------------------------------------------- forwards
-    def execute(self, forwards: List[Forward], requests: Dict[int, Request]) -> List:
+    def execute(self, forwards: List[Forward], requests: Dict[int, Request], *, eager: bool = False) -> List:
         """Run the forwards; returns each one's logits (rows, V), or (1, T, V) with ``all_logits``, or for a
-        speculative decode the speculator's verdict per row."""
+        speculative decode the speculator's verdict per row. ``eager`` runs decode rows through the model's
+        own forward even when the engine compiles its step."""
         cache = self.ensure_cache()
         out = []
         with torch.inference_mode():
@@ -88,7 +86,7 @@ class ModelRunner:
                     out.append(self._speculative_decode(f, [requests[i] for i in f.ids], cache))
                     continue
                 tokens = torch.tensor(f.tokens, dtype=torch.long, device=self.device)
-                if f.kind == "decode" and self.compile:
+                if f.kind == "decode" and self.compile and not eager:
                     out.append(self._compiled_decode(tokens, f))
                     continue
                 index = None if f.all_logits else -1
@@ -100,10 +98,11 @@ class ModelRunner:
                ) -> Tuple[List[int], Optional[List[float]], Optional[List[TopLogprobs]]]:
         """Next token of each row (rank 0's choice on every rank), and with logprobs one log-softmax for every
         row, each row keeping as many alternatives as the most demanding one asked for."""
+        usable = usable_rows(logits).tolist()  # a row of NaN or inf logits fails alone (token UNUSABLE)
         chosen = []
         for j, r in enumerate(requests):
-            if r is None or r.limit <= 0:
-                chosen.append(torch.zeros((), dtype=torch.long, device=logits.device))
+            if r is None or r.limit <= 0 or not usable[j]:
+                chosen.append(torch.full((), 0 if usable[j] else UNUSABLE, dtype=torch.long, device=logits.device))
                 continue
             p = r.params
             chosen.append(sample(logits[j:j + 1], p.temperature, p.top_p, p.top_k, r._generator)[0])
@@ -111,7 +110,7 @@ class ModelRunner:
         lps = tops = None
         recording = [r.params.top_logprobs for r in requests if r is not None and r.params.logprobs]
         if recording:
-            lps, tops = logprobs_and_top(logits, tokens, max(recording))
+            lps, tops = logprobs_and_top(logits, tokens.clamp(min=0), max(recording))
         return tokens.tolist(), lps, tops
 
     def on_admit(self, request: Request, slot: int, reused: int) -> None:
@@ -175,5 +174,24 @@ class ModelRunner:
                 return model.run(tokens, step)[:, 0]  # (S, V)
 
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            fn = self._compiled[length] = torch.compile(decode, mode=mode, dynamic=False)
+            fn = self._compiled[length] = _told_when_compiled(torch.compile(decode, mode=mode, dynamic=False), length)
         return fn
+
+
+def _told_when_compiled(fn: Callable, length: int) -> Callable:
+    """``fn``, whose first call (when ``torch.compile`` really compiles, tens of seconds on a CPU) is announced
+    and timed on the ``codellama.progress`` logger (the programs show it on stderr)."""
+    first = [True]
+
+    def call(*args):
+        if not first[0]:
+            return fn(*args)
+        progress.info("compiling the decode step for contexts up to %d tokens (once per length; tens of seconds "
+                      "the first time, seconds once Inductor's cache has it)…", length)
+        start = time.perf_counter()
+        out = fn(*args)
+        first[0] = False
+        progress.info("compiled in %.1f s", time.perf_counter() - start)
+        return out
+
+    return call

@@ -64,6 +64,11 @@ class Forward:
     sample: bool = True  # False for a prefill chunk that does not reach the end of its prompt
     slot_positions: Optional[List[int]] = None  # compiled decode: the position fed in every slot (idle ones too)
 
+    def rows(self) -> List["Forward"]:
+        """This decode forward as one forward per row (to find which row of a failing batch is at fault)."""
+        return [Forward(self.kind, [i], [s], [t], [p]) for i, s, t, p in zip(self.ids, self.slots, self.tokens,
+                                                                              self.starts)]
+
 
 @dataclass
 class Plan:
@@ -211,6 +216,8 @@ class Scheduler:
         start from the prompt cache, moving chunks), the prefix it then skips, and the runs moved into place."""
         ops: List[object] = []
         slot, limit = self.slots[slot_index], self.reusable_limit(request)
+        if request.limit <= 0 and request.prompt_logprobs is None:  # finishes on admission: nothing to copy
+            return ops, reused, []
         if self.prompt_cache is not None:
             blocks = self.prompt_cache.match(request.prompt, limit)
             restored = len(blocks) * self.prompt_cache.block_size
@@ -232,8 +239,7 @@ class Scheduler:
 
     def admit(self, request: Request, slot_index: int, reused: int, runs: Sequence[Tuple[int, int, int]] = ()) -> None:
         """WAITING → PREFILLING in ``slot_index``, its first ``reused`` prompt tokens taken from the slot's cache
-        and the ``(source, destination, length)`` runs moved into place. A request with no tokens to generate
-        still computes its prompt (editors send such requests to fill the cache ahead of typing)."""
+        and the ``(source, destination, length)`` runs moved into place."""
         self.waiting.remove(request)
         slot = self.slots[slot_index]
         slot.owner, slot.cached, slot.last_used = request, request.prompt[:reused], self.steps
@@ -245,6 +251,8 @@ class Scheduler:
         self.running[request.id] = request
         self._skip_moved(request)
         self.on_admit(request, slot_index, reused)
+        if request.limit <= 0 and request.prompt_logprobs is None:
+            self.finish(request, "length")
 
     def _skip_moved(self, request: Request) -> None:
         """Past the runs that were moved into place where the computed prompt now reaches them."""

@@ -19,7 +19,6 @@ Two proposers:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -27,11 +26,8 @@ import torch
 
 from ..distributed import local_heads
 from ..model import KVCache, Transformer
-from ..sampling import TopLogprobs, logprobs_and_top, sampling_probs
+from ..sampling import TopLogprobs, is_greedy, logprobs_and_top, sampling_probs
 from .request import Request
-
-SPECULATE_CHOICES = ("prompt", "draft")
-
 
 @dataclass
 class Proposal:
@@ -60,7 +56,7 @@ def verify(logits: torch.Tensor, proposal: Proposal, request: Request) -> Tuple[
     p = request.params
     d = proposal.tokens
     k = len(d)
-    if p.temperature == 0:
+    if is_greedy(p.temperature):
         best = torch.argmax(logits, dim=-1).tolist()  # (k + 1,)
         n = 0
         while n < k and best[n] == d[n]:
@@ -225,20 +221,6 @@ class DraftModel(Speculator):
         self._rows: Dict[int, _Draft] = {}
         self.device = ref.device
 
-    @classmethod
-    def load(cls, ckpt_dir: str | os.PathLike, target_tokenizer, max_batch_size: int, max_seq_len: int, *,
-             device: torch.device, dtype=None, num_tokens: int = 6) -> "DraftModel":
-        """Load a draft checkpoint; its tokenizer must be the target's, piece for piece."""
-        from ..checkpoint import load_model
-        from ..tokenizer import Tokenizer
-        path = os.path.join(os.fspath(ckpt_dir), "tokenizer.model")
-        same_tokenizer(Tokenizer(path), target_tokenizer)
-        model = load_model(ckpt_dir, device=device, dtype=dtype)
-        if model.args.vocab_size != target_tokenizer.n_words:
-            raise ValueError(f"the draft model's vocab_size {model.args.vocab_size} differs from the target "
-                             f"tokenizer's {target_tokenizer.n_words} pieces")
-        return cls(model, max_batch_size, max_seq_len, num_tokens)
-
     def on_admit(self, request: Request, slot: int, reused: int) -> None:
         cached = self._cached[slot]
         n = 0
@@ -265,7 +247,7 @@ class DraftModel(Speculator):
                 for j in rows:
                     r = requests[j]
                     q = sampling_probs(logits[j][None], r.params.temperature, r.params.top_p, r.params.top_k)[0]
-                    if r.params.temperature == 0:
+                    if is_greedy(r.params.temperature):
                         token = int(torch.argmax(logits[j]))
                     else:
                         token = int(torch.multinomial(q, 1, generator=r._generator))
@@ -278,7 +260,7 @@ class DraftModel(Speculator):
                         logits[j] = out[i]
         for j in active:
             r = requests[j]
-            q = None if r.params.temperature == 0 else torch.stack(qs[j])
+            q = None if is_greedy(r.params.temperature) else torch.stack(qs[j])
             proposals[j] = Proposal(drafts[j], q)
         return proposals
 
@@ -323,31 +305,3 @@ def same_tokenizer(draft, target) -> None:
         if a != b:
             raise ValueError(f"the draft's tokenizer ({draft.model_path}) differs from the target's "
                              f"({target.model_path}) at id {i} ({a!r} vs {b!r}): they must be the same tokenizer")
-
-
-def check_speculation(speculate: Optional[str], draft_ckpt_dir, num_tokens: Optional[int], world: int = 1) -> Optional[str]:
-    """The speculation mode asked for (``draft_ckpt_dir`` alone means ``"draft"``), or ``ValueError`` saying why not."""
-    if speculate is None and draft_ckpt_dir is not None:
-        speculate = "draft"
-    if speculate is not None and speculate not in SPECULATE_CHOICES:
-        raise ValueError(f"unknown speculate={speculate!r}; valid: {', '.join(SPECULATE_CHOICES)} (or None)")
-    if speculate == "draft" and draft_ckpt_dir is None:
-        raise ValueError("speculate='draft' needs draft_ckpt_dir: a small checkpoint with the same tokenizer")
-    if speculate == "prompt" and draft_ckpt_dir is not None:
-        raise ValueError("draft_ckpt_dir is only used with speculate='draft'")
-    if num_tokens is not None and (not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1):
-        raise ValueError(f"speculate_tokens must be a positive integer, got {num_tokens!r}")
-    if speculate is not None and world > 1:
-        raise ValueError("speculative decoding is not supported under tensor parallelism (torchrun)")
-    return speculate
-
-
-def make_speculator(speculate: Optional[str], draft_ckpt_dir, num_tokens: Optional[int], tokenizer,
-                    max_batch_size: int, max_seq_len: int, device: torch.device, dtype=None) -> Optional[Speculator]:
-    """The speculator of a checked mode (None: plain decoding)."""
-    if speculate == "prompt":
-        return PromptLookup(num_tokens=num_tokens or 10)
-    if speculate == "draft":
-        return DraftModel.load(draft_ckpt_dir, tokenizer, max_batch_size, max_seq_len, device=device, dtype=dtype,
-                               num_tokens=num_tokens or 6)
-    return None

@@ -8,7 +8,11 @@ from typing import Optional, TextIO
 
 
 class Progress:
-    """Counts finished items and redraws at most ten times a second; ``enabled=False`` makes it silent."""
+    """Counts finished items and redraws at most ten times a second; ``enabled=False`` makes it silent.
+
+    On a terminal the bar is redrawn in place; written to a file or a pipe (a CI log), where a carriage return
+    redraws nothing, it is a line at each tenth of the way and at the end instead.
+    """
 
     def __init__(self, total: int, label: str, enabled: bool = True, stream: Optional[TextIO] = None,
                  width: int = 30):
@@ -19,13 +23,23 @@ class Progress:
         self._drawn = 0.0
         self._drawn_done = -1
         self.note = ""
+        self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._tenth = -1  # the last tenth of the way written as a line (not on a terminal)
 
     def update(self, n: int = 1, note: Optional[str] = None) -> None:
         self.done += n
         if note is not None:
             self.note = note
         now = time.monotonic()
-        if self.enabled and (now - self._drawn >= 0.1 or self.done >= self.total):
+        if not self.enabled:
+            return
+        if not self.terminal:
+            tenth = 10 * self.done // self.total if self.total else 10
+            if tenth > self._tenth:
+                self._tenth = tenth
+                self._draw(now)
+            return
+        if now - self._drawn >= 0.1 or self.done >= self.total:
             self._drawn = now
             self._draw(now)
 
@@ -34,16 +48,17 @@ class Progress:
         elapsed = now - self._start
         filled = int(self.width * self.done / self.total) if self.total else self.width
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        line = (f"\r{self.label} {self.done}/{self.total} [{'#' * filled}{'.' * (self.width - filled)}] "
+        line = (f"{self.label} {self.done}/{self.total} [{'#' * filled}{'.' * (self.width - filled)}] "
                 f"{rate:.1f}/s {int(elapsed) // 60}:{int(elapsed) % 60:02d} {self.note}")
-        self.stream.write(line)
+        self.stream.write(f"\r{line}" if self.terminal else f"{line.rstrip()}\n")
         self.stream.flush()
 
     def close(self) -> None:
         if self.enabled:
             if self._drawn_done != self.done:
                 self._draw(time.monotonic())
-            self.stream.write("\n")
+            if self.terminal:
+                self.stream.write("\n")
             self.stream.flush()
 
     def __enter__(self) -> "Progress":

@@ -294,28 +294,31 @@ def format_report(report: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ with a model
-def generate(ckpt_dir: str, benchmark: str = "humaneval", out_dir: str = "eval", *, data_path: Optional[str] = None,
-             limit: Optional[int] = None, n: int = 1, temperature: Optional[float] = None, top_p: float = 0.95,
-             max_gen_len: int = 512, chat: bool = False, tokenizer_path: Optional[str] = None,
-             max_seq_len: int = 2048, max_batch_size: int = 4, device: Optional[str] = None,
-             dtype: Optional[str] = None, seed: int = 1, progress: bool = True) -> str:
+def generate(ckpt_dir: Optional[str], benchmark: str = "humaneval", out_dir: str = "eval", *,
+             data_path: Optional[str] = None, limit: Optional[int] = None, n: int = 1,
+             temperature: Optional[float] = None, top_p: float = 0.95, max_gen_len: int = 512, chat: bool = False,
+             progress: bool = True, **options) -> str:
     """Generate ``n`` samples per task with a checkpoint into ``out_dir/{benchmark}.jsonl``; returns its path.
 
     ``temperature=None`` means greedy (0) for ``n=1`` and the paper's 0.8 otherwise. ``chat`` formats the
-    prompts for Instruct models. Re-running resumes.
+    prompts for Instruct models. Re-running resumes. ``options`` are any of ``codellama.options``'
+    ``LoadOptions`` and ``EngineOptions`` (``tokenizer_path``, ``max_seq_len``, ``max_batch_size``,
+    ``device``, ``dtype``, ``quantize``, ``compile``, ``seed``, …), as ``Llama.build`` takes them.
     """
-    from codellama import Llama  # torch and the model are needed here only, not for scoring
+    from codellama.build import build  # torch and the model are needed here only, not for scoring
+    from codellama.generation import Llama
+    from codellama.options import split_options
 
     _positive_int("n", n)
     if temperature is None:
         temperature = 0.0 if n == 1 else 0.8
+    load, engine = split_options(ckpt_dir, **options)
     bench = load_benchmark(benchmark, data_path, limit)
     os.makedirs(out_dir, exist_ok=True)
     samples_path = os.path.join(out_dir, f"{benchmark}.jsonl")
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                        device=device, dtype=dtype, seed=seed)
+    llama = Llama.from_built(build(load, engine))
     generate_samples(bench, llama_sampler(llama, chat), samples_path, n=n, temperature=temperature, top_p=top_p,
-                     max_gen_len=max_gen_len, chat=chat, batch_size=max_batch_size, progress=progress)
+                     max_gen_len=max_gen_len, chat=chat, batch_size=engine.max_batch_size, progress=progress)
     return samples_path
 
 

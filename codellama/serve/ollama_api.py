@@ -144,7 +144,7 @@ def _params(body: Union[GenerateBody, ChatBody]) -> SamplingParams:
 
 def _logprobs(service: ModelService, body: Union[GenerateBody, ChatBody], prompt: Prompt, r: EngineRequest) -> dict:
     """``{"logprobs": [...]}`` with one entry per new token when asked for, else nothing."""
-    return {"logprobs": service.logprob_entries(prompt, r)} if body.logprobs else {}
+    return {"logprobs": service.logprob_entries(r)} if body.logprobs else {}
 
 
 async def _stream(service: ModelService, generation: Generation, body: Union[GenerateBody, ChatBody],
@@ -158,8 +158,8 @@ async def _stream(service: ModelService, generation: Generation, body: Union[Gen
             if event.finish_reason is not None:
                 yield ndjson(_final(generation.requests[0], model, content(event.text)))
             elif event.text or body.logprobs:
-                extra = ({"logprobs": [service.logprob_entry(event.text, event.logprob, event.top_logprobs)]}
-                         if body.logprobs else {})
+                extra = ({"logprobs": [service.logprob_entry(event.token, event.logprob, event.top_logprobs)]}
+                         if body.logprobs and event.token is not None else {})
                 yield ndjson({"model": model, "created_at": _now(), **content(event.text), **extra, "done": False})
     except ServiceError as e:
         yield ndjson(error_body(e.status, e.message))

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import AsyncIterator, Callable, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 from ..engine import Engine, EngineFull, EngineStopped, Event, Request, SamplingParams, TopLogprobs
-from ..prompts import (UNSAFE_ERROR, Dialog, chat_prompt_tokens, has_special_tags, step_dialog_prompt_tokens,
-                       infilling_prompt_tokens, validate_dialog)
+from ..prompts import (UNSAFE_ERROR, Dialog, chat_prompt_tokens, chat_stop_ids, has_special_tags, split_prefill,
+                       step_dialog_prompt_tokens, infilling_prompt_tokens, validate_dialog)
 from ..tokenizer import TextStream, Tokenizer
 
 CHAT_FORMATS = ("auto", "inst", "step", "none")
@@ -103,9 +105,10 @@ class ModelService:
     """The served model for the protocol adapters: its name and context, its prompt formats, and generation."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, name: str, *, chat_format: str = "auto",
-                 spm_infill: bool = False):
+                 default_max_tokens: Optional[int] = None, spm_infill: bool = False):
         """``engine`` runs the requests (started and stopped by the app); ``name`` is what clients put in
         ``model``; ``chat_format`` is one of :data:`CHAT_FORMATS` (see :func:`resolve_chat_format`);
+        ``default_max_tokens`` bounds a request that gives no bound (None: until the context is full);
         ``spm_infill`` lays infilling prompts out suffix first (SPM) where the client does not spell the order,
         so that an editor's keystroke only appends to the cached prompt (as llama-server's ``--spm-infill``)."""
         if not isinstance(name, str) or not name:
@@ -113,6 +116,7 @@ class ModelService:
         self.engine, self.tokenizer, self.name = engine, tokenizer, name
         self.spm_infill = spm_infill
         self.chat_format = resolve_chat_format(tokenizer, chat_format)
+        self.default_max_tokens = default_max_tokens
 
     @property
     def context_length(self) -> int:
@@ -121,6 +125,19 @@ class ModelService:
     @property
     def can_infill(self) -> bool:
         return self.tokenizer.can_infill
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """OpenAI's ``system_fingerprint``: a digest of what decides the outputs besides the request (the
+        library's version, the model's shape, dtype and quantization, a sample of its weights, the context), so
+        a client can tell when the backend changed."""
+        from .. import __version__
+        from ..quantize import model_quantization
+        model = self.engine.model
+        weights = model.tok_embeddings.weight
+        sample = weights.detach().reshape(-1)[:64].float().cpu().numpy().tobytes()
+        what = f"{__version__}|{model.args}|{weights.dtype}|{model_quantization(model)}|{self.context_length}"
+        return "fp_" + hashlib.sha256(what.encode() + sample).hexdigest()[:10]
 
     def check_model(self, name: Optional[str]) -> None:
         """A request's ``model``: empty, the served name, or the served name with Ollama's ``:latest`` tag."""
@@ -170,47 +187,66 @@ class ModelService:
                                     "format anyway (e.g. Code Llama 34B-Instruct)")
         t = self.tokenizer
         with bad_request():
-            validate_dialog(dialog)
+            asked, so_far = split_prefill(dialog)
+            validate_dialog(asked)
             if has_special_tags(dialog):
                 raise ValueError(UNSAFE_ERROR)
-            if self.chat_format == "step":
-                return Prompt(step_dialog_prompt_tokens(t, dialog), "", t.decode, (t.step_id,))
-            return Prompt(chat_prompt_tokens(t, dialog), "", t.decode, (t.eos_id,))
+            step = self.chat_format == "step"
+            ids = step_dialog_prompt_tokens(t, dialog) if step else chat_prompt_tokens(t, dialog)
+        # An answer continued from the one given (a prefill) keeps its first token's leading space, so that the
+        # answer so far followed by the new text reads as the model wrote it; a new answer is decoded alone.
+        decode = t.decode_infilling if so_far.strip() else t.decode
+        return Prompt(ids, "", decode, chat_stop_ids(t, step))
 
     def piece_text(self, token: int) -> str:
-        """One token's text on its own, for a list of alternatives: its piece with SentencePiece's word marker
-        as a space; a byte piece is its character, or ``bytes:\\xNN`` when the byte is not a whole character."""
+        """One token's text on its own, the one text every protocol reports for it (as the chosen token and as
+        an alternative): its piece with SentencePiece's word marker as a space (``" def"``, also first in an
+        answer whose decoded text drops that space); a byte piece is its character, or ``bytes:\\xNN`` when the
+        byte is not a whole character (OpenAI's spelling); a control piece (BOS, EOS) is empty, as decoding makes it."""
+        sp = self.tokenizer.sp_model
+        if sp.is_control(token):
+            return ""
         piece = self.tokenizer.token_piece(token)
-        byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
-        if byte:
-            value = int(byte.group(1), 16)
-            return chr(value) if value < 0x80 else f"bytes:\\x{value:02x}"
+        byte = _byte_piece(piece)
+        if byte is not None:
+            return chr(byte) if byte < 0x80 else f"bytes:\\x{byte:02x}"
         return piece.replace("\u2581", " ")
 
-    def logprob_entry(self, text: str, logprob: Optional[float], top: Optional[TopLogprobs]) -> dict:
+    def piece_bytes(self, token: int) -> List[int]:
+        """The UTF-8 bytes of one token's text: for a byte piece the byte itself, so that the tokens' bytes joined
+        are the text's even where one character spans several tokens."""
+        byte = _byte_piece(self.tokenizer.token_piece(token))
+        return [byte] if byte is not None else list(self.piece_text(token).encode())
+
+    def logprob_entry(self, token: int, logprob: Optional[float], top: Optional[TopLogprobs]) -> dict:
         """One token's log-probability as OpenAI's chat and Ollama report it: its text, value and bytes, and the
         likeliest alternatives in the same shape."""
-        alternatives = [{"token": (piece := self.piece_text(t)), "logprob": v, "bytes": list(piece.encode())}
-                        for t, v in (top or [])]
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode()), "top_logprobs": alternatives}
+        def entry(t: int, value: Optional[float]) -> dict:
+            return {"token": self.piece_text(t), "logprob": value, "bytes": self.piece_bytes(t)}
 
-    def logprob_entries(self, prompt: Prompt, r: Request) -> List[dict]:
-        """A finished request's :meth:`logprob_entry` for each new token (its text as the response reads it)."""
-        texts = self.token_texts(r.tokens, prompt.decode)
+        return {**entry(token, logprob), "top_logprobs": [entry(t, v) for t, v in (top or [])]}
+
+    def logprob_entries(self, r: Request) -> List[dict]:
+        """A finished request's :meth:`logprob_entry` for each new token."""
         tops = per_position(r.top_logprobs, r.tokens)
-        return [self.logprob_entry(t, lp, top) for t, lp, top in zip(texts, r.logprobs, tops)]
+        return [self.logprob_entry(t, lp, top) for t, lp, top in zip(r.tokens, r.logprobs, tops)]
 
     def token_texts(self, ids: Sequence[int], decode: Optional[Callable[[List[int]], str]] = None) -> List[str]:
-        """The text each token adds, in order (they join to the decoded text), for log-probabilities."""
+        """The text each token adds to the decoded text, in order (they join to it): where each token's text
+        begins (``text_offset``)."""
         stream = TextStream(self.tokenizer, decode)
         return [stream.push(i) for i in ids]
 
     # ------------------------------------------------------------------ generation
     def generate(self, work: Sequence[Tuple[Prompt, SamplingParams]], session: Hashable = None,
                  supersede: bool = True) -> "Generation":
-        """Submit each ``(prompt, params)``; must run on the event loop that will await the results. ``session``
-        (e.g. a client and the slot it names): a newer generation of the same session stops this one unless it
-        says ``supersede=False`` (see ``Engine.submit``)."""
+        """Submit each ``(prompt, params)``; must run on the event loop that will await the results. Params
+        without ``max_tokens`` get the service's default bound. ``session`` (e.g. a client and the slot it
+        names): a newer generation of the same session stops this one unless it says ``supersede=False``
+        (see ``Engine.submit``)."""
+        if self.default_max_tokens is not None:
+            work = [(prompt, params if params.max_tokens is not None else
+                     dataclasses.replace(params, max_tokens=self.default_max_tokens)) for prompt, params in work]
         return Generation(self.engine, work, session, supersede)
 
 
@@ -253,6 +289,14 @@ class Generation:
         return sum(r.cached_tokens for r in self.requests)
 
     @property
+    def prompt_cached_tokens(self) -> int:
+        """Of :attr:`prompt_tokens`, those read from the prefix cache: each distinct prompt's first request's."""
+        first = {}
+        for prompt, request in zip(self.prompts, self.requests):
+            first.setdefault(id(prompt), request)
+        return sum(r.cached_tokens for r in first.values())
+
+    @property
     def completion_tokens(self) -> int:
         return sum(len(r.tokens) for r in self.requests)
 
@@ -289,8 +333,14 @@ class Generation:
     def _take(self, i: int) -> List[Event]:
         try:
             return self.requests[i].take_events()
-        except RuntimeError as e:  # the engine failed the step (e.g. out of memory)
+        except (RuntimeError, ValueError) as e:  # the engine failed this request (e.g. out of memory)
             raise ServiceError(500, str(e)) from None
+
+
+def _byte_piece(piece: str) -> Optional[int]:
+    """The byte of a byte-fallback piece (``<0x0A>``), None for any other piece."""
+    found = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+    return int(found.group(1), 16) if found else None
 
 
 def _submit_error(error: Exception) -> ServiceError:

@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..engine import Request as EngineRequest
 from ..engine import SamplingParams
+from .security import check_content_type
 from .service import Generation, ModelService, Prompt, ServiceError
 
 M = TypeVar("M", bound=BaseModel)
@@ -44,10 +45,14 @@ def service_of(request: Request) -> ModelService:
 
 
 def json_body(model: Type[M]) -> Any:
-    """A dependency giving the request body as ``model``, whatever its Content-Type (``curl -d`` says
-    form-encoded), at most ``app.state.max_body_bytes`` long; a 400 (413 past the limit) otherwise."""
+    """A dependency giving the request body as ``model``, at most ``app.state.max_body_bytes`` long; a 400 (413
+    past the limit) otherwise, and a 415 for a content type that is not JSON (form-encoded, what ``curl -d``
+    says, or none, only from a program: see :func:`~codellama.serve.security.check_content_type`)."""
 
     async def parse(request: Request) -> M:
+        wrong_type = check_content_type(request.headers)
+        if wrong_type:
+            raise ServiceError(415, wrong_type)
         data = await _read_json(request)
         try:
             return model.model_validate(data)

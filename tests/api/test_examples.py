@@ -72,7 +72,7 @@ def test_completion_under_torchrun(stories_dir):
 
 def test_bad_checkpoint_dir_is_one_clear_line(tmp_path):
     r = run("example_completion.py", "--ckpt_dir", str(tmp_path / "missing"))
-    assert r.returncode == 2 and r.stderr.startswith("error: checkpoint directory not found") and "Traceback" not in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: --ckpt_dir: checkpoint directory not found") and "Traceback" not in r.stderr
 
 
 # ----------------------------------------------------------------------------- the bundled tiny model
@@ -134,7 +134,7 @@ def test_the_entry_point_runs_the_programs_and_says_errors_in_one_line():
 def test_an_unavailable_device_is_one_line():
     r = run("example_completion.py", "--device", "cuda")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("error: device 'cuda' is not available")
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --device cuda: device 'cuda' is not available")
 
 
 def test_the_bundled_model_notice_is_said_once_under_torchrun():

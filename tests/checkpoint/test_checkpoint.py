@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from codellama import Llama, ModelArgs, Tokenizer, load_model, open_checkpoint
-from codellama.checkpoint import detect_layout, permute_from_hf, permute_to_hf
-from codellama.save import convert_checkpoint as convert, split_for_shards
+from codellama.formats import detect_layout
+from codellama.formats.hf import permute_from_hf, permute_to_hf, save_hf_tokenizer
+from codellama.formats.meta import split_for_shards
+from codellama.save import convert_checkpoint as convert
 
 from helpers import CONFIGS, random_state_dict, write_checkpoint
 
@@ -270,7 +272,6 @@ def bundled_hf(tmp_path_factory):
 
 def hf_tokenizer_dir(tmp_path, tokenizer_path):
     """A converted HF directory's tokenizer files for ``tokenizer_path`` (the weights do not matter here)."""
-    from codellama.save import save_hf_tokenizer
     shutil.copyfile(tokenizer_path, tmp_path / "tokenizer.model")
     save_hf_tokenizer(Tokenizer(str(tokenizer_path)), tmp_path)
     return tmp_path

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from codellama import Llama, ModelArgs, Tokenizer, load_model
-from codellama.checkpoint import BUNDLED_CKPT_DIR, open_checkpoint
+from codellama.checkpoint import BUNDLED_CKPT_DIR
+from codellama.formats import open_checkpoint
 from codellama.cpu import int4_linear, int8_linear, optimize_for_cpu, pack_int4
+from codellama.cli.quantize import main
 from codellama.quantize import (DEFAULT_GROUP_SIZE, Int4Linear, Int8Linear, QuantConfig, QuantizedEmbedding,
-                                dequantize_int4, dequantize_int8, main, pack_int4 as pack_codes, parse_quantize,
+                                dequantize_int4, dequantize_int8, pack_int4 as pack_codes, parse_quantize,
                                 quantize_int4, quantize_int8, quantize_model, unpack_int4)
 from codellama.save import quantize_checkpoint
 
@@ -307,4 +309,4 @@ def test_examples_take_quantize_flags():
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, "example_completion.py", "--group_size", "32"], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip() == "error: --group_size needs --quantize int4"
+    assert r.returncode == 2 and r.stderr.strip() == "error: --group_size 32: needs quantize int4 (it sets int4's group size)"

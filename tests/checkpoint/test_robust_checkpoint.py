@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from codellama import ModelArgs, load_model, open_checkpoint
 from codellama import checkpoint
-from codellama.checkpoint import check_checkpoint_dir
+from codellama.formats import check_checkpoint_dir
 
 from helpers import write_checkpoint
 

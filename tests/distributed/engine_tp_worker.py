@@ -12,7 +12,7 @@ import threading
 import torch
 
 from codellama import Llama
-from codellama.commands import run
+from codellama.cli import run
 from codellama.engine import SamplingParams
 
 PROMPTS = [[1, 5, 9, 200, 17], [1, 300, 301, 8, 9, 10, 11, 12, 13, 14, 15, 16], [1, 7], [1, 40, 41, 42, 43, 44]]

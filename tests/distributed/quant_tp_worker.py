@@ -12,7 +12,7 @@ import sys
 import torch
 
 from codellama import Llama
-from codellama.commands import is_main_process, run
+from codellama.cli import is_main_process, run
 
 from tp_worker import PROMPTS, TOKENS
 

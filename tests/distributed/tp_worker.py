@@ -9,7 +9,7 @@ import sys
 import torch
 
 from codellama import Llama
-from codellama.commands import is_main_process, run
+from codellama.cli import is_main_process, run
 
 TOKENS = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
 PROMPTS = [[1, 5, 9, 200, 17], [1, 300, 301, 8, 9, 10, 11, 12, 13, 14, 15, 16]]

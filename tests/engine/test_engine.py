@@ -238,7 +238,7 @@ def test_stop_token_ids_and_limits(tiny, solo):
 
 
 def test_bad_requests_are_refused_clearly(tiny):
-    engine = fresh(tiny, max_seq_len=32, max_waiting=1)
+    engine = fresh(tiny, max_seq_len=32, max_batch_size=1, max_waiting=1)
     with pytest.raises(ValueError, match="more than max_seq_len=32"):
         engine.submit(list(range(1, 40)), GREEDY)
     with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -253,7 +253,8 @@ def test_bad_requests_are_refused_clearly(tiny):
                         "top_logprobs must be an integer"), (dict(top_logprobs=3), "needs logprobs=True")):
         with pytest.raises(ValueError, match=match):
             SamplingParams(**bad)
-    engine.submit([1, 2], GREEDY)
+    engine.submit([1, 2], GREEDY)  # takes the free slot at the next step
+    engine.submit([1, 2], GREEDY)  # waits for it
     with pytest.raises(EngineFull, match="max_waiting=1"):
         engine.submit([1, 3], GREEDY)
 

@@ -152,25 +152,42 @@ def test_a_zero_budget_has_no_prompt_cache_and_prompt_logprobs_reuse_nothing(tin
                                               .result().prompt_logprobs, abs=1e-5)
 
 
-def test_a_request_with_nothing_to_generate_fills_the_cache(tiny, texts):
-    e = engine(tiny)
-    warm = e.submit(texts[2], SamplingParams(temperature=0, max_tokens=0)).result()
-    assert warm.finish_reason == "length" and warm.tokens == []
-    r = e.submit(texts[2] + texts[0][1:30], GREEDY).result()
-    assert r.cached_tokens == len(texts[2]) and r.tokens == cold(tiny, texts[2] + texts[0][1:30])
+def test_a_failed_copy_drops_the_prompt_cache_and_fails_only_the_request_it_served(tiny, texts, monkeypatch):
+    e = engine(tiny, max_batch_size=2)
+    e.submit(texts[0], GREEDY).result()
+    e.submit(texts[1], GREEDY).result()
+    e.submit(texts[2], GREEDY).result()  # texts[0] is saved to host memory as its slot is overwritten
+    assert e.scheduler.prompt_cache.match(texts[0])
+    running = e.submit(texts[1] + texts[3][1:9], SamplingParams(temperature=0, max_tokens=40))
+    while not running.tokens:
+        e.step()
+    apply = e.runner.apply_cache_ops
+
+    def failing(ops):
+        if ops:
+            raise RuntimeError("host memory lost")
+        apply(ops)
+
+    monkeypatch.setattr(e.runner, "apply_cache_ops", failing)
+    with pytest.raises(RuntimeError, match="host memory lost"):
+        e.submit(texts[0] + texts[3][1:20], GREEDY).result()  # its restore fails: it alone fails
+    assert not e.scheduler.prompt_cache.blocks  # nothing copied out earlier is trusted any more
+    monkeypatch.setattr(e.runner, "apply_cache_ops", apply)
+    assert running.result().tokens == engine(tiny, cache_ram_mb=0).submit(running.prompt, running.params).result().tokens
+    assert e.submit(texts[0], GREEDY).result().tokens == cold(tiny, texts[0])
 
 
-def test_a_failed_step_drops_the_prompt_cache(tiny, texts, monkeypatch):
+def test_a_failed_forward_keeps_the_prompt_cache(tiny, texts, monkeypatch):
     e = engine(tiny)
     e.submit(texts[0], GREEDY).result()
     e.submit(texts[1], GREEDY).result()
-    assert e.scheduler.prompt_cache.blocks
-    monkeypatch.setattr(e.runner, "execute", lambda *a: (_ for _ in ()).throw(RuntimeError("device lost")))
-    with pytest.raises(RuntimeError):
-        e.submit(texts[2], GREEDY).result()
-    assert not e.scheduler.prompt_cache.blocks
-    monkeypatch.undo()
-    assert e.submit(texts[0], GREEDY).result().tokens == cold(tiny, texts[0])
+    execute = e.runner.execute
+    monkeypatch.setattr(e.runner, "execute", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost")))
+    with pytest.raises(RuntimeError, match="device lost"):
+        e.submit(texts[0] + texts[2][1:9], GREEDY).result()
+    monkeypatch.setattr(e.runner, "execute", execute)
+    again = e.submit(texts[0] + texts[2][1:9], GREEDY).result()  # the blocks were saved before: still good
+    assert again.restored_tokens > 0 and again.tokens == cold(tiny, texts[0] + texts[2][1:9])
 
 
 # ----------------------------------------------------------------------------- chunk reuse: the arithmetic

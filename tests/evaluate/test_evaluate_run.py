@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT as CONFTEST_ROOT
 
 import codellama.evaluate.run as run_module
-from codellama.evaluate.__main__ import main
+from codellama.cli.evaluate import main
 from codellama.evaluate.data import Benchmark, Task
 from codellama.evaluate.passk import pass_at_k
 from codellama.evaluate.run import (evaluate, format_report, generate_samples, llama_sampler, read_jsonl,

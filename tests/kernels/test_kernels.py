@@ -247,7 +247,7 @@ def test_triton_available_reports_why_not(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
     ok, why = kernels.triton_available()
     assert not ok and "triton cannot be imported" in why
-    from codellama.ops import select_ops
+    from codellama.kernels import select_ops
     assert select_ops("auto", "cpu") is TorchOps
     with pytest.raises(ValueError, match="unavailable"):
         select_ops("triton", "cpu")

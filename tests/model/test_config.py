@@ -4,6 +4,7 @@ import json
 import pytest
 
 from codellama import PRESETS, ModelArgs
+from codellama.formats import hf
 
 # The reference table (../shared/docs/reference.md): dim, layers, heads, kv heads, FFN hidden, vocab, rope_theta.
 TABLE = {
@@ -92,21 +93,21 @@ def test_invalid_values(bad, match):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_hf_config_round_trip(name):
     a = ModelArgs.from_name(name)
-    assert ModelArgs.from_hf_config(a.to_hf_config()) == a
+    assert hf.read_config(hf.write_config(a)) == a
 
 
 def test_hf_config_odd_ffn_sizes_round_trip():
     for a in (ModelArgs(dim=64, n_heads=8, multiple_of=4, vocab_size=512),
               ModelArgs(dim=120, n_heads=5, multiple_of=7, ffn_dim_multiplier=1.3, vocab_size=333),
               ModelArgs(dim=96, n_heads=6, multiple_of=1, ffn_dim_multiplier=0.5, vocab_size=10)):
-        assert ModelArgs.from_hf_config(a.to_hf_config()).hidden_dim == a.hidden_dim
+        assert hf.read_config(hf.write_config(a)).hidden_dim == a.hidden_dim
 
 
 def test_hf_config_rope_theta_in_transformers_5_layout():
-    cfg = ModelArgs.from_name("7b").to_hf_config()
+    cfg = hf.write_config(ModelArgs.from_name("7b"))
     del cfg["rope_theta"]
     cfg["rope_parameters"] = {"rope_theta": 1e6, "rope_type": "default"}
-    assert ModelArgs.from_hf_config(cfg).rope_theta == 1e6
+    assert hf.read_config(cfg).rope_theta == 1e6
 
 
 @pytest.mark.parametrize("change, match", [
@@ -118,11 +119,11 @@ def test_hf_config_rope_theta_in_transformers_5_layout():
     ({"head_dim": 64}, "head_dim"),
 ])
 def test_hf_config_refuses_what_it_cannot_run(change, match):
-    cfg = {**ModelArgs.from_name("7b").to_hf_config(), **change}
+    cfg = {**hf.write_config(ModelArgs.from_name("7b")), **change}
     with pytest.raises(ValueError, match=match):
-        ModelArgs.from_hf_config(cfg)
+        hf.read_config(cfg)
 
 
 def test_hf_config_missing_keys():
     with pytest.raises(ValueError, match=r"missing key\(s\) \['intermediate_size'\]"):
-        ModelArgs.from_hf_config({"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 9})
+        hf.read_config({"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 9})

@@ -8,9 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codellama import ModelArgs
+from codellama.formats import hf
 
 VALID = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 16, "norm_eps": 1e-5, "rope_theta": 1e6}
-HF_VALID = ModelArgs(**VALID, vocab_size=128).to_hf_config()
+HF_VALID = hf.write_config(ModelArgs(**VALID, vocab_size=128))
 
 
 def write_params(tmp_path, params, name="params.json"):
@@ -63,7 +64,7 @@ def test_non_utf8_params_json(tmp_path):
 def test_hf_config_bad_value_names_file_key_value_and_valid(tmp_path, key, value, match):
     path = write_params(tmp_path, {**HF_VALID, key: value}, "config.json")
     with pytest.raises(ValueError, match=f"config.json: {match}"):
-        ModelArgs.from_hf_config(path)
+        hf.read_config(path)
 
 
 # Values a config file can hold: right, wrong-typed, zero, negative, non-finite, absurd.
@@ -91,6 +92,6 @@ def test_any_params_json_loads_or_fails_with_a_value_error_naming_it(tmp_path, c
 def test_any_hf_config_loads_or_fails_with_a_value_error_naming_it(tmp_path, changes):
     path = write_params(tmp_path, {**HF_VALID, **changes}, "config.json")
     try:
-        ModelArgs.from_hf_config(path)
+        hf.read_config(path)
     except ValueError as e:
         assert str(e).startswith(f"{path}: ")

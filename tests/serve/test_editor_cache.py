@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from codellama.engine.scheduler import common_prefix
-from codellama.serve.__main__ import parser
+from codellama.cli.serve import parser
 from test_serve import MAX_SEQ_LEN, captured_requests, make_service, running, tiny, wait_until  # noqa: F401
 
 PREFIX = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(6))
@@ -76,4 +76,3 @@ def test_the_cache_flags():
     assert (args.cache_ram_mb, args.cache_reuse, args.spm_infill) == (512, 256, True)
     args = parser().parse_args(["--cache_ram_mb", "0", "--cache_reuse", "0"])
     assert (args.cache_ram_mb, args.cache_reuse, args.spm_infill) == (0, 0, False)
-    assert parser().parse_args(["--cache-ram", "64"]).cache_ram_mb == 64  # llama-server's spelling

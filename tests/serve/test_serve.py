@@ -499,7 +499,7 @@ def test_shutdown_ends_in_flight_streams_and_leaves_no_thread(tiny):
 def test_the_command_line_builds_the_llamas_own_engine_with_speculation(tiny):
     """``python -m codellama.serve --speculate prompt --quantize int8``: the server's engine is the Llama's, queue
     bound, quantized weights and speculator included, and a completion through it is the plain greedy one."""
-    from codellama.serve.__main__ import build_service, parser
+    from codellama.cli.serve import build_service, parser
     from codellama.engine.speculative import PromptLookup
     args = parser().parse_args(["--max_seq_len", str(MAX_SEQ_LEN), "--max_waiting", "3", "--speculate", "prompt",
                                 "--device", "cpu", "--quantize", "int8"])

@@ -30,16 +30,14 @@ tensor-parallel ranks like any other (``codellama.distributed`` cuts scales with
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu
+from .. import cpu
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -304,7 +302,7 @@ class Int8Linear(QuantizedLinear):
         return cpu.int8_linear(x, self.weight, self.scales)
 
     def triton_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels.quant_matmul import int8_matmul
+        from ..kernels.quant_matmul import int8_matmul
         return int8_matmul(x, self.weight, self.scales)
 
 
@@ -351,7 +349,7 @@ class Int4Linear(QuantizedLinear):
         return cpu.int4_linear(F.pad(x, (0, pad)) if pad else x, self.cpu_weight, self.cpu_scales_zeros, self.group_size)
 
     def triton_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels.quant_matmul import int4_matmul
+        from ..kernels.quant_matmul import int4_matmul
         return int4_matmul(x, self.weight, self.scales, self.zeros, self.group_size)
 
     def extra_repr(self) -> str:
@@ -469,43 +467,5 @@ def model_quantization(model: nn.Module) -> Optional[str]:
 
 
 def _triton_ready() -> bool:
-    from .kernels import triton_available
+    from ..kernels import triton_available
     return triton_available()[0]
-
-
-# ----------------------------------------------------------------------------- command line
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m codellama.quantize", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="checkpoint directory (Meta or Hugging Face layout), full precision")
-    p.add_argument("dst", help="output directory (new or empty, or any with --force): config.json + model.safetensors")
-    scheme = p.add_mutually_exclusive_group(required=True)
-    scheme.add_argument("--int8", dest="scheme", action="store_const", const="int8",
-                        help="int8 codes, one scale per output channel")
-    scheme.add_argument("--int4", dest="scheme", action="store_const", const="int4",
-                        help="int4 codes, a scale and a zero per group of inputs")
-    p.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
-                   help=f"int4 only: inputs per group (default {DEFAULT_GROUP_SIZE})")
-    p.add_argument("--include-output", action="store_true", help="quantize the output layer too")
-    p.add_argument("--output-scheme", default=None, choices=SCHEMES,
-                   help="the output layer's own scheme (implies --include-output), e.g. int8 in an int4 checkpoint")
-    p.add_argument("--include-embeddings", action="store_true", help="quantize the token embedding too")
-    p.add_argument("--dtype", default=None, help="dtype of the scales and the layers left in full precision "
-                                                 "(default: the checkpoint's)")
-    p.add_argument("--force", action="store_true", help="write into a non-empty DST, replacing its checkpoint files")
-    a = p.parse_args(argv)
-    from .convert import run_writer
-    from .save import quantize_checkpoint
-
-    def write() -> str:
-        config = QuantConfig(a.scheme, a.group_size, include_output=a.include_output or a.output_scheme is not None,
-                             include_embeddings=a.include_embeddings, output_scheme=a.output_scheme)
-        quantize_checkpoint(a.src, a.dst, config, dtype=a.dtype, force=a.force)
-        return f"wrote {config.describe()} checkpoint to {a.dst}"
-
-    return run_writer(write)
-
-
-if __name__ == "__main__":
-    from codellama.quantize import main as package_main  # the package's module, whose classes the library checks
-    sys.exit(package_main())

@@ -1,117 +1,30 @@
-"""The command-line programs: code completion, infilling and instruct chat, with Meta's flags.
-
-``python -m codellama complete|infill|chat`` and the example scripts (``example_completion.py``, …) run the
-same functions below. What they share: the reference's flags (with each program's defaults, shown by
-``--help``), building a ``Llama`` from them, printing on rank 0 only under ``torchrun``, and turning the
-library's input errors into one line on stderr with exit status 2.
+"""The programs complete, infill and chat, with Meta's flags (``python -m codellama complete|infill|chat`` and the
+example scripts ``example_completion.py``, ``example_infill.py``, ``example_instruct.py`` run the same
+functions). Each has the reference's defaults for its flags, shown by ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
-from .distributed import close_process_group
-from .generation import Llama
-from .ops import ATTENTION_CHOICES
-from .quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES, QuantConfig
-from .runtime import DTYPES
-from .engine.speculative import SPECULATE_CHOICES
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """``--help`` keeps the usage text's line breaks and shows each default (unless the help says it)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        if not unset and "default" not in text:
-            text += (" " if text else "") + "(default: %(default)s)"
-        return text
+from ..build import build
+from ..generation import Llama
+from ..options import ENGINE_FLAGS, LOAD_FLAGS, SAMPLING_FLAGS, HelpFormatter, add_flags, engine_options, load_options
+from . import RULE, is_main_process, run, say  # noqa: F401  (run: the example scripts' entry)
 
 
 def example_parser(description: str, *, temperature: float, top_p: float, max_seq_len: int, max_batch_size: int,
                    max_gen_len: Optional[int], prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The flags of Meta's example scripts (with their defaults per script) plus this library's own."""
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt_dir", default=None, help="checkpoint directory, Meta or Hugging Face layout "
-                                                    "(default: the tiny demonstration model bundled with the package)")
-    p.add_argument("--tokenizer_path", default=None, help="tokenizer.model (default: CKPT_DIR/tokenizer.model)")
-    p.add_argument("--temperature", type=float, default=temperature, help="0 is greedy")
-    p.add_argument("--top_p", type=float, default=top_p, help="nucleus sampling: the probability mass kept")
-    p.add_argument("--max_seq_len", type=int, default=max_seq_len, help="context length (prompt + answer)")
-    p.add_argument("--max_batch_size", type=int, default=max_batch_size, help="prompts decoded at once")
-    gen_default = "until the context is full; the bundled model stops at 128" if max_gen_len is None else max_gen_len
-    p.add_argument("--max_gen_len", type=int, default=max_gen_len, help=f"new tokens per answer (default: {gen_default})")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                   help="kernels for attention, RMSNorm and RoPE (auto: Triton on CUDA)")
-    p.add_argument("--compile", action="store_true", help="decode with a torch.compile'd static-shape step")
-    p.add_argument("--speculate", default=None, choices=SPECULATE_CHOICES,
-                   help="speculative decoding: prompt lookup, or a draft model (--draft_ckpt_dir); output unchanged")
-    p.add_argument("--draft_ckpt_dir", default=None, help="the draft model for --speculate draft (same tokenizer)")
-    add_quantize_flags(p)
+    add_flags(p, LOAD_FLAGS + ENGINE_FLAGS + SAMPLING_FLAGS, temperature=temperature, top_p=top_p,
+              max_seq_len=max_seq_len, max_batch_size=max_batch_size, max_gen_len=max_gen_len)
     return p
 
 
-def add_quantize_flags(p: argparse.ArgumentParser) -> None:
-    """``--quantize`` and ``--group_size`` (the examples' and the server's); read them with ``quantize_option``."""
-    p.add_argument("--quantize", default=None, choices=SCHEMES,
-                   help="weight-only quantization as the checkpoint loads (a quantized checkpoint needs none)")
-    p.add_argument("--group_size", "--group-size", type=int, default=None, choices=GROUP_SIZES,
-                   help=f"int4 only: inputs per scale (default {DEFAULT_GROUP_SIZE})")
-
-
-def quantize_option(args: argparse.Namespace) -> Optional[QuantConfig]:
-    """``--quantize`` and ``--group_size`` as the ``quantize=`` of ``Llama.build`` (None: no quantization)."""
-    if args.quantize is None:
-        if args.group_size is not None:
-            raise ValueError("--group_size needs --quantize int4")
-        return None
-    return QuantConfig(args.quantize, args.group_size)
-
-
-def build(args: argparse.Namespace) -> Llama:
-    return Llama.build(args.ckpt_dir, args.tokenizer_path, args.max_seq_len, args.max_batch_size,
-                       device=args.device, dtype=args.dtype, attention=args.attention, compile=args.compile,
-                       speculate=args.speculate, draft_ckpt_dir=args.draft_ckpt_dir, quantize=quantize_option(args))
-
-
-def is_main_process() -> bool:
-    """Rank 0 prints; the other ranks of a ``torchrun`` job stay quiet."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def say(*lines: str) -> None:
-    """Print on rank 0 only."""
-    if is_main_process():
-        for line in lines:
-            print(line)
-
-
-def run(main: Callable[..., None], argv: Optional[List[str]] = None) -> None:
-    """Run a program's ``main`` (with ``argv`` when given, else as ``main()``: its arguments from ``sys.argv``),
-    turning the library's input errors into one line and exit status 2."""
-    try:
-        main() if argv is None else main(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TimeoutError as e:  # a stalled rank under torchrun: the message names the rank and the timeout
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    if close_process_group():
-        # Under torchrun, gloo's C++ teardown at interpreter exit sometimes aborts a rank that has finished
-        # its work ("terminate called without an active exception"): leave without it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-RULE = "=" * 34
+def build_llama(args: argparse.Namespace) -> Llama:
+    return Llama.from_built(build(load_options(args), engine_options(args)))
 
 
 # ----------------------------------------------------------------------------- complete
@@ -135,7 +48,7 @@ def complete(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> No
     parser.add_argument("--stream", action="store_true", help="print the first completion as it is generated")
     args = parser.parse_args(argv)
     prompts = args.prompt or COMPLETE_PROMPTS
-    generator = build(args)
+    generator = build_llama(args)
     if args.stream:  # the first prompt's completion, piece by piece
         say(prompts[0])
         if is_main_process():
@@ -182,7 +95,7 @@ def infill(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> None
     args = parser.parse_args(argv)
     prompts = args.prompt or INFILL_PROMPTS
     prefixes, suffixes = zip(*(split_prompt(p) for p in prompts))  # check the markers before loading
-    generator = build(args)
+    generator = build_llama(args)
     results = generator.text_infilling(list(prefixes), list(suffixes), temperature=args.temperature, top_p=args.top_p,
                                        max_gen_len=args.max_gen_len)
     for prompt, result in zip(prompts, results):
@@ -212,12 +125,10 @@ def chat(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> None:
                         help="your own question, a one-message dialog (repeatable; default: the built-in dialogs)")
     args = parser.parse_args(argv)
     dialogs = [[{"role": "user", "content": p}] for p in args.prompt] if args.prompt else DIALOGS
-    generator = build(args)
+    generator = build_llama(args)
     results = generator.chat_completion(dialogs, temperature=args.temperature, top_p=args.top_p,
                                         max_gen_len=args.max_gen_len)
     for dialog, result in zip(dialogs, results):
         say(*(f"{msg['role'].capitalize()}: {msg['content']}\n" for msg in dialog),
             f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}", "\n" + RULE + "\n")
 
-
-PROGRAMS: Sequence[Tuple[str, Callable]] = (("complete", complete), ("infill", infill), ("chat", chat))
