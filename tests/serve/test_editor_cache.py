@@ -58,6 +58,18 @@ def test_tokens_cached_and_prompt_n_count_what_was_not_computed(tiny, reuse):
         assert typed["timings"]["prompt_n"] > len(SUFFIX) // 4 and moved["timings"]["prompt_n"] > len(PREFIX) // 4
 
 
+def test_openai_cached_tokens_count_moved_runs_too(tiny, monkeypatch):
+    service = make_service(tiny, max_batch_size=1, cache_reuse=16)
+    seen = captured_requests(service, monkeypatch)
+    body = {"model": "codellama-tiny", "prompt": PREFIX + "def g", "suffix": SUFFIX, "max_tokens": 2, "temperature": 0}
+    with running(service) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        http.post("/v1/completions", json=body)
+        usage = http.post("/v1/completions", json={**body, "prompt": PREFIX + "def gx"}).json()["usage"]
+    shared = common_prefix(seen[0].prompt, seen[1].prompt)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == seen[1].cached_tokens
+    assert seen[1].cached_tokens == shared + seen[1].shifted_tokens and seen[1].shifted_tokens > 0
+
+
 def test_spm_infill_lays_prompts_out_suffix_first(tiny):
     service = make_service(tiny)
     service.spm_infill = True
