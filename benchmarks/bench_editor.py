@@ -54,6 +54,7 @@ import re
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -535,7 +536,8 @@ def main() -> None:
                    "instead of a random model, e.g. codellama/assets/tiny with --ctx 512 --batch 256 to measure "
                    "chunk reuse's agreement on a trained model")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="our server's --quantize")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="our server's --quantize (int8: "
+                   "llama-server gets the GGUF quantized to Q8_0)")
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES), help="our server's modes (none: "
                    "only llama-server)")
     p.add_argument("--files", nargs="+", default=None, help="source files (default: four of the standard library's)")
@@ -611,6 +613,13 @@ def main() -> None:
             if not os.path.isfile(gguf_path):
                 bf16 = a.dtype == "bf16" and not a.ckpt_dir
                 write_gguf(gguf_path, makers, args, tokenizer_path, a.ctx, bf16=bf16)
+            if a.quantize == "int8":  # llama.cpp's 8-bit scheme for our int8
+                q8 = os.path.join(tmp, "model-q8_0.gguf")
+                if not os.path.isfile(q8):
+                    quantizer = os.path.join(os.path.dirname(a.llama_server), "llama-quantize")
+                    subprocess.run([quantizer, gguf_path, q8, "Q8_0", str(a.threads)], check=True,
+                                   stdout=subprocess.DEVNULL)
+                gguf_path = q8
             for name, flags in PEERS.items():
                 port = free_port()
                 command = [a.llama_server, "-m", gguf_path, "--host", "127.0.0.1", "--port", str(port),

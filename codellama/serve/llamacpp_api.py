@@ -97,9 +97,11 @@ async def _respond(request: Request, service: ModelService, prompt: Prompt, body
 
 
 def _params(body: CompletionBody) -> SamplingParams:
+    # n_predict 0 still evaluates the prompt into the cache, as llama-server does (editors warm the cache so):
+    # one token is drawn and not answered.
     return sampling(temperature=max(body.temperature, 0.0), top_p=body.top_p,
                     top_k=body.top_k if body.top_k > 0 else None,
-                    max_tokens=body.n_predict if body.n_predict >= 0 else None, stop=body.stop,
+                    max_tokens=max(body.n_predict, 1) if body.n_predict >= 0 else None, stop=body.stop,
                     seed=body.seed if body.seed >= 0 else None)
 
 
@@ -110,7 +112,7 @@ async def _stream(service: ModelService, generation: Generation, body: Completio
         async for _, event in generation.events():
             if event.finish_reason is not None:
                 yield sse(_final(service, generation.prompts[0], generation.requests[0], body, event.text))
-            elif event.text:
+            elif event.text and body.n_predict != 0:
                 yield sse({"content": event.text, "stop": False, "index": 0})
     except ServiceError as e:
         yield sse({"content": "", "stop": True, **error_body(e.status, e.message)})
@@ -118,13 +120,15 @@ async def _stream(service: ModelService, generation: Generation, body: Completio
 
 def _final(service: ModelService, prompt: Prompt, r: EngineRequest, body: CompletionBody, content: str) -> dict:
     """llama.cpp's completion result: the text, why it stopped, the counts and timings."""
-    word = next((s for s in r.params.stop if s in prompt.decode(r.tokens)), "")
+    tokens = r.tokens if body.n_predict != 0 else []  # a cache warm-up's drawn token is not an answer
+    content = content if body.n_predict != 0 else ""
+    word = next((s for s in r.params.stop if s in prompt.decode(tokens)), "")
     stop_type = "limit" if r.finish_reason == "length" else "word" if word else "eos"
     first = r.first_token_at if r.first_token_at is not None else r.finished_at
     prompt_ms, predicted_ms = (first - r.submitted) * 1000, (r.finished_at - first) * 1000
-    return {"content": content, "tokens": r.tokens if body.return_tokens else [], "stop": True, "index": 0,
-            "model": service.name, "tokens_predicted": len(r.tokens), "tokens_evaluated": len(r.prompt),
+    return {"content": content, "tokens": tokens if body.return_tokens else [], "stop": True, "index": 0,
+            "model": service.name, "tokens_predicted": len(tokens), "tokens_evaluated": len(r.prompt),
             "tokens_cached": r.cached_tokens, "stop_type": stop_type, "stopping_word": word, "truncated": False,
             "timings": {"prompt_n": len(r.prompt) - r.cached_tokens, "prompt_ms": prompt_ms,
-                        "predicted_n": len(r.tokens), "predicted_ms": predicted_ms,
-                        "predicted_per_second": len(r.tokens) / (predicted_ms / 1000) if predicted_ms > 0 else 0.0}}
+                        "predicted_n": len(tokens), "predicted_ms": predicted_ms,
+                        "predicted_per_second": len(tokens) / (predicted_ms / 1000) if predicted_ms > 0 else 0.0}}

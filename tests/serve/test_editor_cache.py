@@ -26,6 +26,8 @@ def test_a_newer_request_for_the_same_slot_supersedes_the_one_in_flight(tiny, mo
         wait_until(lambda: seen and seen[0].tokens)  # decoding
         warm = http.post("/infill", json={**body, "prompt": "", "n_predict": 0})  # a warm-up stops nobody
         assert warm.status_code == 200 and not seen[0].done
+        assert warm.json()["content"] == "" and warm.json()["tokens_predicted"] == 0
+        assert len(seen[1].prompt) - seen[1].cached_tokens > 0  # it computed its prompt (into the cache)
         other = threading.Thread(target=lambda: answers.setdefault(
             "other", http.post("/infill", json={**body, "id_slot": 1, "n_predict": 64})))
         other.start()
