@@ -83,11 +83,11 @@ LLAMA_SERVER = "/work/peers/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/l
 MODES = {
     "base": ["--cache_ram_mb", "0"],
     "cache": [],  # the prompt cache at its default budget
-    "shift": ["--cache_reuse", "256"],
+    "shift": ["--cache_reuse", "{reuse}"],
     "spm": ["--spm_infill"],
-    "spm+shift": ["--spm_infill", "--cache_reuse", "256"],
+    "spm+shift": ["--spm_infill", "--cache_reuse", "{reuse}"],
 }
-PEERS = {"llama-server": [], "llama-server --cache-reuse 256": ["--cache-reuse", "256"]}
+PEERS = {"llama-server": [], "llama-server --cache-reuse {reuse}": ["--cache-reuse", "{reuse}"]}
 EXTRA_SIZES = {"7b": dict(dim=4096, n_layers=32, n_heads=32, multiple_of=256, vocab_size=32016, rope_theta=1e6)}
 
 
@@ -543,6 +543,7 @@ def main() -> None:
     p.add_argument("--files", nargs="+", default=None, help="source files (default: four of the standard library's)")
     p.add_argument("--requests", type=int, default=60, help="FIM requests in the session")
     p.add_argument("--n-predict", type=int, default=1)
+    p.add_argument("--reuse", type=int, default=256, help="--cache_reuse of the shift modes (and llama-server's)")
     p.add_argument("--ctx", type=int, default=4096, help="our --max_seq_len; prompts are kept within it")
     p.add_argument("--batch", type=int, default=2048, help="llama-server's -b (its infill fitting's budgets)")
     p.add_argument("--slots", type=int, default=4, help="our --max_batch_size and llama-server's -np")
@@ -596,7 +597,8 @@ def main() -> None:
             makers = model.makers()
         for mode in a.modes:
             command = [sys.executable, "-m", "codellama.serve", "--ckpt_dir", ckpt, "--port", "0", "--dtype", a.dtype,
-                       "--max_batch_size", str(a.slots), "--max_seq_len", str(a.ctx), *MODES[mode], *a.server_args]
+                       "--max_batch_size", str(a.slots), "--max_seq_len", str(a.ctx),
+                       *(f.format(reuse=a.reuse) for f in MODES[mode]), *a.server_args]
             if a.quantize:
                 command += ["--quantize", a.quantize]
             results[mode] = run_server(mode, command, r"Uvicorn running on (http://\S+)", events, a.client)
@@ -621,6 +623,7 @@ def main() -> None:
                                    stdout=subprocess.DEVNULL)
                 gguf_path = q8
             for name, flags in PEERS.items():
+                name, flags = name.format(reuse=a.reuse), [f.format(reuse=a.reuse) for f in flags]
                 port = free_port()
                 command = [a.llama_server, "-m", gguf_path, "--host", "127.0.0.1", "--port", str(port),
                            "-c", str(a.ctx * a.slots), "-b", str(a.batch), "-ub", "512", "-np", str(a.slots),
