@@ -557,6 +557,7 @@ def main() -> None:
     p.add_argument("--skip-llama-cpp", action="store_true")
     p.add_argument("--model-dir", default=None, help="keep the random checkpoint and its GGUF here between runs "
                    "(default: a temporary directory)")
+    p.add_argument("--json", default=None, help="also write every request's figures here")
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="more flags for our server")
     a = p.parse_args()
 
@@ -633,6 +634,14 @@ def main() -> None:
                 table.append(row(name, s))
                 report(table[-1], s)
     print("\n" + "\n".join(table))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({name: [{"at": r.event.at, "kind": r.event.kind, "what": r.event.what, "sent": r.sent,
+                               "first": r.first, "done": r.done, "superseded": r.superseded, "error": r.error,
+                               "prompt": r.final.get("tokens_evaluated"), "cached": r.final.get("tokens_cached"),
+                               "computed": r.final.get("timings", {}).get("prompt_n"),
+                               "content": r.final.get("content")} for r in rs]
+                       for name, rs in results.items()}, f, indent=1)
     if "base" in results:
         base = summarize(results["base"], None)
         for name in results:

@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from ..model import KVCache
-from .prompt_cache import FreeBlocks, RestoreBlocks, SaveBlocks, ShiftRuns
+from .prompt_cache import CacheOp, FreeBlocks, RestoreBlocks, SaveBlocks, ShiftRuns
 
 SLAB_BYTES = 64 * 2**20
 
@@ -62,7 +62,7 @@ class HostBlocks:
         """Nothing to do: a freed block's row is reused by the next block given its id; slabs stay allocated."""
 
 
-def apply_cache_ops(ops: Sequence[object], cache: KVCache, store: HostBlocks, inv_freq: torch.Tensor) -> None:
+def apply_cache_ops(ops: Sequence[CacheOp], cache: KVCache, store: HostBlocks, inv_freq: torch.Tensor) -> None:
     """Carry out a step's cache operations, in order (see :mod:`.prompt_cache`)."""
     for op in ops:
         if isinstance(op, SaveBlocks):

@@ -40,7 +40,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 BLOCK_SIZE = 16  # tokens per block, as vLLM's default
 DEFAULT_CACHE_RAM_MB = 2048  # the host-memory budget when the user sets none
@@ -88,7 +88,7 @@ class ShiftRuns:
     runs: List[Tuple[int, int, int]]
 
 
-CacheOp = object  # one of the four above
+CacheOp = Union[SaveBlocks, FreeBlocks, RestoreBlocks, ShiftRuns]
 
 
 # ----------------------------------------------------------------------------- the tree
@@ -150,7 +150,7 @@ class PromptCache:
         for b in blocks:
             b.last_used = now
 
-    def save(self, slot: int, tokens: Sequence[int], protect: Sequence[Block] = ()) -> List[object]:
+    def save(self, slot: int, tokens: Sequence[int], protect: Sequence[Block] = ()) -> List[CacheOp]:
         """The operations that put ``tokens`` (a slot's contents from position 0) into the tree: the evictions
         that make room, then the copies of the blocks it lacks. Past the budget, the end is left out."""
         B, node = self.block_size, self.root
@@ -176,7 +176,7 @@ class PromptCache:
             node = block
         self.touch(path + new)
         self.stats["saved_blocks"] += len(new)
-        ops: List[object] = [FreeBlocks(freed)] if freed else []
+        ops: List[CacheOp] = [FreeBlocks(freed)] if freed else []
         if new:
             ops.append(SaveBlocks(slot, [(b.id, b.depth * B) for b in new]))
         return ops
@@ -189,13 +189,11 @@ class PromptCache:
         self.stats["hits"] += 1
         return RestoreBlocks(slot, [(b.id, b.depth * self.block_size) for b in chosen])
 
-    def clear(self) -> Optional[FreeBlocks]:
-        """Forget every block (their contents are no longer trusted)."""
-        ids = list(self.blocks)
+    def clear(self) -> None:
+        """Forget every block (their contents are no longer trusted); the runner's rows are reused from 0."""
         self.root.children.clear()
         self.blocks.clear()
         self._free_ids, self._next_id = [], itertools.count()
-        return FreeBlocks(ids) if ids else None
 
     # ------------------------------------------------------------------ internals
     def _new_id(self) -> int:

@@ -18,7 +18,7 @@ import torch
 from ..model import KVCache, Transformer, rope_inv_freq
 from ..sampling import TopLogprobs, logprobs_and_top, sample, usable_rows
 from .host_blocks import HostBlocks, apply_cache_ops
-from .prompt_cache import BLOCK_SIZE
+from .prompt_cache import BLOCK_SIZE, CacheOp
 from .request import Request
 from .scheduler import Forward
 
@@ -62,7 +62,7 @@ class ModelRunner:
         return KVCache.bytes_per_token(self.model.args, self.model.norm.weight.dtype, self.model.tp)
 
     # ----------------------------------------------------------------- the prompt cache and chunk reuse
-    def apply_cache_ops(self, ops: Sequence[object]) -> None:
+    def apply_cache_ops(self, ops: Sequence[CacheOp]) -> None:
         """Copy blocks between the slots and host memory, and move chunks inside slots, as the plan says."""
         if not ops:
             return

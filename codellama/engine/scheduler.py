@@ -38,7 +38,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
-from .prompt_cache import PromptCache, ShiftRuns, match_runs
+from .prompt_cache import CacheOp, PromptCache, ShiftRuns, match_runs
 from .request import Request, RequestState
 
 MIN_REUSE = 16  # a cached prefix shorter than this (or than the whole prompt) does not choose the slot
@@ -76,7 +76,7 @@ class Plan:
 
     retired: List[int] = field(default_factory=list)  # ids cancelled before this step
     admitted: List[Tuple[int, int, int]] = field(default_factory=list)  # (id, slot, reused prompt tokens)
-    cache_ops: List[object] = field(default_factory=list)  # prompt cache copies and chunk moves, in order
+    cache_ops: List[CacheOp] = field(default_factory=list)  # prompt cache copies and chunk moves, in order
     forwards: List[Forward] = field(default_factory=list)
     stop: bool = False  # the leader stopped: followers leave ``follow()``
 
@@ -210,11 +210,11 @@ class Scheduler:
         return best, reusable(best)
 
     def reuse(self, request: Request, slot_index: int, reused: int
-              ) -> Tuple[List[object], int, List[Tuple[int, int, int]]]:
+              ) -> Tuple[List[CacheOp], int, List[Tuple[int, int, int]]]:
         """What a request admitted into ``slot_index`` takes besides the slot's shared prefix of ``reused``
         tokens: the cache operations (saving what the slot holds before it is overwritten, restoring a longer
         start from the prompt cache, moving chunks), the prefix it then skips, and the runs moved into place."""
-        ops: List[object] = []
+        ops: List[CacheOp] = []
         slot, limit = self.slots[slot_index], self.reusable_limit(request)
         if request.limit <= 0 and request.prompt_logprobs is None:  # finishes on admission: nothing to copy
             return ops, reused, []
