@@ -557,6 +557,9 @@ def main() -> None:
     p.add_argument("--skip-llama-cpp", action="store_true")
     p.add_argument("--model-dir", default=None, help="keep the random checkpoint and its GGUF here between runs "
                    "(default: a temporary directory)")
+    p.add_argument("--server-ckpt", default=None, help="our server's checkpoint instead of the random one: the "
+                   "same model written quantized by `python -m codellama.quantize` (a 7B model quantizes in less "
+                   "memory so than as it loads)")
     p.add_argument("--json", default=None, help="also write every request's figures here")
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="more flags for our server")
     a = p.parse_args()
@@ -597,10 +600,11 @@ def main() -> None:
                 model.write(ckpt, tokenizer_path)
             makers = model.makers()
         for mode in a.modes:
-            command = [sys.executable, "-m", "codellama.serve", "--ckpt_dir", ckpt, "--port", "0", "--dtype", a.dtype,
+            command = [sys.executable, "-m", "codellama.serve", "--ckpt_dir", a.server_ckpt or ckpt, "--port", "0",
+                       "--dtype", a.dtype,
                        "--max_batch_size", str(a.slots), "--max_seq_len", str(a.ctx),
                        *(f.format(reuse=a.reuse) for f in MODES[mode]), *a.server_args]
-            if a.quantize:
+            if a.quantize and not a.server_ckpt:
                 command += ["--quantize", a.quantize]
             results[mode] = run_server(mode, command, r"Uvicorn running on (http://\S+)", events, a.client)
             reference = results.get("spm" if mode.startswith("spm") else "base")
