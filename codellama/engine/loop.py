@@ -21,7 +21,7 @@ from typing import Callable, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..model import KVCache, Transformer
+from ..model import Transformer
 from ..sampling import TopLogprobs, is_greedy, logprobs_and_top
 from ..tokenizer import TextStream
 from .detokenizer import Detokenizer
@@ -58,8 +58,6 @@ class Engine:
         if max_waiting is not None and (not is_int(max_waiting) or max_waiting < 0):
             raise ValueError(f"max_waiting must be a non-negative integer or None, got {max_waiting!r}")
         budget = cache_budget(cache_ram_mb, cache_reuse)
-        prompt_cache = PromptCache(budget, KVCache.bytes_per_token(model.args, model.norm.weight.dtype, model.tp)
-                                   ) if budget else None
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.max_tokens_per_step, self.max_waiting = max_tokens_per_step, max_waiting
@@ -68,6 +66,7 @@ class Engine:
             raise ValueError("speculative decoding runs in one process with the eager step: it cannot be combined "
                              "with tensor parallelism or compile=True")
         self.runner = ModelRunner(model, max_batch_size, max_seq_len, compile=compile, speculator=speculator)
+        prompt_cache = PromptCache(budget, self.runner.bytes_per_token) if budget else None
         self.scheduler = Scheduler(max_batch_size, max_seq_len, max_tokens_per_step, on_finish=self._finished,
                                    on_admit=self.runner.on_admit, all_slot_positions=compile,
                                    prompt_cache=prompt_cache, cache_reuse=cache_reuse)

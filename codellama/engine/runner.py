@@ -44,9 +44,8 @@ class ModelRunner:
     # ----------------------------------------------------------------- memory
     @property
     def cache_bytes(self) -> int:
-        """Bytes of the KV cache: slots × max_seq_len × ``KVCache.bytes_per_token``."""
-        dtype = self.model.norm.weight.dtype  # a float weight (a quantized embedding holds integer codes)
-        return self.max_batch_size * self.max_seq_len * KVCache.bytes_per_token(self.model.args, dtype, self.model.tp)
+        """Bytes of the KV cache: slots × max_seq_len × :attr:`bytes_per_token`."""
+        return self.max_batch_size * self.max_seq_len * self.bytes_per_token
 
     def ensure_cache(self) -> KVCache:
         """The slot cache, allocated once; a clear error (with the sizes) when it does not fit."""
@@ -58,7 +57,8 @@ class ModelRunner:
 
     @property
     def bytes_per_token(self) -> int:
-        """Cache bytes one position of one slot takes on this rank (``KVCache.bytes_per_token``)."""
+        """Cache bytes one position of one slot takes on this rank (``KVCache.bytes_per_token``; the dtype of a
+        float weight: a quantized embedding holds integer codes)."""
         return KVCache.bytes_per_token(self.model.args, self.model.norm.weight.dtype, self.model.tp)
 
     # ----------------------------------------------------------------- the prompt cache and chunk reuse
