@@ -89,7 +89,8 @@ def build(load: LoadOptions = LoadOptions(), options: EngineOptions = EngineOpti
     engine = Engine(model, tokenizer, max_batch_size=options.max_batch_size, max_seq_len=options.max_seq_len,
                     max_tokens_per_step=options.max_tokens_per_step, max_waiting=options.max_waiting,
                     compile=options.compile, seed=options.seed,
-                    speculator=make_speculator(options, tokenizer, device, dtype))
+                    speculator=make_speculator(options, tokenizer, device, dtype),
+                    cache_ram_mb=options.cache_ram_mb, cache_reuse=options.cache_reuse)
     return Built(model, tokenizer, engine, load, options, bundled)
 
 

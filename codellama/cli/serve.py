@@ -74,6 +74,9 @@ def parser(prog: str = "python -m codellama.serve") -> argparse.ArgumentParser:
     add_flag(p, "chat_format", "instruct format: auto (from the tokenizer), inst ([INST]), step (70B-Instruct), none",
              default="auto", choices=CHAT_FORMATS)
     add_flag(p, "max_body_bytes", "largest request body accepted (past it: 413)", type=int, default=MAX_BODY_BYTES)
+    add_flag(p, "spm_infill", "lay infilling prompts out suffix first (SPM) where the client does not spell the "
+                              "order, so that a keystroke only appends to the cached prompt (as llama-server's "
+                              "--spm-infill; docs/server.md gives its quality cost)", action="store_true")
     g = p.add_argument_group("llama.cpp endpoints", "defaults of /completion and /infill (llama-server's flags)")
     add_flag(g, "n_predict", "tokens to predict when a request does not say (-1: until the context is full)", type=int,
              default=-1)
@@ -111,7 +114,8 @@ def build_service(args: argparse.Namespace) -> ModelService:
     built = build(load_options(args), engine_options(args, max_seq_len=max_seq_len, seed=EngineOptions.seed))
     return ModelService(built.engine, built.tokenizer, name, chat_format=args.chat_format,
                         default_max_tokens=BUNDLED_MAX_GEN_LEN if bundled else None, aliases=aliases,
-                        strict_model_name=args.strict_model_name, tags=split_names(args.tags))
+                        strict_model_name=args.strict_model_name, tags=split_names(args.tags),
+                        spm_infill=args.spm_infill)
 
 
 def llamacpp_settings(args: argparse.Namespace) -> Settings:

@@ -301,6 +301,15 @@ def _check_ids(service: ModelService, ids: List[int]) -> None:
 
 
 # ----------------------------------------------------------------------------- answering
+def session_of(request: Request, body: CompletionBody) -> Optional[tuple]:
+    """The session a request belongs to: its client's address and the slot it names (``id_slot`` ≥ 0, what
+    editors send with every request of one document), or None. Its newer request stops it, unless that one
+    computes no answer (``n_predict`` 0: editors warm the cache with their extra context so)."""
+    if body.id_slot < 0:
+        return None
+    return ("llama.cpp", request.client.host if request.client else None, body.id_slot)
+
+
 async def _respond(request: Request, service: ModelService, prompts: List[Prompt], body: CompletionBody):
     settings = settings_of(request)
     service.check_model(body.model)
@@ -313,7 +322,8 @@ async def _respond(request: Request, service: ModelService, prompts: List[Prompt
                                 "before sampling")
     params = [_sampling(body, settings, j) for j in range(n_cmpl)]
     n_predict = _n_predict(body, settings)
-    generation = start(request, [(p, params[j]) for p in prompts for j in range(n_cmpl)])
+    generation = start(request, [(p, params[j]) for p in prompts for j in range(n_cmpl)], session_of(request, body),
+                       supersede=n_predict != 0)
     completions = [Completion(service, generation, k, k, _rules(body, settings, n_predict, params[k % n_cmpl],
                                                                       service.context_length))
                    for k in range(len(generation.requests))]

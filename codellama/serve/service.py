@@ -17,7 +17,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import AsyncIterator, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import AsyncIterator, Callable, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 from ..engine import Engine, EngineFull, EngineStopped, Event, Request, SamplingParams, TopLogprobs
 from ..prompts import (UNSAFE_ERROR, Dialog, chat_prompt_tokens, chat_stop_ids, has_special_tags, split_prefill,
@@ -120,18 +120,21 @@ class ModelService:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, name: str, *, chat_format: str = "auto",
                  default_max_tokens: Optional[int] = None, aliases: Sequence[str] = (),
-                 strict_model_name: bool = False, tags: Sequence[str] = ()):
+                 strict_model_name: bool = False, tags: Sequence[str] = (), spm_infill: bool = False):
         """``engine`` runs the requests (started and stopped by the app); ``name`` is what clients put in
         ``model``, and so are ``aliases``; ``strict_model_name`` answers a request naming any other model
         with 404 (by default it is served, as llama.cpp's server does); ``tags`` are listed with the model;
         ``chat_format`` is one of :data:`CHAT_FORMATS` (see :func:`resolve_chat_format`);
-        ``default_max_tokens`` bounds a request that gives no bound (None: until the context is full)."""
+        ``default_max_tokens`` bounds a request that gives no bound (None: until the context is full);
+        ``spm_infill`` lays infilling prompts out suffix first (SPM) where the client does not spell the order,
+        so that an editor's keystroke only appends to the cached prompt (as llama-server's ``--spm-infill``)."""
         for n in (name, *aliases):
             if not isinstance(n, str) or not n.strip():
                 raise ValueError(f"a model name must be a non-empty string, got {n!r}")
         self.engine, self.tokenizer, self.name = engine, tokenizer, name
         self.aliases = tuple(dict.fromkeys(a for a in aliases if a != name))
         self.strict_model_name, self.tags = strict_model_name, tuple(tags)
+        self.spm_infill = spm_infill
         self.chat_format = resolve_chat_format(tokenizer, chat_format)
         self.default_max_tokens = default_max_tokens
 
@@ -188,14 +191,17 @@ class ModelService:
         prefix, suffix, suffix_first = parts
         return self.infill(prefix, suffix, suffix_first, text=text, reserve=reserve)
 
-    def infill(self, prefix: str, suffix: str, suffix_first: bool = False, *, text: Optional[str] = None,
+    def infill(self, prefix: str, suffix: str, suffix_first: Optional[bool] = None, *, text: Optional[str] = None,
                extra: str = "", reserve: Optional[int] = None) -> Prompt:
-        """The prompt ``text_infilling(extra + prefix, suffix)`` builds; generation stops at ``<EOT>`` or EOS (a
+        """The prompt ``text_infilling(extra + prefix, suffix)`` builds (``suffix_first`` None: the
+        server's order, ``spm_infill``); generation stops at ``<EOT>`` or EOS (a
         400 without FIM pieces). When it leaves fewer than ``reserve`` tokens of the context for the answer, it
         is cut to fit (``codellama.serve.fitting``: the prefix keeps its end, the suffix its beginning, the
         extra context what is left) and marked ``truncated``. ``reserve`` is at least 1 and at most half the
         context; None (no limit on the answer) keeps a quarter."""
         t = self.tokenizer
+        if suffix_first is None:
+            suffix_first = self.spm_infill
         n_ctx = self.context_length
         room = n_ctx // 4 if reserve is None or reserve < 0 else max(1, min(reserve, n_ctx // 2))
         with bad_request():
@@ -280,13 +286,16 @@ class ModelService:
         return [stream.push(i) for i in ids]
 
     # ------------------------------------------------------------------ generation
-    def generate(self, work: Sequence[Tuple[Prompt, SamplingParams]]) -> "Generation":
+    def generate(self, work: Sequence[Tuple[Prompt, SamplingParams]], session: Hashable = None,
+                 supersede: bool = True) -> "Generation":
         """Submit each ``(prompt, params)``; must run on the event loop that will await the results. Params
-        without ``max_tokens`` get the service's default bound."""
+        without ``max_tokens`` get the service's default bound. ``session`` (e.g. a client and the slot it
+        names): a newer generation of the same session stops this one unless it says ``supersede=False``
+        (see ``Engine.submit``)."""
         if self.default_max_tokens is not None:
             work = [(prompt, params if params.max_tokens is not None else
                      dataclasses.replace(params, max_tokens=self.default_max_tokens)) for prompt, params in work]
-        return Generation(self.engine, work)
+        return Generation(self.engine, work, session, supersede)
 
 
 class Generation:
@@ -298,7 +307,8 @@ class Generation:
     same generation (a continuation): both must be called on the loop.
     """
 
-    def __init__(self, engine: Engine, work: Sequence[Tuple[Prompt, SamplingParams]]):
+    def __init__(self, engine: Engine, work: Sequence[Tuple[Prompt, SamplingParams]], session: Hashable = None,
+                 supersede: bool = True):
         loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
 
@@ -309,6 +319,7 @@ class Generation:
                 pass
 
         self._engine, self._wake = engine, wake
+        self._session, self._supersede = session, supersede
         self.prompts: List[Prompt] = []
         self.requests: List[Request] = []
         self._running: set = set()
@@ -324,7 +335,9 @@ class Generation:
             raise context_exceeded(len(prompt.ids), n_ctx)
         try:
             params = dataclasses.replace(params, stop_token_ids=prompt.stop_ids)
-            request = self._engine.submit(prompt.ids, params, decode=prompt.decode, on_event=self._wake)
+            request = self._engine.submit(prompt.ids, params, decode=prompt.decode, on_event=self._wake,
+                                          session=self._session,
+                                          supersede=self._supersede and not self.requests)
         except (EngineFull, EngineStopped, ValueError) as e:
             self.cancel()
             raise _submit_error(e) from None
@@ -369,6 +382,9 @@ class Generation:
             for i, event in batch:
                 if i not in self._running:  # cut by the caller while this batch was being handed out
                     continue
+                if event.finish_reason == "cancelled" and self.requests[i].superseded:
+                    raise ServiceError(409, "superseded: a newer request of the same session (a client and the "
+                                            "slot it names) arrived, so this one was stopped")
                 if event.finish_reason == "cancelled":
                     raise ServiceError(503, "the server is shutting down: generation was stopped")
                 if event.finish_reason is not None:

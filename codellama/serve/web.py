@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, Awaitable, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Hashable, Optional, Sequence, Tuple, Type, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -100,9 +100,11 @@ def _type_tag(part: Any) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or part[:1].isupper())
 
 
-def start(request: Request, work: Sequence[Tuple[Prompt, SamplingParams]]) -> Generation:
-    """Submit the work of one HTTP request, recorded on the request for its access-log line."""
-    generation = service_of(request).generate(work)
+def start(request: Request, work: Sequence[Tuple[Prompt, SamplingParams]], session: Hashable = None,
+          supersede: bool = True) -> Generation:
+    """Submit the work of one HTTP request, recorded on the request for its access-log line; ``session`` and
+    ``supersede`` as ``ModelService.generate``'s."""
+    generation = service_of(request).generate(work, session, supersede)
     request.state.generation = generation
     return generation
 
