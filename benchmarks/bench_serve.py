@@ -68,23 +68,26 @@ def write_checkpoint(out_dir: str, args: ModelArgs, dtype: torch.dtype, tokenize
 
 # ----------------------------------------------------------------------------- servers
 class ServerProcess:
-    """A server started as a subprocess; its address is the one uvicorn prints (both servers use uvicorn)."""
+    """A server started as a subprocess; its address is the one it prints when ready (``ready``'s group 1:
+    uvicorn's line by default, which both servers of this benchmark print)."""
 
-    def __init__(self, command: Sequence[str], timeout: float = 300.0):
-        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def __init__(self, command: Sequence[str], timeout: float = 300.0, ready: str = r"Uvicorn running on (http://\S+)",
+                 env: Optional[Dict[str, str]] = None):
+        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env)
         deadline, self.log = time.monotonic() + timeout, ""
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
                 break
             self.log += line
-            found = re.search(r"Uvicorn running on (http://\S+)", line)
+            found = re.search(ready, line)
             if found:
                 self.url = found.group(1)
                 self._drain()
                 return
         self.proc.kill()
-        raise RuntimeError(f"{command[2]} did not start:\n{self.log[-3000:]}")
+        raise RuntimeError(f"{' '.join(command[:3])} did not start:\n{self.log[-3000:]}")
 
     def _drain(self) -> None:
         """Keep reading its output so that a full pipe never blocks it."""

@@ -40,13 +40,22 @@ native_int4_available()  # (builds or loads the int4 kernel before the baseline)
 base_rss, base_anon = status("VmRSS:"), status("RssAnon:")
 t = threading.Thread(target=sample); t.start()
 start = time.perf_counter()
-model = load_model(sys.argv[1], device="cpu", dtype=sys.argv[2], quantize=None if sys.argv[3] == "-" else sys.argv[3])
+model = load_model(sys.argv[1], device="cpu", dtype=sys.argv[2], quantize=None if sys.argv[3] == "none" else sys.argv[3])
 seconds = time.perf_counter() - start
 done[0] = True; t.join()
 nbytes = sum(x.numel() * x.element_size() for x in [*model.parameters(), *model.buffers()])  # packed weights are buffers
 print(json.dumps({"rss": status("VmHWM:") - base_rss, "anon": peak_anon[0] - base_anon, "weights": nbytes,
                   "seconds": seconds}))
 """
+
+
+def measure(path: str, dtype: str, quantize: str = "none") -> dict:
+    """Load ``path`` in a fresh subprocess: peak anon and rss above the level after imports, the weights' bytes as
+    loaded, and the seconds ``load_model`` took."""
+    out = subprocess.run([sys.executable, "-c", CHILD, path, dtype, quantize], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"loading {path} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,11 +87,11 @@ def run_cases(args, root: str, quantized: bool = False) -> None:
     dim, n_layers = args.dim, args.n_layers
     print(f"model: dim {dim}, {n_layers} layers, {args.num_params() / 1e6:.0f}M parameters; checkpoints in {root}")
     # (checkpoint, load dtype, quantize on load): "meta2" has two shards, "hf-int4" was written by quantize_checkpoint
-    cases = [("meta1", "bf16", "-"), ("meta2", "bf16", "-"), ("meta2", "fp32", "-"), ("hf1", "bf16", "-"),
-             ("hf1", "fp32", "-")]
+    cases = [("meta1", "bf16", "none"), ("meta2", "bf16", "none"), ("meta2", "fp32", "none"), ("hf1", "bf16", "none"),
+             ("hf1", "fp32", "none")]
     if quantized:
         cases += [("hf1", "bf16", "int8"), ("hf1", "bf16", "int4"), ("meta1", "bf16", "int4"),
-                  ("hf-int8", "bf16", "-"), ("hf-int4", "bf16", "-")]
+                  ("hf-int8", "bf16", "none"), ("hf-int4", "bf16", "none")]
     written = {}
     print(f"{'checkpoint':<11}{'load dtype':>11}{'quantize':>9}{'weights GiB':>13}{'anon GiB':>10}{'ratio':>7}"
           f"{'rss GiB':>9}{'ratio':>7}{'seconds':>9}")
@@ -95,9 +104,7 @@ def run_cases(args, root: str, quantized: bool = False) -> None:
             else:
                 write_checkpoint(path, args, name[:-1], shards=int(name[-1]), dtype=torch.bfloat16)
             written[name] = path
-        out = subprocess.run([sys.executable, "-c", CHILD, written[name], dtype, quantize], capture_output=True,
-                             text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = measure(written[name], dtype, quantize)
         w = r["weights"]
         print(f"{name:<11}{dtype:>11}{quantize:>9}{w / 2**30:>13.2f}{r['anon'] / 2**30:>10.2f}{r['anon'] / w:>7.2f}"
               f"{r['rss'] / 2**30:>9.2f}{r['rss'] / w:>7.2f}{r['seconds']:>9.1f}")

@@ -25,14 +25,15 @@ from .distributed import check_parallel, env_world, init_tensor_parallel
 from .engine import Engine
 from .engine.speculative import DraftModel, PromptLookup, same_tokenizer
 from .model import Transformer
-from .formats import check_checkpoint_dir, open_checkpoint
+from .formats import CheckpointSource, check_checkpoint_dir, open_checkpoint
+from .formats.gguf_tokenizer import gguf_tokenizer
 from .kernels import select_ops
 from .options import EngineOptions, LoadOptions, OptionError, blame
 from .tokenizer import Tokenizer
 
 # The bundled model is a demonstration: it rarely stops by itself, so answers are capped unless asked otherwise.
 BUNDLED_MAX_GEN_LEN = 128
-BUNDLED_CONTEXT = 512  # the rows it was trained on
+BUNDLED_CONTEXT_LEN = 512  # the rows it was trained on; past them its output degrades
 BUNDLED_NOTICE = ("codellama: no checkpoint given: using the bundled tiny demonstration model (5M parameters, trained "
                   f"on the Python standard library; answers capped at {BUNDLED_MAX_GEN_LEN} new tokens). "
                   "For real work pass a Code Llama checkpoint: Llama.build(ckpt_dir) or --ckpt_dir DIR.")
@@ -75,7 +76,7 @@ def build(load: LoadOptions = LoadOptions(), options: EngineOptions = EngineOpti
     with blame("ckpt_dir"):
         ckpt_dir = check_checkpoint_dir(BUNDLED_CKPT_DIR if bundled else load.ckpt_dir)
         source = open_checkpoint(ckpt_dir)
-    tokenizer = load_tokenizer(load.tokenizer_path, ckpt_dir)
+    tokenizer = load_tokenizer(load.tokenizer_path, ckpt_dir, source)
     with blame("tokenizer_path"):
         check_tokenizer(source.args, tokenizer.n_words, tokenizer.model_path)
     if bundled and rank == 0:
@@ -88,12 +89,16 @@ def build(load: LoadOptions = LoadOptions(), options: EngineOptions = EngineOpti
     engine = Engine(model, tokenizer, max_batch_size=options.max_batch_size, max_seq_len=options.max_seq_len,
                     max_tokens_per_step=options.max_tokens_per_step, max_waiting=options.max_waiting,
                     compile=options.compile, seed=options.seed,
-                    speculator=make_speculator(options, tokenizer, device, dtype))
+                    speculator=make_speculator(options, tokenizer, device, dtype),
+                    cache_ram_mb=options.cache_ram_mb, cache_reuse=options.cache_reuse)
     return Built(model, tokenizer, engine, load, options, bundled)
 
 
-def load_tokenizer(tokenizer_path: Optional[str], ckpt_dir: str) -> Tokenizer:
-    """The tokenizer at ``tokenizer_path``, else the checkpoint's own ``tokenizer.model``."""
+def load_tokenizer(tokenizer_path: Optional[str], ckpt_dir: str, source: CheckpointSource) -> Tokenizer:
+    """The tokenizer at ``tokenizer_path``, else the checkpoint's own: its ``tokenizer.model``, or a GGUF file's
+    vocabulary."""
+    if tokenizer_path is None and source.layout == "gguf":
+        return gguf_tokenizer(source)
     path = tokenizer_path if tokenizer_path is not None else os.path.join(ckpt_dir, "tokenizer.model")
     with blame("tokenizer_path"):
         if not os.path.isfile(path):

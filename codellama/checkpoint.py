@@ -21,9 +21,9 @@ from .config import ModelArgs
 from . import cpu_kernels
 from .cpu import COMPILED_ONE_ROW_TRANSFORMS, CPU_TRANSFORMS
 from .distributed import SINGLE, TensorParallel, rank_block
-from .formats import CheckpointSource, open_checkpoint
+from .formats import CheckpointSource, gguf, open_checkpoint
 from .formats.source import trim_heap
-from .model import Transformer
+from .model import Transformer, build_on_meta
 from .runtime import default_dtype, parse_dtype, resolve_device
 from .quantize import (QuantConfig, QuantizeArg, QuantizedEmbedding, QuantizedLinear, check_quantized_split,
                        parse_quantize, quantize_model, quantize_weight)
@@ -45,7 +45,8 @@ def check_tokenizer(args: ModelArgs, n_words: int, tokenizer_path: str = "the to
 def load_model(ckpt_dir: "str | os.PathLike | CheckpointSource | None" = None, *, device: torch.device | str | None = None,
                dtype: torch.dtype | str | None = None, optimize: bool = True, tp: TensorParallel = SINGLE,
                transforms: Optional[List[Transform]] = None, quantize: "QuantizeArg" = None) -> Transformer:
-    """Build a ``Transformer`` from a Meta or Hugging Face checkpoint directory (None: the bundled tiny model).
+    """Build a ``Transformer`` from a Meta or Hugging Face checkpoint directory or a GGUF file (None: the bundled
+    tiny model; GGUF: ``codellama.formats.gguf`` says what each tensor type becomes).
 
     A short pipeline of named steps: **read** the checkpoint's config and index its tensors
     (``open_checkpoint``), **build** the model on the ``meta`` device (no memory; its linear layers are
@@ -70,6 +71,8 @@ def load_model(ckpt_dir: "str | os.PathLike | CheckpointSource | None" = None, *
     source = ckpt_dir if isinstance(ckpt_dir, CheckpointSource) else open_checkpoint(ckpt_dir)
     device = resolve_device(device)
     dtype = parse_dtype(dtype) or default_dtype(device)
+    if source.layout == "gguf" and source.quantization is None:  # its blocks become this library's schemes here
+        source, config = gguf.as_loaded(source, config, dtype), None
     if source.quantization is not None:
         if config not in (None, source.quantization):
             raise ValueError(f"{source.path} is already quantized ({source.quantization.describe()}); load it with "
@@ -79,12 +82,6 @@ def load_model(ckpt_dir: "str | os.PathLike | CheckpointSource | None" = None, *
     quantize_model(model, source.quantization or config)  # on meta: the quantized layers' shapes, no values yet
     steps = default_transforms(device, optimize) if transforms is None else list(transforms)
     return load_weights(model, source, device=device, dtype=dtype, tp=tp, transforms=steps).eval()
-
-
-def build_on_meta(args: ModelArgs, tp: TensorParallel = SINGLE) -> Transformer:
-    """The model's modules with shapes but no memory: weights are assigned by ``load_weights``."""
-    with torch.device("meta"):
-        return Transformer(args, tp)
 
 
 def load_weights(model: Transformer, source: CheckpointSource, *, device: torch.device, dtype: torch.dtype,

@@ -123,6 +123,25 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+def ffn_params_for(dim: int, hidden_dim: int) -> tuple[int, Optional[float]]:
+    """``(multiple_of, ffn_dim_multiplier)`` that reproduce ``hidden_dim`` for ``dim``.
+
+    Hugging Face's config.json and GGUF files store only the result; prefer a released preset's values, then the largest power of
+    two without a multiplier, then an exact fallback, so ``params.json`` round-trips for real models.
+    """
+    candidates = [(p["multiple_of"], p.get("ffn_dim_multiplier")) for p in PRESETS.values() if p["dim"] == dim]
+    candidates += [(2**k, None) for k in range(14, -1, -1)]
+    base = int(2 * 4 * dim / 3)
+    if hidden_dim >= base:
+        candidates.append((hidden_dim, None))
+    else:
+        candidates.append((1, (hidden_dim + 0.5) / base))
+    for multiple_of, multiplier in candidates:
+        if ffn_hidden_dim(dim, multiple_of, multiplier) == hidden_dim:
+            return multiple_of, multiplier
+    raise ValueError(f"cannot express intermediate_size={hidden_dim} for dim={dim} as Meta FFN parameters")
+
+
 def check_size(name: str, value: Any, also: str = "") -> None:
     """Refuse a size that is not a positive integer (``"64"``, ``64.0``, ``True``, ``0``), naming it and what is valid."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

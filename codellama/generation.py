@@ -20,8 +20,8 @@ from .engine import Engine, SamplingParams
 from .model import Transformer
 from .options import EngineOptions, LoadOptions
 from .quantize import QuantizeArg
-from .prompts import (UNSAFE_ERROR, Dialog, Message, chat_prompt_tokens, has_special_tags, infilling_prompt_tokens,
-                      step_dialog_prompt_tokens, validate_dialog)
+from .prompts import (UNSAFE_ERROR, Dialog, Message, chat_prompt_tokens, chat_stop_ids, has_special_tags,
+                      infilling_prompt_tokens, step_dialog_prompt_tokens, validate_dialog)
 from .tokenizer import Tokenizer
 
 StopTokens = Union[None, int, Iterable[int]]
@@ -86,19 +86,22 @@ class Llama:
               seed: int = 1, attention: str = "auto", compile: bool = False, speculate: Optional[str] = None,
               draft_ckpt_dir: Optional[str] = None, speculate_tokens: Optional[int] = None,
               max_waiting: Optional[int] = None, quantize: QuantizeArg = None,
-              max_tokens_per_step: int = 512) -> "Llama":
+              max_tokens_per_step: int = 512, cache_ram_mb: Optional[float] = None,
+              cache_reuse: int = 0) -> "Llama":
         """Load a checkpoint (Meta or Hugging Face layout) and its tokenizer.
 
         Positional arguments are the reference's. ``ckpt_dir=None`` uses the tiny model bundled with the
-        package; ``tokenizer_path`` defaults to ``ckpt_dir/tokenizer.model``. Runs in a plain process on
-        CPU, CUDA or MPS; ``device``/``dtype`` default to CUDA/bf16 where available, else CPU/fp32.
+        package; ``tokenizer_path`` defaults to ``ckpt_dir/tokenizer.model`` (a GGUF file's own vocabulary).
+        Runs in a plain process on CPU, CUDA or MPS; ``device``/``dtype`` default to CUDA/bf16 where
+        available, else CPU/fp32.
         ``attention`` picks the kernels: ``"auto"`` (Triton on CUDA), ``"torch"`` or ``"triton"``.
         ``compile=True`` decodes with a ``torch.compile``d static-shape step (CUDA graphs on CUDA).
         ``speculate="prompt"`` (prompt lookup) or ``"draft"`` (``draft_ckpt_dir``: a small model with the same
         tokenizer) turns on speculative decoding, which never changes what is generated;
         ``speculate_tokens`` is the longest proposal. ``max_waiting`` bounds the engine's queue (servers);
         ``max_tokens_per_step`` bounds the tokens of one engine step (smaller keeps streams smooth while a
-        long prompt is admitted). ``quantize="int8"`` or ``"int4"`` (or a ``codellama.quantize.QuantConfig``)
+        long prompt is admitted). ``cache_ram_mb`` and ``cache_reuse`` set the prompt cache and chunk reuse
+        (``codellama.engine.prompt_cache``). ``quantize="int8"`` or ``"int4"`` (or a ``codellama.quantize.QuantConfig``)
         quantizes the weights as they load (weight-only; a checkpoint written by ``python -m
         codellama.quantize`` loads quantized without it). Every option is described, with its check, in
         :mod:`codellama.options`.
@@ -110,7 +113,8 @@ class Llama:
                            attention=attention, quantize=quantize, model_parallel_size=model_parallel_size)
         options = EngineOptions(max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed, compile=compile,
                                 speculate=speculate, draft_ckpt_dir=draft_ckpt_dir, speculate_tokens=speculate_tokens,
-                                max_waiting=max_waiting, max_tokens_per_step=max_tokens_per_step)
+                                max_waiting=max_waiting, max_tokens_per_step=max_tokens_per_step,
+                                cache_ram_mb=cache_ram_mb, cache_reuse=cache_reuse)
         return Llama.from_built(build(load, options))
 
     @staticmethod
@@ -300,8 +304,8 @@ class Llama:
             return step_dialog_prompt_tokens(self.tokenizer, dialog)
         return chat_prompt_tokens(self.tokenizer, dialog)
 
-    def _chat_stop(self) -> int:
-        return self.tokenizer.step_id if self.tokenizer.step_id is not None else self.tokenizer.eos_id
+    def _chat_stop(self) -> List[int]:
+        return list(chat_stop_ids(self.tokenizer, self.tokenizer.step_id is not None))
 
     def _result(self, text: str, tokens: List[int], lps: Optional[List[List[float]]], i: int) -> Dict:
         if lps is None:

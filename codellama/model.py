@@ -19,7 +19,7 @@ from torch import nn
 from .config import ModelArgs
 from .distributed import SINGLE, TensorParallel, check_parallel, local_heads
 from .kernels import select_ops
-from .ops import Ops, StartPos, TorchOps
+from .ops import Ops, StartPos, TorchOps, apply_rotary
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -31,6 +31,14 @@ def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> Tuple[torch.
     """cos and sin (…, hd/2) in float32 for integer positions (…)."""
     angles = positions.float().unsqueeze(-1) * inv_freq  # float32 even for bf16 models
     return torch.cos(angles), torch.sin(angles)
+
+
+def rope_shift_angles(old: torch.Tensor, new: torch.Tensor, inv_freq: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (…, hd/2) in float32 of the rotation that turns a key rotated for integer positions ``old`` (…)
+    into the key rotated for ``new``: the difference of the model's own float32 angles (:func:`rope_angles`),
+    taken in float64, so that a moved key is the key the model computes at ``new`` up to one rounding."""
+    delta = (new.float().unsqueeze(-1) * inv_freq).double() - (old.float().unsqueeze(-1) * inv_freq).double()
+    return torch.cos(delta).float(), torch.sin(delta).float()
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -94,6 +102,24 @@ class KVCache(nn.Module):
     def block(self, layer: int, first: int, n: int, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Views (n, Hkv, end, hd) of rows ``first … first+n-1``, positions ``0 … end-1`` (no copy)."""
         return self.k[layer, first:first + n, :, :end], self.v[layer, first:first + n, :, :end]
+
+    def positions(self, slot: int, start: int, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Views (n_layers, Hkv, n, hd) of keys and values at positions ``start … start+n-1`` of one slot."""
+        return self.k[:, slot, :, start:start + n], self.v[:, slot, :, start:start + n]
+
+    def move(self, slot: int, source: torch.Tensor, destination: torch.Tensor, inv_freq: torch.Tensor) -> None:
+        """Move the keys and values at positions ``source`` (T,) of ``slot`` to ``destination`` (T,), every source
+        read before any destination is written; keys are re-rotated by the position difference
+        (:func:`rope_shift_angles`), values need nothing (RoPE never touches them). One layer at a time, so the
+        float32 temporaries are (Hkv, T, hd)."""
+        source, destination = source.to(self.k.device), destination.to(self.k.device)
+        cos, sin = rope_shift_angles(source, destination, inv_freq.to(self.k.device))  # (T, hd/2)
+        for layer in range(self.k.shape[0]):
+            k = self.k[layer, slot][:, source]  # (Hkv, T, hd): a copy
+            v = self.v[layer, slot][:, source]
+            k = apply_rotary(k.transpose(0, 1).unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0))[0].transpose(0, 1)
+            self.k[layer, slot][:, destination] = k
+            self.v[layer, slot][:, destination] = v
 
 
 # ----------------------------------------------------------------------------- layers
@@ -480,3 +506,9 @@ def _check_slots(slots: Optional[Sequence[int]], B: int, cache: Optional[KVCache
     if slots == list(range(slots[0], slots[0] + B)):
         return slots[0], None
     return 0, slots
+
+
+def build_on_meta(args: ModelArgs, tp: TensorParallel = SINGLE) -> Transformer:
+    """The model's modules with shapes but no memory: weights are assigned by ``load_weights``."""
+    with torch.device("meta"):
+        return Transformer(args, tp)

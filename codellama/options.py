@@ -138,7 +138,9 @@ class EngineOptions:
     beyond the free ones (None: unbounded); ``compile`` decodes with a ``torch.compile``d static-shape step;
     ``speculate`` is ``"prompt"`` (prompt lookup) or ``"draft"`` (a small model at ``draft_ckpt_dir`` with the
     same tokenizer), proposing up to ``speculate_tokens``; ``seed`` seeds the sampling of requests that
-    bring no seed of their own.
+    bring no seed of their own. ``cache_ram_mb`` is the prompt cache's host memory in MiB (None: the engine's
+    default, 2048; 0: none) and ``cache_reuse`` > 0 moves cached runs of at least that many prompt tokens to
+    new positions instead of computing them (``codellama.engine.prompt_cache``).
     """
 
     max_seq_len: int = 2048
@@ -150,6 +152,8 @@ class EngineOptions:
     draft_ckpt_dir: Optional[str] = None
     speculate_tokens: Optional[int] = None
     seed: int = 1
+    cache_ram_mb: Optional[float] = None
+    cache_reuse: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_seq_len", "max_batch_size", "max_tokens_per_step"):
@@ -173,6 +177,10 @@ class EngineOptions:
         if speculate is not None and self.compile:
             raise OptionError("speculate", speculate, "runs with the eager step: it cannot be combined with compile")
         _positive("speculate_tokens", self.speculate_tokens, none=True)
+        _positive("cache_reuse", self.cache_reuse, zero=True)
+        mb = self.cache_ram_mb
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float)) or not 0 <= mb < float("inf")):
+            raise OptionError("cache_ram_mb", mb, "must be a non-negative number of MiB (0: no prompt cache)")
         object.__setattr__(self, "speculate", speculate)
         if self.draft_ckpt_dir is not None:
             object.__setattr__(self, "draft_ckpt_dir", os.fspath(self.draft_ckpt_dir))
@@ -187,12 +195,11 @@ class Flag:
     help: str
     kwargs: Dict[str, Any]
 
-    def add(self, parser: argparse.ArgumentParser, default: Any = None, **overrides: Any) -> None:
+    def add(self, parser: argparse.ArgumentParser, **overrides: Any) -> None:
+        """Add it to ``parser``; ``overrides`` replace its argparse keywords (``default``, ``help``, …)."""
         spellings = [f"--{self.name}"] + ([f"--{self.name.replace('_', '-')}"] if "_" in self.name else [])
-        kwargs = {**self.kwargs, **overrides}
-        if default is not None:
-            kwargs["default"] = default
-        parser.add_argument(*spellings, dest=self.name, help=self.help, **kwargs)
+        kwargs = {"help": self.help, **self.kwargs, **overrides}
+        parser.add_argument(*spellings, dest=self.name, **kwargs)
 
 
 def _flag(name: str, help: str, **kwargs: Any) -> Flag:
@@ -225,6 +232,11 @@ FLAGS: Dict[str, Flag] = {f.name: f for f in (
     _flag("draft_ckpt_dir", "the draft model for --speculate draft (same tokenizer)", metavar="DIR"),
     _flag("speculate_tokens", "longest proposal (unset: 10 for prompt lookup, 6 for a draft)", type=int),
     _flag("seed", "seed of the sampling of requests without their own", type=int, default=1),
+    _flag("cache_ram_mb", "host memory for prompts kept beyond the slots and restored when a prompt starts the same "
+                          "way (exact; unset: 2048; 0: none)", type=float, metavar="MIB"),
+    _flag("cache_reuse", "move cached runs of at least N prompt tokens found at other positions instead of "
+                         "computing them, keys re-rotated (as llama-server's --cache-reuse; not exact; 0: off)",
+          type=int, default=0, metavar="N"),
     # generation
     _flag("temperature", "0 is greedy", type=float, default=0.6),
     _flag("top_p", "nucleus sampling: the probability mass kept", type=float, default=0.9),
@@ -234,7 +246,7 @@ FLAGS: Dict[str, Flag] = {f.name: f for f in (
 
 LOAD_FLAGS = ("ckpt_dir", "tokenizer_path", "device", "dtype", "attention", "quantize", "group_size")
 ENGINE_FLAGS = ("max_seq_len", "max_batch_size", "max_tokens_per_step", "max_waiting", "compile", "speculate",
-                "draft_ckpt_dir", "speculate_tokens", "seed")
+                "draft_ckpt_dir", "speculate_tokens", "seed", "cache_ram_mb", "cache_reuse")
 SAMPLING_FLAGS = ("temperature", "top_p", "max_gen_len")
 
 
@@ -250,9 +262,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def add_flags(parser: argparse.ArgumentParser, names: Iterable[str], **defaults: Any) -> None:
-    """Add the named flags of :data:`FLAGS` to ``parser``; ``defaults`` overrides a program's own defaults."""
+    """Add the named flags of :data:`FLAGS` to ``parser``; ``defaults`` gives a program's own defaults (None
+    included)."""
     for name in names:
-        FLAGS[name].add(parser, defaults.get(name))
+        FLAGS[name].add(parser, **({"default": defaults[name]} if name in defaults else {}))
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, help: str, **kwargs: Any) -> None:

@@ -6,7 +6,7 @@ turned into ``ValueError``s that say what is wrong.
 
 from __future__ import annotations
 
-from typing import List, Literal, Sequence, TypedDict
+from typing import List, Literal, Sequence, Tuple, TypedDict
 
 from .tokenizer import Tokenizer
 
@@ -52,8 +52,9 @@ def has_special_tags(dialog: Dialog) -> bool:
     return any(tag in msg["content"] for msg in dialog for tag in SPECIAL_TAGS)
 
 
-def validate_dialog(dialog: Dialog, index: int = 0) -> None:
-    """Check message shape and roles: optional leading system message, then user/assistant alternating, ending with user."""
+def validate_dialog(dialog: Dialog, index: int = 0, *, prefill: bool = False) -> None:
+    """Check message shape and roles: optional leading system message, then user/assistant alternating, ending with
+    user; with ``prefill``, ending with the assistant's answer so far (see :func:`split_prefill`)."""
     where = f"dialog {index}"
     if not isinstance(dialog, (list, tuple)) or not dialog:
         raise ValueError(f"{where} must be a non-empty list of messages")
@@ -69,12 +70,37 @@ def validate_dialog(dialog: Dialog, index: int = 0) -> None:
             raise ValueError(f"{where}: roles must be an optional 'system' message, then 'user' and 'assistant' "
                              f"alternating, starting with 'user'; message {i + len(dialog) - len(body)} is "
                              f"{msg['role']!r} where {want!r} was expected")
-    if not body or body[-1]["role"] != "user":
-        raise ValueError(f"{where}: the last message must be from the user, got {dialog[-1]['role']!r}")
+    last = "assistant" if prefill else "user"
+    if not body or body[-1]["role"] != last:
+        raise ValueError(f"{where}: the last message must be from the {last}, got {dialog[-1]['role']!r}")
+
+
+def split_prefill(dialog: Dialog) -> Tuple[Dialog, str]:
+    """``(dialog, answer so far)``: a dialog ending with an assistant message asks for that answer to be continued
+    (a "prefill", as llama.cpp and vLLM allow); any other dialog has no answer so far (``""``)."""
+    if isinstance(dialog, (list, tuple)) and len(dialog) > 1 and isinstance(dialog[-1], dict) \
+            and dialog[-1].get("role") == "assistant":
+        validate_dialog(dialog, prefill=True)
+        return list(dialog[:-1]), dialog[-1]["content"]
+    return dialog, ""
+
+
+def chat_stop_ids(tokenizer: Tokenizer, step_format: bool) -> Tuple[int, ...]:
+    """The ids that end a chat answer: the format's end of turn (``<step>`` in 70B-Instruct's format, EOS in
+    ``[INST]``'s), and every other control piece. A model that also learnt infilling may write ``<EOT>`` (or a
+    stray ``<MID>``) to end its answer; as a control id it is never text, so the answer ends there."""
+    end = tokenizer.step_id if step_format else tokenizer.eos_id
+    return (end,) + tuple(sorted(tokenizer.control_ids - {end}))
 
 
 def chat_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
-    """Llama 2 / Code Llama Instruct format: ``<s>[INST] user [/INST] answer </s><s>[INST] user [/INST]``."""
+    """Llama 2 / Code Llama Instruct format: ``<s>[INST] user [/INST] answer </s><s>[INST] user [/INST]``.
+
+    A dialog ending with an assistant message continues that answer: ``… [/INST] {answer so far}`` (its leading
+    whitespace the format's one space, the rest verbatim), without EOS; what the model writes next is the rest of
+    it, so that the answer so far followed by the new text reads as one answer.
+    """
+    dialog, prefill = split_prefill(dialog)
     validate_dialog(dialog)
     if dialog[0]["role"] == "system":
         first = {"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
@@ -83,14 +109,20 @@ def chat_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
     for user, answer in zip(dialog[::2], dialog[1::2]):
         tokens += tokenizer.encode(f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} ",
                                    bos=True, eos=True)
-    tokens += tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+    last = f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}"
+    if prefill.strip():
+        last += " " + prefill.lstrip()
+    tokens += tokenizer.encode(last, bos=True, eos=False)
     return tokens
 
 
 def step_dialog_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
-    """Code Llama 70B-Instruct format: ``Source: role`` headers, bodies after a blank line, ``<step>`` between turns."""
+    """Code Llama 70B-Instruct format: ``Source: role`` headers, bodies after a blank line, ``<step>`` between turns.
+
+    A dialog ending with an assistant message continues that answer (its body so far, without ``<step>``)."""
     if tokenizer.step_id is None:
         raise ValueError("this tokenizer has no <step> piece: use chat_prompt_tokens (the [INST] format)")
+    dialog, prefill = split_prefill(dialog)
     validate_dialog(dialog)
     if dialog[0]["role"] != "system":
         dialog = [{"role": "system", "content": ""}] + list(dialog)
@@ -104,5 +136,5 @@ def step_dialog_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> List[int]
             tokens += tokenizer.encode("\n\n " + msg["content"].strip(), bos=False, eos=False)
         tokens.append(tokenizer.step_id)
     tokens += tokenizer.encode(" Source: assistant\nDestination: user", bos=False, eos=False)
-    tokens += tokenizer.encode("\n\n ", bos=False, eos=False)
+    tokens += tokenizer.encode("\n\n " + prefill.lstrip(), bos=False, eos=False)
     return tokens

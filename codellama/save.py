@@ -158,15 +158,22 @@ def _open_source(src: str | os.PathLike, dst: str | os.PathLike, force: bool):
                          "its full-precision checkpoint instead")
     tokenizer_path = os.path.join(src, "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path) if os.path.isfile(tokenizer_path) else None
+    if source.layout == "gguf":  # its own vocabulary becomes the tokenizer.model written beside the weights
+        from .formats.gguf_tokenizer import gguf_tokenizer
+        tokenizer = gguf_tokenizer(source)
     if tokenizer is not None:
-        check_tokenizer(source.args, tokenizer.n_words, tokenizer_path)  # the result must be a usable pair
+        check_tokenizer(source.args, tokenizer.n_words, tokenizer.model_path)  # the result must be a usable pair
     return src, dst, source, tokenizer
 
 
 def _complete(tmp: str, dst: str, tokenizer: Optional[Tokenizer], hf: bool) -> None:
     """Add the tokenizer files to the checkpoint in ``tmp``, check that it reads back, move it to ``dst``."""
     if tokenizer is not None:
-        shutil.copyfile(tokenizer.model_path, os.path.join(tmp, "tokenizer.model"))
+        if tokenizer.model_proto is not None:  # built from a GGUF file's vocabulary
+            with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+                f.write(tokenizer.model_proto)
+        else:
+            shutil.copyfile(tokenizer.model_path, os.path.join(tmp, "tokenizer.model"))
         if hf:
             save_hf_tokenizer(tokenizer, tmp)
     open_checkpoint(tmp)  # what was written reads back, before it replaces anything

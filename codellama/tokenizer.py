@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 from sentencepiece import SentencePieceProcessor
 
@@ -19,15 +19,19 @@ class Tokenizer:
     (Code Llama Python and 34B cannot infill; only 70B-Instruct has ``<step>``).
     """
 
-    def __init__(self, model_path: str | os.PathLike):
+    def __init__(self, model_path: str | os.PathLike, *, model_proto: Optional[bytes] = None):
+        """``model_path``: a SentencePiece ``tokenizer.model``; or, with ``model_proto`` (a serialized SentencePiece
+        model, e.g. the one ``codellama.formats.gguf_tokenizer`` builds from a GGUF file), where it came from."""
         model_path = os.fspath(model_path)
-        if not os.path.isfile(model_path):
+        if model_proto is None and not os.path.isfile(model_path):
             raise FileNotFoundError(f"tokenizer model not found: {model_path}")
         try:
-            self.sp_model = SentencePieceProcessor(model_file=model_path)
+            self.sp_model = (SentencePieceProcessor(model_file=model_path) if model_proto is None else
+                             SentencePieceProcessor(model_proto=model_proto))
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{model_path} is not a SentencePiece model: {e}") from None
         self.model_path = model_path
+        self.model_proto = model_proto  # None: the model is the file at model_path
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()
@@ -113,6 +117,22 @@ class Tokenizer:
         return self.sp_model.id_to_piece(i)
 
 
+def decode_after(decode: Callable[[List[int]], str], context: Sequence[int], ids: Sequence[int]) -> str:
+    """The text ``ids`` add after ``context``: ``decode(context + ids)`` less ``decode(context)``.
+
+    Decoding ``ids`` alone reads their first piece as the start of a text and drops its leading space
+    (SentencePiece's dummy prefix): a function body a model wrote with four spaces comes out with three.
+    Where ``decode(context)`` is not a prefix of the whole (the context ends inside a UTF-8 character
+    whose last bytes are in ``ids``, so it reads as U+FFFD alone), the text starts where the two stop
+    agreeing, so nothing ``ids`` wrote is lost.
+    """
+    head = decode(list(context))
+    whole = decode(list(context) + list(ids))
+    if whole.startswith(head):
+        return whole[len(head):]
+    return whole[len(os.path.commonprefix([head, whole])):]
+
+
 def _check_text(s) -> None:
     """Text must be a str of valid Unicode: a lone surrogate (e.g. from a bad JSON escape) cannot be encoded."""
     if not isinstance(s, str):
@@ -146,8 +166,7 @@ class TextStream:
         window = self.ids[self._start:]
         if self._start == 0:
             return self._decode_first(window)
-        anchor = self.ids[self._start - 1]
-        return self._decode([anchor] + window)[len(self._decode([anchor])):]
+        return decode_after(self._decode, self.ids[self._start - 1:self._start], window)
 
     def push(self, token: int) -> str:
         self.ids.append(token)

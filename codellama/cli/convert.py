@@ -2,6 +2,7 @@
 
     python -m codellama.convert SRC DST --to hf           # Meta → Hugging Face (config.json, safetensors, tokenizer)
     python -m codellama.convert SRC DST --to meta --shards 2   # any → Meta, split into 2 model-parallel shards
+    python -m codellama.convert codellama-7b.Q8_0.gguf DST --to hf --dtype bf16   # GGUF → HF (dequantized)
 
 SRC is only read. DST must be new or empty (--force replaces the checkpoint files in it); it is written in a
 temporary sibling directory and moved into place only when complete, so a failed run leaves nothing behind.
@@ -43,7 +44,7 @@ def positive_int(text: str) -> int:
 
 def main(argv=None, prog: str = "python -m codellama.convert") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("src", help="checkpoint directory (Meta or Hugging Face layout, detected from its files)")
+    p.add_argument("src", help="checkpoint directory (Meta or Hugging Face layout, detected from its files) or GGUF file")
     p.add_argument("dst", help="output directory (new or empty, or any with --force)")
     add_flag(p, "to", "target layout", required=True, choices=["meta", "hf"])
     add_flag(p, "shards", "number of consolidated.*.pth files (Meta target only; unset: 1)", type=positive_int)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,6 +25,7 @@ from ..model import Transformer
 from ..sampling import TopLogprobs, is_greedy, logprobs_and_top
 from ..tokenizer import TextStream
 from .detokenizer import Detokenizer
+from .prompt_cache import PromptCache, cache_budget
 from .request import EngineFull, EngineStopped, Event, Request, SamplingParams, is_int
 from .runner import UNUSABLE, ModelRunner
 from .scheduler import Forward, Plan, Scheduler
@@ -37,7 +38,7 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch_size: int = 8, max_seq_len: int = 2048,
                  max_tokens_per_step: int = 512, max_waiting: Optional[int] = None, compile: bool = False,
-                 seed: int = 0, speculator=None):
+                 seed: int = 0, speculator=None, cache_ram_mb: Optional[float] = None, cache_reuse: int = 0):
         """``max_batch_size`` slots of ``max_seq_len`` positions; ``max_tokens_per_step`` bounds the tokens of
         one step (decode rows first, then prefill chunks); ``max_waiting`` bounds the requests
         waiting for a slot beyond the free ones (``EngineFull`` past it; 0: no more than there are free slots;
@@ -45,13 +46,18 @@ class Engine:
         ``seed`` seeds the generator that gives each unseeded request its own seed, in submission order.
         ``tokenizer`` is needed for text (events' text pieces, stop strings). ``speculator`` (a
         ``codellama.engine.speculative.PromptLookup`` or ``DraftModel``) proposes tokens that each decode step
-        verifies in one forward."""
+        verifies in one forward. ``cache_ram_mb`` is the prompt cache's budget in MiB of host memory (None:
+        ``DEFAULT_CACHE_RAM_MB``; 0: no prompt cache): slots' contents are kept there before they are
+        overwritten and restored for prompts that start the same way (exact). ``cache_reuse`` > 0 moves
+        runs of at least that many prompt tokens found at other positions of a slot instead of computing
+        them (not exact; see ``codellama.engine.prompt_cache``)."""
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                             ("max_tokens_per_step", max_tokens_per_step)):
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if max_waiting is not None and (not is_int(max_waiting) or max_waiting < 0):
             raise ValueError(f"max_waiting must be a non-negative integer or None, got {max_waiting!r}")
+        budget = cache_budget(cache_ram_mb, cache_reuse)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.max_tokens_per_step, self.max_waiting = max_tokens_per_step, max_waiting
@@ -60,8 +66,10 @@ class Engine:
             raise ValueError("speculative decoding runs in one process with the eager step: it cannot be combined "
                              "with tensor parallelism or compile=True")
         self.runner = ModelRunner(model, max_batch_size, max_seq_len, compile=compile, speculator=speculator)
+        prompt_cache = PromptCache(budget, self.runner.bytes_per_token) if budget else None
         self.scheduler = Scheduler(max_batch_size, max_seq_len, max_tokens_per_step, on_finish=self._finished,
-                                   on_admit=self.runner.on_admit, all_slot_positions=compile)
+                                   on_admit=self.runner.on_admit, all_slot_positions=compile,
+                                   prompt_cache=prompt_cache, cache_reuse=cache_reuse)
         self.device = self.runner.device
         self._seeds = torch.Generator().manual_seed(seed)
         self._ids = itertools.count()
@@ -97,14 +105,19 @@ class Engine:
     # ----------------------------------------------------------------- submitting
     def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), *,
                decode: Optional[Callable[[List[int]], str]] = None,
-               on_event: Optional[Callable[[Event], None]] = None, text: bool = True) -> Request:
+               on_event: Optional[Callable[[Event], None]] = None, text: bool = True,
+               session: Hashable = None, supersede: bool = True) -> Request:
         """Queue a request; returns at once. ``decode`` turns the new tokens into text (default: the
         tokenizer's ``decode``; infilling passes ``decode_infilling``). ``on_event`` is called with each
         event as it is produced, on the engine's thread and under its lock: it must be quick and must not
         block (an asyncio server passes ``loop.call_soon_threadsafe``-based wake-ups); the events still
         queue on the request for iteration; if it raises, its request fails (finish reason ``"error"``) and
         nothing else does. ``text=False`` skips the incremental text (events carry tokens only), for callers
-        that want token ids; stop strings need it."""
+        that want token ids; stop strings need it. ``session`` (any hashable key, e.g. a client and its
+        document) with ``supersede``: the unfinished requests submitted earlier with the same key are
+        superseded, stopped at the next step (finish reason ``"cancelled"``, ``superseded`` True), and what
+        they computed stays cached for this one; ``supersede=False`` joins the session without stopping
+        anyone (a request that only fills the cache ahead of the editor's next one)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompt = self.check_prompt(prompt)
@@ -126,7 +139,11 @@ class Engine:
                 generator = torch.Generator(device=self.device).manual_seed(seed)
             max_new = self.max_seq_len - len(prompt)
             limit = max_new if params.max_tokens is None else min(params.max_tokens, max_new)
-            request = Request(self, next(self._ids), prompt, params, detok, generator, on_event, limit)
+            request = Request(self, next(self._ids), prompt, params, detok, generator, on_event, limit, session)
+            if session is not None and supersede:
+                for other in self.scheduler.requests.values():
+                    if other.session == session and not other.done:
+                        other.superseded = other.cancel_requested = True
             self.scheduler.add(request)
             self._wake.notify_all()
         return request
@@ -147,6 +164,12 @@ class Engine:
         if len(prompt) > self.max_seq_len:
             raise ValueError(f"the prompt has {len(prompt)} tokens, more than max_seq_len={self.max_seq_len}")
         return prompt
+
+    def slot_states(self) -> List[Tuple[Optional[Request], int]]:
+        """Each slot's request (None when idle) and how many tokens its cache holds, read at one instant (a
+        server's read-only view of its slots)."""
+        with self.lock:
+            return [(s.owner, len(s.cached)) for s in self.scheduler.slots]
 
     def cancel(self, request: Request) -> None:
         """Stop ``request``; its slot is freed at the next step and it finishes as ``cancelled``."""
@@ -238,13 +261,14 @@ class Engine:
             if self.rank != 0:
                 with self.lock:
                     self.scheduler.follow(plan)
-        if not plan.forwards:
+        if not plan.forwards and not plan.cache_ops:
             if plan.changed:  # requests were retired or finished on admission: their waiters must look
                 with self.lock:
                     self._wake.notify_all()
             return False
         if self.world > 1:
             try:
+                self.runner.apply_cache_ops(plan.cache_ops)
                 forwards, results = plan.forwards, self.runner.execute(plan.forwards, self.scheduler.requests)
             except Exception as error:
                 with self.lock:
@@ -253,15 +277,31 @@ class Engine:
                         self.scheduler.finish(request, "error")
                     for slot in range(len(self.scheduler.slots)):
                         self.scheduler.forget_slot(slot)
+                    self.scheduler.forget_prompt_cache()
                     self._wake.notify_all()
                 raise
         else:
+            self._apply_cache_ops(plan)
             forwards, results = self._run_isolated(plan.forwards)
         with self.lock:
             self._apply(forwards, results)
             self.scheduler.steps += 1
             self._wake.notify_all()
         return True
+
+    def _apply_cache_ops(self, plan: Plan) -> None:
+        """The plan's prompt-cache copies and chunk moves. If they fail, the prompt cache is dropped and the
+        requests admitted into the slots they touched fail (those slots' contents are unknown); the others go on."""
+        try:
+            self.runner.apply_cache_ops(plan.cache_ops)
+        except Exception as error:
+            with self.lock:
+                self.scheduler.forget_prompt_cache()
+                for slot in sorted({op.slot for op in plan.cache_ops if hasattr(op, "slot")}):
+                    owner = self.scheduler.slots[slot].owner
+                    if owner is not None:
+                        self._fail(owner, error)
+                    self.scheduler.forget_slot(slot)
 
     def _run_isolated(self, forwards: List[Forward]) -> Tuple[List[Forward], list]:
         """Run each forward on its own, so that one that raises costs only its own requests: its result is the
@@ -297,7 +337,8 @@ class Engine:
             if plan.stop:
                 self._stopped = True
                 return
-            if plan.forwards:
+            if plan.forwards or plan.cache_ops:
+                self.runner.apply_cache_ops(plan.cache_ops)
                 results = self.runner.execute(plan.forwards, self.scheduler.requests)
                 with self.lock:
                     self._apply(plan.forwards, results)
@@ -400,3 +441,4 @@ class Engine:
         r.finished_at = time.perf_counter()
         r.emit(Event(None, rest, None, reason))
         self.runner.on_finish(r)
+

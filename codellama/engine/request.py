@@ -8,7 +8,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Deque, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Deque, Hashable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -111,14 +111,18 @@ class Request:
     After it finishes: ``tokens`` (new tokens, without a stop token), ``text``, ``logprobs``,
     ``prompt_logprobs``, ``top_logprobs`` and ``prompt_top_logprobs`` (None for the first prompt token),
     ``finish_reason`` (one of :data:`FINISH_REASONS`, or ``"error"`` with ``error`` set), ``cached_tokens``
-    (the part of the prompt reused from the cache) and timings. Closing the iterator early, or ``cancel()``,
-    frees its slot at the next step.
+    (prompt tokens whose keys and values it did not compute: the prefix its slot shared, the start restored
+    from the prompt cache (``restored_tokens`` of them) and the chunks moved into place by chunk reuse
+    (``shifted_tokens``); ``len(prompt) - cached_tokens`` were computed) and timings. Closing the iterator
+    early, or ``cancel()``, frees its slot at the next step; so does a newer request of the same ``session``
+    (``superseded`` is then True).
     """
 
     def __init__(self, engine: Optional["Engine"], rid: int, prompt: List[int], params: SamplingParams,
                  detok: Optional["Detokenizer"] = None, generator: Optional[torch.Generator] = None,
-                 on_event: Optional[Callable[[Event], None]] = None, limit: int = 0):
+                 on_event: Optional[Callable[[Event], None]] = None, limit: int = 0, session: Hashable = None):
         self.engine, self.id, self.prompt, self.params = engine, rid, prompt, params
+        self.session, self.superseded = session, False
         self._on_event = on_event
         self.tokens: List[int] = []
         self.logprobs: List[float] = []
@@ -129,6 +133,8 @@ class Request:
         self.finish_reason: Optional[str] = None
         self.error: Optional[BaseException] = None  # why this request failed (finish reason "error")
         self.cached_tokens = 0
+        self.restored_tokens = 0
+        self.shifted_tokens = 0
         self.submitted = time.perf_counter()
         self.first_token_at: Optional[float] = None
         self.finished_at: Optional[float] = None
@@ -138,6 +144,7 @@ class Request:
         self.slot: Optional[int] = None
         self.computed = 0
         self.pending: Optional[int] = None
+        self.runs: List[Tuple[int, int]] = []  # (start, length) of prompt chunks moved into place, not yet reached
         self.limit = limit
         self.cancel_requested = False
         self._detok = detok

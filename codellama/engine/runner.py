@@ -15,8 +15,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..model import KVCache, Transformer
+from ..model import KVCache, Transformer, rope_inv_freq
 from ..sampling import TopLogprobs, logprobs_and_top, sample, usable_rows
+from .host_blocks import HostBlocks, apply_cache_ops
+from .prompt_cache import BLOCK_SIZE, CacheOp
 from .request import Request
 from .scheduler import Forward
 
@@ -35,15 +37,15 @@ class ModelRunner:
         self.device = model.tok_embeddings.weight.device
         self.compile, self.speculator = compile, speculator
         self.cache: Optional[KVCache] = None
+        self.host_blocks: Optional[HostBlocks] = None  # the prompt cache's memory, made with the first block saved
         self._compiled: Dict[int, Callable] = {}  # compiled decode step per cache-length bucket
         self.speculation = {"steps": 0, "proposed": 0, "accepted": 0}  # totals, for benchmarks and logs
 
     # ----------------------------------------------------------------- memory
     @property
     def cache_bytes(self) -> int:
-        """Bytes of the KV cache: slots × max_seq_len × ``KVCache.bytes_per_token``."""
-        dtype = self.model.norm.weight.dtype  # a float weight (a quantized embedding holds integer codes)
-        return self.max_batch_size * self.max_seq_len * KVCache.bytes_per_token(self.model.args, dtype, self.model.tp)
+        """Bytes of the KV cache: slots × max_seq_len × :attr:`bytes_per_token`."""
+        return self.max_batch_size * self.max_seq_len * self.bytes_per_token
 
     def ensure_cache(self) -> KVCache:
         """The slot cache, allocated once; a clear error (with the sizes) when it does not fit."""
@@ -52,6 +54,24 @@ class ModelRunner:
             self.cache = KVCache.allocate(self.model.args, self.max_batch_size, self.max_seq_len, ref.dtype,
                                           ref.device, self.model.tp)
         return self.cache
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one position of one slot takes on this rank (``KVCache.bytes_per_token``; the dtype of a
+        float weight: a quantized embedding holds integer codes)."""
+        return KVCache.bytes_per_token(self.model.args, self.model.norm.weight.dtype, self.model.tp)
+
+    # ----------------------------------------------------------------- the prompt cache and chunk reuse
+    def apply_cache_ops(self, ops: Sequence[CacheOp]) -> None:
+        """Copy blocks between the slots and host memory, and move chunks inside slots, as the plan says."""
+        if not ops:
+            return
+        cache = self.ensure_cache()
+        if self.host_blocks is None:
+            self.host_blocks = HostBlocks(cache, BLOCK_SIZE)
+            self._inv_freq = rope_inv_freq(self.model.args.head_dim, self.model.args.rope_theta, self.device)
+        with torch.inference_mode():
+            apply_cache_ops(ops, cache, self.host_blocks, self._inv_freq)
 
     # ----------------------------------------------------------------- forwards
     def execute(self, forwards: List[Forward], requests: Dict[int, Request], *, eager: bool = False) -> List:

@@ -48,7 +48,7 @@ class Task:
         MBPP: the completion, then the tests; the names under test are those the dataset's solution defines.
         """
         if self.benchmark == "humaneval":
-            reference = self.prompt if _parses(self.prompt) else ""
+            reference = self.prompt if parses(self.prompt) else ""
             return Program(self.prompt + completion, self.tests, reference, (self.entry_point,))
         return Program(completion, self.tests, entry_points=_defined_names(self.solution))
 
@@ -59,12 +59,13 @@ def _parse(code: str) -> Optional[ast.Module]:
         warnings.simplefilter("ignore")
         try:
             return ast.parse(code)
-        except (SyntaxError, ValueError):
+        except (SyntaxError, ValueError, RecursionError, MemoryError):  # the last two: absurdly nested code
             return None
 
 
 @functools.lru_cache(maxsize=1024)
-def _parses(code: str) -> bool:
+def parses(code: str) -> bool:
+    """Whether ``code`` is valid Python (parsed only, never run)."""
     return _parse(code) is not None
 
 

@@ -11,6 +11,11 @@ system is a fresh tmpfs root, read-only after set-up, that holds only
 - a new, read-only ``/dev`` (``null``, ``zero``, ``full``, ``random``, ``urandom``, ``tty``; no ``shm``
   to fill) and a size-capped tmpfs at ``/tmp``, the working directory and the only writable place.
 
+The scratch ``/tmp`` is mounted first and the interpreter's directories after it, so an interpreter
+that lives under ``/tmp`` (a virtualenv on a CI runner) is bound read-only inside the scratch rather
+than hidden by it; nothing else of the host's ``/tmp`` is there. An interpreter whose directory holds
+``/tmp`` (or is ``/``) cannot be mounted without showing the host's files: :func:`layout_problem` says so.
+
 There is no ``/proc`` at all (Python does not need one; it would show the program its own memory), no
 host ``/tmp``, ``/run``, home, project or site-packages directory, and no network interface but a
 downed loopback. The seccomp filter of :mod:`.seccomp` is loaded; every capability is dropped. As root,
@@ -37,11 +42,12 @@ from typing import Iterator, List, Optional, Tuple
 from .seccomp import build_filter
 
 ISOLATIONS = ("bwrap", "process")
-INSTALL_HINT = ("install bubblewrap (apt-get install bubblewrap), or pass --isolation process "
-                "(Limits(isolation='process')) to run programs without OS isolation")
+PROCESS_HINT = "pass --isolation process (Limits(isolation='process')) to run programs without OS isolation"
+INSTALL_HINT = f"install bubblewrap (apt-get install bubblewrap), or {PROCESS_HINT}"
 SYSTEM_LIBRARIES = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64", "/lib32")
 UID_BASE, UID_SPAN = 2_000_000_000, 100_000_000  # far above any account's uid or subordinate-uid range
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # codellama/
+SCRATCH = "/tmp"  # the program's working directory, a size-capped tmpfs: its only writable place
 
 
 @dataclass(frozen=True)
@@ -75,9 +81,9 @@ def _outermost(paths) -> List[str]:
 
 def _parents(paths: List[str]) -> List[str]:
     """``--dir`` arguments for the ancestors of ``paths``, world-readable (bubblewrap's own are 0700,
-    which the runner could not enter once it has dropped to its own uid)."""
+    which the runner could not enter once it has dropped to its own uid); the scratch exists already."""
     args: List[str] = []
-    seen = set()
+    seen = {SCRATCH}
     for path in paths:
         parent = os.path.dirname(path)
         chain = []
@@ -90,9 +96,42 @@ def _parents(paths: List[str]) -> List[str]:
     return args
 
 
+def interpreter_trees() -> List[str]:
+    """The interpreter's directories, real paths, none inside another: a virtualenv and its base."""
+    return _outermost([sys.base_prefix, sys.prefix, sys.base_exec_prefix, sys.exec_prefix])
+
+
+def layout_problem() -> Optional[str]:
+    """Why this interpreter cannot be mounted in the sandbox, or None.
+
+    Binding a directory that holds the scratch (``/``, ``/tmp``) would show the host's files, and an
+    interpreter started from outside its directories (``sys.executable``) would not be there to start.
+    """
+    trees = interpreter_trees()
+    for tree in trees:
+        if _inside(SCRATCH, tree):
+            return (f"the interpreter's directory {tree} holds {SCRATCH}, so mounting it would show the host's "
+                    "files in the sandbox; use a Python installed in a directory of its own (e.g. /usr, /opt/python)")
+    executable = interpreter()
+    if not any(_inside(executable, tree) for tree in trees):
+        return (f"the interpreter {executable} lies outside its own directories {trees}, which are all the "
+                "sandbox mounts; start Python by a path inside them")
+    return None
+
+
+def interpreter() -> str:
+    """``sys.executable`` with its directory as a real path, as the sandbox mounts it. The file itself
+    stays as named: a virtualenv's ``bin/python`` is a link, and Python finds the virtualenv through it."""
+    executable = os.path.abspath(sys.executable or "python")
+    return os.path.join(os.path.realpath(os.path.dirname(executable)), os.path.basename(executable))
+
+
 def mounts(site_packages: bool) -> List[str]:
-    """bubblewrap's file-system arguments (see the module docstring)."""
-    trees = _outermost([sys.base_prefix, sys.prefix, sys.base_exec_prefix, sys.exec_prefix])
+    """bubblewrap's file-system arguments after the scratch ``/tmp`` (see the module docstring)."""
+    problem = layout_problem()
+    if problem:
+        raise ValueError(problem)
+    trees = interpreter_trees()
     libraries = [lib for lib in SYSTEM_LIBRARIES if os.path.islink(lib) or (
         os.path.isdir(lib) and not any(_inside(os.path.realpath(lib), t) for t in trees))]
     args = _parents(libraries + trees + ["/etc/ld.so.cache"])
@@ -101,10 +140,12 @@ def mounts(site_packages: bool) -> List[str]:
     for tree in trees:
         args += ["--ro-bind", tree, tree]
     hidden = [PACKAGE_DIR]
-    if not site_packages:
-        hidden += site.getsitepackages() + [site.getusersitepackages()]
+    if not site_packages:  # the virtualenv's and its base interpreter's (which a virtualenv's site omits)
+        prefixes = sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix})
+        hidden += site.getsitepackages(prefixes) + [site.getusersitepackages()]
+    mounted = trees + [os.path.realpath(lib) for lib in libraries if not os.path.islink(lib)]
     for path in _outermost(hidden):
-        if any(_inside(path, t) for t in trees):
+        if any(_inside(path, m) for m in mounted):
             args += ["--tmpfs", path, "--remount-ro", path]
     if os.path.isfile("/etc/ld.so.cache"):
         args += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
@@ -115,20 +156,51 @@ def bwrap_argv(bwrap: str, scratch_bytes: int, seccomp_fd: int, as_root: bool, s
     """The bubblewrap command line, up to and including ``--``."""
     argv = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv"]
-    for key, value in environment("/tmp").items():
+    for key, value in environment(SCRATCH).items():
         argv += ["--setenv", key, value]
     if as_root:  # privileged: the runner needs CAP_SETUID/CAP_SETGID once, to drop to its own uid
         argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         argv += ["--unshare-user"]
+    # The scratch first: the interpreter may live under it, and is then bound over it, read-only.
+    argv += ["--perms", "1777", "--size", str(scratch_bytes), "--tmpfs", SCRATCH]
     argv += mounts(site_packages)
-    argv += ["--dev", "/dev", "--remount-ro", "/dev", "--perms", "1777", "--size", str(scratch_bytes), "--tmpfs", "/tmp",
-             "--remount-ro", "/", "--chdir", "/tmp", "--seccomp", str(seccomp_fd), "--"]
+    argv += ["--dev", "/dev", "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", SCRATCH,
+             "--seccomp", str(seccomp_fd), "--"]
     return argv
 
 
 def find_bwrap() -> Optional[str]:
     return shutil.which("bwrap")
+
+
+# What bubblewrap says when the kernel, a container or a security module will not let it make namespaces,
+# e.g. "No permissions to create new namespace", "setting up uid map: Permission denied", "Creating new
+# namespace failed: Operation not permitted", "loopback: Failed RTM_NEWADDR: Operation not permitted".
+_NAMESPACE_SIGNS = ("namespace", "uid map", "gid map", "setgroups", "Operation not permitted", "Permission denied")
+
+
+def refusal(bwrap: str, said: str, ended: str) -> str:
+    """The one-line refusal for a bubblewrap that did not run a trivial program, naming the real cause.
+
+    ``said`` is bubblewrap's last ``bwrap: …`` line (empty when it said nothing); ``ended`` how the
+    trivial program ended.
+    """
+    if not said:
+        if ended.startswith("error: could not start the sandbox"):
+            return f"bubblewrap ({bwrap}) cannot be started ({ended}); {PROCESS_HINT}"
+        return (f"bubblewrap ({bwrap}) runs, but a trivial program does not pass in its sandbox ({ended}); "
+                f"{PROCESS_HINT}")
+    if "execvp" in said:
+        return (f"bubblewrap ({bwrap}) set up the sandbox but could not start the interpreter {interpreter()} in "
+                f"it ({said}); {PROCESS_HINT}")
+    if "source path" not in said and any(sign in said for sign in _NAMESPACE_SIGNS):
+        return (f"bubblewrap ({bwrap}) is installed but may not create namespaces here ({said}): run as root, "
+                "or allow unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1 and "
+                "user.max_user_namespaces > 0; on Ubuntu 24.04 and later, "
+                "kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor profile for bwrap); in a container, "
+                f"give it those rights (e.g. docker run --security-opt seccomp=unconfined); or {PROCESS_HINT}")
+    return f"bubblewrap ({bwrap}) cannot set up the sandbox ({said}); {PROCESS_HINT}"
 
 
 @contextlib.contextmanager

@@ -7,8 +7,10 @@ task's own block left open after ``[BEGIN]\\n``. Generations are cut at the firs
 
 Instruct models get a dialog for ``Llama.chat_completion`` (the library applies the ``[INST]`` format):
 HumanEval asks for the completed function in a code block; MBPP puts the shots as earlier turns, the
-answers in the same ``[BEGIN]``/``[DONE]`` form. The code is taken from the answer's first fenced block
-(or the ``[BEGIN]``/``[DONE]`` span, or the whole answer).
+answers in the same ``[BEGIN]``/``[DONE]`` form. The code is taken from the answer (:func:`extract_code`):
+its first fenced block (a Python one where there are several kinds), else its ``[PYTHON]``…``[/PYTHON]``
+span (Code Llama - Instruct's own tags), else its ``[BEGIN]``/``[DONE]`` span, else the answer without the
+prose around unfenced code ("Here is the function:" before it, an explanation after it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Sequence, Union
 
-from .data import Benchmark, Task
+from .data import Benchmark, Task, parses
 
 Prompt = Union[str, List[Dict[str, str]]]  # plain text for base models, a dialog for Instruct models
 
@@ -28,7 +30,11 @@ STOP_SEQUENCES = {
 CHAT_CODE_STOPS = ("\nif __name__", "\nprint(", "\nassert ")
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Reply with the whole function, "
                          "including its signature, in one ```python code block.")
-_FENCED = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+# A fenced block, its info string (any language or none), its text up to the closing fence or the end.
+_FENCED = re.compile(r"```[ \t]*([\w.+-]*)[^\n]*\n(.*?)(?:```|$)", re.DOTALL)
+_PYTHON_FENCES = ("", "python", "python3", "py", "py3")
+_TAGGED = re.compile(r"\[PYTHON\]\n?(.*?)(?:\[/PYTHON\]|$)", re.DOTALL)
+_CODE_START = re.compile(r"^(def |class |import |from |async def |@)", re.MULTILINE)
 
 
 def truncate(text: str, stops: Sequence[str]) -> str:
@@ -68,13 +74,33 @@ def build_prompt(bench: Benchmark, task: Task, chat: bool = False) -> Prompt:
 
 
 def extract_code(answer: str) -> str:
-    """The code in an Instruct answer: its first fenced block, else its ``[BEGIN]``…``[DONE]`` span, else all."""
-    match = _FENCED.search(answer)
-    if match:
-        return match.group(1)
+    """The code in an Instruct answer (see the module docstring for the order in which its forms are tried)."""
+    blocks = _FENCED.findall(answer)
+    if blocks:
+        python = [code for language, code in blocks if language.lower() in _PYTHON_FENCES]
+        return (python or [blocks[0][1]])[0]
+    tagged = _TAGGED.search(answer)
+    if tagged:
+        return tagged.group(1).strip("\n") + "\n"
     if "[BEGIN]" in answer:
-        answer = answer.split("[BEGIN]", 1)[1]
-    return truncate(answer, ("[DONE]",)).strip("\n") + "\n"
+        return truncate(answer.split("[BEGIN]", 1)[1], ("[DONE]",)).strip("\n") + "\n"
+    return _unfenced_code(answer.strip("\n") + "\n")
+
+
+def _unfenced_code(answer: str) -> str:
+    """Code written without a fence: the answer itself where it parses, else from its first top-level
+    ``def``/``class``/``import``/``from``/decorator line, less trailing paragraphs until it parses."""
+    if parses(answer):
+        return answer
+    start = _CODE_START.search(answer)
+    if start is None:
+        return answer
+    paragraphs = answer[start.start():].split("\n\n")
+    for end in range(len(paragraphs), 0, -1):
+        code = "\n\n".join(paragraphs[:end]).strip("\n") + "\n"
+        if parses(code):
+            return code
+    return answer
 
 
 def completion_from_generation(bench: Benchmark, task: Task, generation: str, chat: bool = False) -> str:

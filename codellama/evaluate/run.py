@@ -3,9 +3,12 @@
 Files, all JSON Lines written one record per finished sample and flushed, so an interrupted run loses
 at most the batch in flight and resumes where it stopped:
 
-- samples (``{benchmark}.jsonl``): ``task_id, sample, completion, generation`` and the sampling settings.
-  ``completion`` is what runs after the task's prompt (HumanEval) or alone (MBPP); ``generation`` is
-  the model's raw text. A samples file from any source needs only ``task_id`` and ``completion``.
+- samples (``{benchmark}.jsonl``): ``task_id, sample, completion, generation``, the sampling settings
+  and ``decoded``. ``generation`` is the text the model wrote: for a base model exactly what follows the
+  prompt (``decoded: "in context"``, see :func:`llama_sampler`), for an Instruct model its answer
+  (``"answer"``). ``completion`` is what runs: the generation cut at the stop sequences, after the task's
+  prompt (HumanEval) or alone (MBPP); for an answer, its code. A samples file from any source needs only
+  ``task_id`` and ``completion``.
 - results (``{stem}_results.jsonl``): ``task_id, sample, completion, passed, reason, detail`` with
   ``reason`` one of ``passed / failed / timed out / error``.
 - report (``{stem}_report.json``): pass@k for each k the sample count allows, counts by reason, the
@@ -22,15 +25,18 @@ import tempfile
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..tokenizer import decode_after
 from .data import Benchmark, jsonl_lines, load_benchmark, read_jsonl
 from .passk import DEFAULT_KS, estimate
 from .progress import Progress
 from .prompts import Prompt, build_prompt, completion_from_generation
 from .sandbox import REASONS, Limits, Outcome, active_layers, check_isolation, limits_dict, run_programs
 
-# sampler(prompts, temperature, top_p, max_gen_len) -> one raw generation per prompt
+# sampler(prompts, temperature, top_p, max_gen_len) -> per prompt, the text the model wrote after it
 Sampler = Callable[[List[Prompt], float, float, int], List[str]]
 SETTINGS = ("temperature", "top_p", "max_gen_len", "chat")  # sampling settings a resumed run must share
+# How each record's generation was decoded (its "decoded" field), by the record's "chat".
+DECODED = {False: "in context", True: "answer"}
 
 
 # ----------------------------------------------------------------------------------------- JSONL files
@@ -71,8 +77,15 @@ def _check_task_ids(records: Sequence[dict], bench: Benchmark, path: str) -> Non
 
 # -------------------------------------------------------------------------------------------- generate
 def llama_sampler(llama, chat: bool = False) -> Sampler:
-    """A :data:`Sampler` over ``codellama.Llama``: ``text_completion`` for base models, ``chat_completion``
-    for Instruct models; prompts go in batches of the model's ``max_batch_size``."""
+    """A :data:`Sampler` over ``codellama.Llama``; prompts go in batches of the model's ``max_batch_size``.
+
+    Base models: ``Llama.generate`` on the prompt's tokens as ``text_completion`` makes them (BOS, then
+    the text), and the generation is exactly the text the model wrote after the prompt, decoded in the
+    prompt's context (:func:`~codellama.tokenizer.decode_after`). ``text_completion`` decodes the new
+    tokens alone, as Meta's does, which drops the leading space of the first one: a body the model indented
+    by four spaces would run with three. Instruct models: ``chat_completion``'s answer, decoded alone by
+    design (the space after ``[/INST]`` separates the answer from the prompt).
+    """
 
     def sample(prompts: List[Prompt], temperature: float, top_p: float, max_gen_len: int) -> List[str]:
         out = []
@@ -82,8 +95,9 @@ def llama_sampler(llama, chat: bool = False) -> Sampler:
                 results = llama.chat_completion(batch, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
                 out += [r["generation"]["content"] for r in results]
             else:
-                results = llama.text_completion(batch, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
-                out += [r["generation"] for r in results]
+                tokens = [llama.tokenizer.encode(p, bos=True, eos=False) for p in batch]
+                new, _ = llama.generate(tokens, max_gen_len, temperature=temperature, top_p=top_p)
+                out += [decode_after(llama.tokenizer.decode, p, t) for p, t in zip(tokens, new)]
         return out
 
     return sample
@@ -119,6 +133,11 @@ def generate_samples(bench: Benchmark, sampler: Sampler, samples_path: str, *, n
             raise ValueError(f"{samples_path} holds samples made with {differ}, but this run asks for "
                              f"{ {k: settings[k] for k in differ} }; resume with the same settings or write "
                              "to another file")
+        if not chat and r.get("decoded") != DECODED[False]:
+            raise ValueError(f"{samples_path} holds samples written by an earlier version of the harness, which "
+                             "decoded a base model's text without its prompt and so lost the leading space of its "
+                             "first token (a body indented by 4 spaces ran with 3: scores near 0); generate them "
+                             "again: move the file away or write to another --out-dir")
     done = {(r["task_id"], r["sample"]) for r in existing}
     todo = [(t, s) for t in bench.tasks for s in range(n) if (t.task_id, s) not in done]
     prompts = {t.task_id: build_prompt(bench, t, chat) for t, _ in todo}
@@ -136,7 +155,7 @@ def generate_samples(bench: Benchmark, sampler: Sampler, samples_path: str, *, n
             for (task, s), generation in zip(batch, generations):
                 record = {"task_id": task.task_id, "sample": s,
                           "completion": completion_from_generation(bench, task, generation, chat),
-                          "generation": generation, **settings}
+                          "generation": generation, **settings, "decoded": DECODED[chat]}
                 _append(f, record)
                 records.append(record)
             f.flush()

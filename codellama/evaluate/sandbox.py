@@ -20,7 +20,6 @@ import secrets
 import select
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -131,7 +130,7 @@ def _runner_source() -> str:
 
 
 def _interpreter(site_packages: bool) -> List[str]:
-    return [sys.executable, "-I", "-B"] + ([] if site_packages else ["-S"]) + ["-c", BOOT, _runner_source()]
+    return [isolation.interpreter(), "-I", "-B"] + ([] if site_packages else ["-S"]) + ["-c", BOOT, _runner_source()]
 
 
 def _kill_group(pgid: int) -> None:
@@ -369,26 +368,30 @@ def run_programs(programs: Sequence[Union[str, Program]], limits: Limits = Limit
 
 
 @functools.lru_cache(maxsize=None)
-def _bwrap_problem(bwrap: str, site_packages: bool) -> Optional[str]:
-    """Why bubblewrap at ``bwrap`` cannot run a trivial program here, or None; asked once per process."""
+def _bwrap_refusal(bwrap: str, site_packages: bool) -> Optional[str]:
+    """Why bubblewrap at ``bwrap`` cannot run a trivial program here (the refusal), or None; asked once
+    per process."""
     outcome, output = _execute(Program("pass"), Limits(timeout_s=30.0, site_packages=site_packages), True)
     if outcome.passed:
         return None
-    said = [line for line in output.splitlines() if line.startswith("bwrap:")]
-    return said[-1] if said else f"{outcome.reason}: {outcome.detail}"
+    said = [line.strip() for line in output.splitlines() if line.startswith("bwrap:")]
+    return isolation.refusal(bwrap, said[-1] if said else "", f"{outcome.reason}: {outcome.detail}")
 
 
 def check_isolation(limits: Limits = Limits()) -> None:
-    """Raise :class:`SandboxUnavailable` (one line, with the fix) unless ``limits.isolation`` can run here."""
+    """Raise :class:`SandboxUnavailable` (one line, naming the cause and the fix) unless ``limits.isolation``
+    can run here."""
     if limits.isolation == "process":
         return
     bwrap = isolation.find_bwrap()
     if bwrap is None:
         raise SandboxUnavailable(f"bubblewrap (bwrap) is not installed: {isolation.INSTALL_HINT}")
-    problem = _bwrap_problem(bwrap, limits.site_packages)
+    problem = isolation.layout_problem()
     if problem is not None:
-        raise SandboxUnavailable(f"bubblewrap cannot create the sandbox here ({problem}); it needs kernel "
-                                 f"namespaces (root, or unprivileged user namespaces): {isolation.INSTALL_HINT}")
+        raise SandboxUnavailable(f"the sandbox cannot hold this Python: {problem}; or {isolation.PROCESS_HINT}")
+    refusal = _bwrap_refusal(bwrap, limits.site_packages)
+    if refusal is not None:
+        raise SandboxUnavailable(refusal)
 
 
 def active_layers(limits: Limits = Limits()) -> List[str]:

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from ..config import (NORM_EPS_RANGE, PRESETS, ROPE_THETA_RANGE, ModelArgs, check_number, check_size, ffn_hidden_dim,
+from ..config import (NORM_EPS_RANGE, ROPE_THETA_RANGE, ModelArgs, check_number, check_size, ffn_params_for,
                       read_json, write_json)
 from ..quantize import CONFIG_KEY, QuantConfig
 from ..tokenizer import Tokenizer
@@ -433,7 +433,7 @@ def _args_from_config(cfg: Dict[str, Any]) -> ModelArgs:
     dim = cfg["hidden_size"]
     if cfg.get("head_dim") not in (None, dim // n_heads):
         raise ValueError(f"head_dim={cfg['head_dim']!r} differs from hidden_size / num_attention_heads = {dim // n_heads}")
-    multiple_of, multiplier = _ffn_params_for(dim, cfg["intermediate_size"])
+    multiple_of, multiplier = ffn_params_for(dim, cfg["intermediate_size"])
     return ModelArgs(
         dim=dim,
         n_layers=cfg["num_hidden_layers"],
@@ -497,20 +497,3 @@ def _hf_rope_theta(cfg: Dict[str, Any]) -> float:
             theta = params["rope_theta"]
     return float(theta) if theta is not None else 10000.0
 
-def _ffn_params_for(dim: int, hidden_dim: int) -> tuple[int, Optional[float]]:
-    """``(multiple_of, ffn_dim_multiplier)`` that reproduce ``hidden_dim`` for ``dim``.
-
-    Hugging Face stores only the result; prefer a released preset's values, then the largest power of
-    two without a multiplier, then an exact fallback, so ``params.json`` round-trips for real models.
-    """
-    candidates = [(p["multiple_of"], p.get("ffn_dim_multiplier")) for p in PRESETS.values() if p["dim"] == dim]
-    candidates += [(2**k, None) for k in range(14, -1, -1)]
-    base = int(2 * 4 * dim / 3)
-    if hidden_dim >= base:
-        candidates.append((hidden_dim, None))
-    else:
-        candidates.append((1, (hidden_dim + 0.5) / base))
-    for multiple_of, multiplier in candidates:
-        if ffn_hidden_dim(dim, multiple_of, multiplier) == hidden_dim:
-            return multiple_of, multiplier
-    raise ValueError(f"cannot express intermediate_size={hidden_dim} for dim={dim} as Meta FFN parameters")

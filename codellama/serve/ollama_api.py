@@ -103,7 +103,9 @@ async def generate(request: Request, body: GenerateBody = json_body(GenerateBody
     service.check_model(body.model)
     if not body.prompt and body.suffix is None:  # Ollama's way of loading a model: it is loaded
         return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
-    prompt = service.infill(body.prompt, body.suffix) if body.suffix is not None else service.raw(body.prompt)
+    reserve = body.options.num_predict  # the answer's room when an infilling prompt is cut to fit
+    prompt = (service.infill(body.prompt, body.suffix, reserve=reserve) if body.suffix is not None
+              else service.raw(body.prompt, reserve=reserve))
     generation = start(request, [(prompt, _params(body))])
     if body.stream:
         return Stream(_stream(service, generation, body, lambda text: {"response": text}), NDJSON, generation)
@@ -144,7 +146,7 @@ def _params(body: Union[GenerateBody, ChatBody]) -> SamplingParams:
 
 def _logprobs(service: ModelService, body: Union[GenerateBody, ChatBody], prompt: Prompt, r: EngineRequest) -> dict:
     """``{"logprobs": [...]}`` with one entry per new token when asked for, else nothing."""
-    return {"logprobs": service.logprob_entries(prompt, r)} if body.logprobs else {}
+    return {"logprobs": service.logprob_entries(r)} if body.logprobs else {}
 
 
 async def _stream(service: ModelService, generation: Generation, body: Union[GenerateBody, ChatBody],
@@ -158,8 +160,8 @@ async def _stream(service: ModelService, generation: Generation, body: Union[Gen
             if event.finish_reason is not None:
                 yield ndjson(_final(generation.requests[0], model, content(event.text)))
             elif event.text or body.logprobs:
-                extra = ({"logprobs": [service.logprob_entry(event.text, event.logprob, event.top_logprobs)]}
-                         if body.logprobs else {})
+                extra = ({"logprobs": [service.logprob_entry(event.token, event.logprob, event.top_logprobs)]}
+                         if body.logprobs and event.token is not None else {})
                 yield ndjson({"model": model, "created_at": _now(), **content(event.text), **extra, "done": False})
     except ServiceError as e:
         yield ndjson(error_body(e.status, e.message))

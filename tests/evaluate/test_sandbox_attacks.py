@@ -229,6 +229,26 @@ ATTACKS = [
            "os.wait()\nraise Exception('mounted: ' + os.read(r, 100).decode())\n",
            lambda host, outcome: "mounted: yes" in outcome.detail),
     Attack("memory-bomb", "x = bytearray(64 * 2**30)\n", lambda host, outcome: False, control=False),
+    # Memory outside the address-space limit: files in memory, SysV segments, socket buffers. Each may
+    # hold no more than the scratch directory's size (what the program may write anyway).
+    Attack("memfd-fill", "import os\nn = 0\nfds = []\nfor i in range(40):\n    try:\n"
+           "        fds.append(os.memfd_create(f'fill{i}'))\n    except OSError:\n        break\n"
+           "    for _ in range(16):\n        try:\n            os.write(fds[-1], b'x' * 2**20)\n"
+           "        except OSError:\n            break\n        n += 1\n"
+           "raise Exception(f'held {n} MiB')\n", _count_over(LIMITS.file_size_mb)),
+    # Segments outlive their mapping and would stay on the host after the control: no control.
+    Attack("sysv-shm-fill", CTYPES + "libc.shmat.restype = ctypes.c_void_p\nn = 0\nfor i in range(40):\n"
+           "    sid = libc.shmget(0, 4 << 20, 0o1600)\n    if sid < 0:\n        break\n"
+           "    addr = libc.shmat(sid, None, 0)\n    ctypes.memset(addr, 1, 4 << 20)\n"
+           "    libc.shmdt(ctypes.c_void_p(addr))\n    n += 4\nraise Exception(f'held {n} MiB')\n",
+           _count_over(LIMITS.file_size_mb), control=False),
+    Attack("socket-buffer-fill", "import socket\nn = 0\nkeep = []\ntry:\n    for i in range(8):\n"
+           "        keep += socket.socketpair()\n        for s in keep[-2:]:\n"
+           "            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 30)\n"
+           "            s.setblocking(False)\n            while True:\n                try:\n"
+           "                    n += s.send(b'x' * 65536)\n                except BlockingIOError:\n"
+           "                    break\nexcept OSError:\n    pass\nraise Exception(f'held {n >> 20} MiB')\n",
+           _count_over(LIMITS.file_size_mb)),
     # -------------------------------------------------------------- tamper, leave things behind
     Attack("rewrite-the-runner", FRESH_POSIX + "import os\nfd = posix.open('$runner', os.O_WRONLY | os.O_TRUNC)\n"
            "posix.write(fd, b'import os\\nos._exit(0)\\n')\n",  # every later sample would exit 0

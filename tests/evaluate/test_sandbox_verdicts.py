@@ -12,9 +12,11 @@ from codellama.evaluate.sandbox import Limits, Program, SandboxUnavailable, chec
 
 try:
     check_isolation(Limits())
-    LIMITS = Limits(timeout_s=3.0)
-except SandboxUnavailable:
-    LIMITS = Limits(timeout_s=3.0, isolation="process")
+    LIMITS, BWRAP_REFUSAL = Limits(timeout_s=3.0), ""
+except SandboxUnavailable as e:
+    LIMITS, BWRAP_REFUSAL = Limits(timeout_s=3.0, isolation="process"), str(e)
+# Hunting through /tmp is the host's /tmp without bubblewrap: slow, and a planted nonce would stay there.
+needs_bwrap = pytest.mark.skipif(bool(BWRAP_REFUSAL), reason=f"bubblewrap cannot run here: {BWRAP_REFUSAL}")
 
 WRONG = "def add(a, b):\n    return a - b\n\n"
 TESTS = "def check(candidate):\n    assert candidate(2, 3) == 5\n\ncheck(add)\n"
@@ -88,7 +90,8 @@ HOOK_STOPS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(FORGERIES) + sorted(HOOK_STOPS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_bwrap) if n == "nonce-hunt" else n
+                                  for n in sorted(FORGERIES) + sorted(HOOK_STOPS)])
 def test_forgery_does_not_pass(name):
     outcome = run_program({**FORGERIES, **HOOK_STOPS}[name], LIMITS)
     assert outcome.reason in ("failed", "error"), outcome
@@ -129,6 +132,7 @@ def test_the_function_under_test_may_shadow_a_builtin():
     assert run_program(program, LIMITS).passed
 
 
+@needs_bwrap
 def test_the_nonce_hunt_would_find_a_leaked_nonce(monkeypatch):
     # The control for "nonce-hunt": where the nonce is visible (here: planted in /tmp), it forges a pass.
     monkeypatch.setattr(sandbox.secrets, "token_hex", lambda n: "5e" * n)

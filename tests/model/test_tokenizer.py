@@ -3,6 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codellama import Tokenizer
+from codellama.tokenizer import decode_after
 from codellama.prompts import infilling_prompt_tokens
 
 VECTORS = {  # ../shared/data/README.md: [bos] + encode(s) with either Llama 2 tokenizer
@@ -100,3 +101,36 @@ def test_bad_tokenizer_files(tmp_path):
 def test_encode_rejects_non_strings(codellama_tok):
     with pytest.raises(ValueError, match="must be a str"):
         codellama_tok.encode(["a"], bos=True, eos=False)
+
+
+def _llama2() -> Tokenizer:
+    from conftest import shared_path
+    return Tokenizer(shared_path("tokenizers", "llama2.model"))
+
+
+def test_decode_after_keeps_the_leading_space_and_splits_inside_a_character():
+    tokenizer = _llama2()
+    prompt = tokenizer.encode('def f():\n    """€"""\n', bos=True, eos=False)
+    body = tokenizer.encode('def f():\n    """€"""\n    return 1\n', bos=True, eos=False)[len(prompt):]
+    assert tokenizer.decode(body) == "   return 1\n"  # alone: SentencePiece drops the first space
+    assert decode_after(tokenizer.decode, prompt, body) == "    return 1\n"
+    # A context ending inside a character (the euro sign's first byte only): the text starts with that
+    # character, whose last bytes the new tokens hold, rather than losing it or repeating the prompt.
+    euro = [tokenizer.sp_model.piece_to_id(f"<0x{b:02X}>") for b in "€".encode()]
+    context, ids = tokenizer.encode("price:", bos=True, eos=False) + euro[:1], euro[1:] + body
+    assert decode_after(tokenizer.decode, context, ids) == "€    return 1\n"
+    assert decode_after(tokenizer.decode, [tokenizer.bos_id], body) == "   return 1\n"  # no text before it
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(list("ab \n\t€é中😀{}()") + ["    ", "def ", "return"]), max_size=30).map("".join),
+       st.integers(min_value=1, max_value=60))
+def test_decode_after_loses_nothing_at_any_split(text, k):
+    # Split the tokens of a text anywhere, even inside a character's bytes: the text after the split is the
+    # whole text less what the first part decodes to (its incomplete character, U+FFFD, left out).
+    tokenizer = _llama2()
+    ids = tokenizer.encode(text, bos=True, eos=False)
+    k = min(k, len(ids))
+    head, whole = tokenizer.decode(ids[:k]), tokenizer.decode(ids)
+    after = decode_after(tokenizer.decode, ids[:k], ids[k:])
+    assert whole == head.rstrip("\ufffd") + after

@@ -289,8 +289,8 @@ def test_ollama_tags_and_show_tell_continue_it_can_infill(http):
         assert re.match(r'^(\S+)\s+((?:".*")|\S+)$', line), line
     assert f"num_ctx {MAX_SEQ_LEN}" in shown["parameters"]
     assert shown["model_info"]["llama.context_length"] == MAX_SEQ_LEN
-    r = http.post("/api/show", json={"model": "llama3"})
-    assert r.status_code == 404 and "not found" in r.json()["error"]
+    r = http.post("/api/show", json={"model": "llama3"})  # one model served, whatever the name (unless strict)
+    assert r.status_code == 200 and r.json()["model_info"]["llama.context_length"] == MAX_SEQ_LEN
 
 
 # ----------------------------------------------------------------------------- llama.cpp
@@ -386,9 +386,14 @@ def test_a_prompt_longer_than_the_context_is_400(http):
     long = "word " * (2 * MAX_SEQ_LEN)
     for path, body, error in [("/v1/completions", {"prompt": long}, lambda j: j["error"]["message"]),
                               ("/api/generate", {"model": NAME, "prompt": long, "stream": False}, lambda j: j["error"]),
-                              ("/infill", {"input_prefix": long}, lambda j: j["error"]["message"])]:
+                              ("/completion", {"prompt": long}, lambda j: j["error"]["message"])]:
         r = http.post(path, json=body)
-        assert r.status_code == 400 and f"max_seq_len={MAX_SEQ_LEN}" in error(r.json()), r.text
+        assert r.status_code == 400 and f"context size ({MAX_SEQ_LEN} tokens)" in error(r.json()), r.text
+    error = http.post("/completion", json={"prompt": long}).json()["error"]  # llama.cpp's type and counts
+    assert error["type"] == "exceed_context_size_error" and error["n_ctx"] == MAX_SEQ_LEN
+    assert error["n_prompt_tokens"] > MAX_SEQ_LEN
+    r = http.post("/infill", json={"input_prefix": long, "n_predict": 2})  # infilling is cut to fit instead
+    assert r.status_code == 200 and r.json()["truncated"] is True
 
 
 @pytest.mark.parametrize("path, body, says", [
@@ -429,10 +434,16 @@ def test_bad_bodies_unknown_fields_and_unknown_paths(http):
     assert http.get("/completion").status_code == 405
 
 
-def test_the_model_field_is_a_name_never_a_path(http):
+def test_the_model_field_is_a_name_never_a_path(tiny, http):
     for name in ("../../etc/passwd", "/work/serve/codellama/assets/tiny", "llama3"):
         r = http.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 1})
-        assert r.status_code == 404 and "not found" in r.json()["error"]["message"]
+        assert r.status_code == 200 and r.json()["model"] == NAME  # served as the one model, as llama.cpp does
+    service = make_service(tiny)
+    service.strict_model_name = True
+    with running(service) as strict, httpx.Client(base_url=strict.url, timeout=30) as client:
+        for name in ("../../etc/passwd", "/work/serve/codellama/assets/tiny", "llama3"):
+            r = client.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 1})
+            assert r.status_code == 404 and "not found" in r.json()["error"]["message"]
 
 
 def test_the_api_key_guards_every_endpoint_and_the_body_is_bounded(tiny):
