@@ -352,6 +352,9 @@ def main() -> None:
                     os.remove(out)
                     created.remove(out)
         print_tables(results, bandwidth, a.batch)
+        failed = [name for name, r in results.items() if isinstance(r, dict) and "error" in r]
+        if failed:
+            sys.exit(f"rows failed: {', '.join(failed)}")
     finally:
         if not a.keep:
             for path in created:

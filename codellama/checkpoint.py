@@ -22,7 +22,7 @@ from . import cpu_kernels
 from .cpu import COMPILED_ONE_ROW_TRANSFORMS, CPU_TRANSFORMS
 from .distributed import SINGLE, TensorParallel, rank_block
 from .formats import CheckpointSource, gguf, open_checkpoint
-from .formats.source import trim_heap
+from .formats.source import file_backed, trim_heap
 from .model import Transformer, build_on_meta
 from .runtime import default_dtype, parse_dtype, resolve_device
 from .quantize import (QuantConfig, QuantizeArg, QuantizedEmbedding, QuantizedLinear, check_quantized_split,
@@ -145,7 +145,8 @@ class Loaded:
     key: str  # the checkpoint's name for it
     unit: str  # the part of the model it belongs to: "layers.3", "tok_embeddings", "norm", "output"
     tensors: Dict[str, torch.Tensor]  # model key → tensor: itself, or the codes and scales it was quantized into
-    read_storage: int  # the address of the storage ``read`` returned (still the model's if nothing converted it)
+    read_storage: Optional[int]  # the address of the file view ``read`` returned (still the model's if nothing
+    # converted it); None when ``read`` made a new tensor (Meta shards joined, HF's q/k rows unpermuted)
     release: Optional[Callable[[], None]]
     released: bool = False
 
@@ -167,7 +168,7 @@ def release(loaded: List[Loaded], module: nn.Module) -> None:
     held = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]
             if not t.is_meta and t.layout == torch.strided and not t.is_mkldnn}  # (oneDNN's packed weights: new memory)
     for r in loaded:
-        if r.release is not None and not r.released and r.read_storage not in held:
+        if r.release is not None and not r.released and (r.read_storage is None or r.read_storage not in held):
             r.release()
             r.released = True
 
@@ -220,7 +221,7 @@ def read_tensors(source: CheckpointSource, expected: Dict[str, torch.Tensor], *,
         module = key.rsplit(".", 1)[0]
         lazy, block = source.tensors[key], blocks[key]
         tensor = lazy.read(block)
-        storage = tensor.untyped_storage().data_ptr()
+        storage = tensor.untyped_storage().data_ptr() if lazy.release is not None and file_backed(tensor) else None
         floating = module in quantized or expected[key].is_floating_point()
         if tensor.is_floating_point() != floating or (not floating and tensor.dtype != expected[key].dtype):
             raise ValueError(f"{source.path}: tensor {key} has dtype {tensor.dtype} in the checkpoint, the model "

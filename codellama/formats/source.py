@@ -116,6 +116,23 @@ def byte_span(view: torch.Tensor) -> Tuple[int, int]:
     return view.data_ptr(), view.data_ptr() + span * view.element_size()
 
 
+def file_backed(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s storage lies in a memory-mapped file (a view of a checkpoint), not allocated memory.
+    Linux only (``/proc/self/maps``); elsewhere False."""
+    ptr = tensor.untyped_storage().data_ptr()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/"):
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    if lo <= ptr < hi:
+                        return True
+    except OSError:
+        pass
+    return False
+
+
 def _file_mappings(paths: set) -> List[Tuple[int, int]]:
     """``(start, end)`` of this process's mappings of the files ``paths`` (from ``/proc/self/maps``)."""
     ranges = []

@@ -16,6 +16,17 @@ from codellama.quantize import (Int4Linear, QuantConfig, dequantize_int4, quanti
 from conftest import ROOT
 from helpers import CONFIGS, random_model
 
+AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # torch's kernels and ours: AVX2 only
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter with ``env`` added (the kernels choose their ISA once per process)."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
 native = pytest.mark.skipif(not cpu_kernels.available(), reason="the native int4 kernel cannot be built here")
 
 
@@ -130,10 +141,7 @@ print("ok", float((got - ref).abs().max() / ref.abs().max()))
 
 @native
 def test_the_avx2_path_computes_the_same():
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-    r = subprocess.run([sys.executable, "-c", AVX2_CHECK], capture_output=True, text=True, env=env, timeout=300,
-                       cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_python(AVX2_CHECK, **AVX2)
     assert r.stdout.startswith("ok") and float(r.stdout.split()[1]) < 1e-5, r.stdout
 
 
@@ -154,14 +162,12 @@ layer.to_cpu_layout()
 def test_without_the_native_kernel_int4_layers_take_torchs_and_say_why_once(tmp_path, why):
     """Switched off, or no C++ compiler on the machine (and nothing cached): torch's kernel, one line saying why."""
     if why == "disabled":
-        env = {**os.environ, cpu_kernels.DISABLE_ENV: "0"}
+        env = {cpu_kernels.DISABLE_ENV: "0"}
         reason = f"{cpu_kernels.DISABLE_ENV}=0"
     else:
-        env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), cpu_kernels.CACHE_ENV: str(tmp_path / "cache")}
+        env = {"CXX": str(tmp_path / "no-such-g++"), cpu_kernels.CACHE_ENV: str(tmp_path / "cache")}
         reason = "building them failed ("
-    r = subprocess.run([sys.executable, "-c", FALLBACK_CHECK], capture_output=True, text=True, env=env, timeout=300,
-                       cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_python(FALLBACK_CHECK, **env)
     assert r.stdout.startswith("ok") and float(r.stdout.split()[1]) < 0.02
     lines = [line for line in r.stderr.splitlines() if "native CPU kernels" in line]
     assert len(lines) == 1 and lines[0].startswith(f"codellama: the native CPU kernels are unavailable ({reason}")
@@ -267,10 +273,7 @@ print("ok" if bool(((got - want).abs() <= bound + 1e-30).all()) else "worse", fl
 
 @native_bf16
 def test_the_bf16_avx2_path_computes_the_same():
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-    r = subprocess.run([sys.executable, "-c", AVX2_BF16_CHECK], capture_output=True, text=True, env=env, timeout=300,
-                       cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_python(AVX2_BF16_CHECK, **AVX2)
     assert r.stdout.startswith("ok"), r.stdout
 
 
@@ -291,8 +294,5 @@ print("ok", float((got - want).abs().max() / want.abs().max()))
 
 
 def test_without_the_native_kernel_bf16_layers_take_torchs():
-    env = {**os.environ, cpu_kernels.DISABLE_ENV: "0"}
-    r = subprocess.run([sys.executable, "-c", FALLBACK_BF16_CHECK], capture_output=True, text=True, env=env,
-                       timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_python(FALLBACK_BF16_CHECK, **{cpu_kernels.DISABLE_ENV: "0"})
     assert r.stdout.startswith("ok") and float(r.stdout.split()[1]) < 0.05, r.stdout
