@@ -46,12 +46,28 @@ def error_line(error: BaseException) -> str:
     return " ".join(text.split("\n")) or type(error).__name__
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a note is emitted: a program run in-process (a notebook, a
+    test) may have swapped or closed the one there was when it started."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def show_progress() -> None:
     """Let the library's progress notes (``codellama.progress``: e.g. that a step is being compiled) reach
     stderr, on rank 0."""
     logger = logging.getLogger("codellama.progress")
     if is_main_process() and not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("codellama: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -127,12 +127,21 @@ def test_ctrl_c_ends_a_program_in_one_line(program):
     assert "Traceback" not in err and err.strip().splitlines() == ["interrupted"], err
 
 
-def test_compiling_is_announced_and_timed(caplog):
+def test_compiling_is_announced_and_timed():
     model = random_model(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=128, multiple_of=32))
     engine = Engine(model, None, max_batch_size=1, max_seq_len=64, compile=True)
-    with caplog.at_level(logging.INFO, logger="codellama.progress"):
+    # A handler of its own: a program run in-process earlier may have stopped the notes propagating to caplog.
+    logger, records = logging.getLogger("codellama.progress"), []
+    handler, level = logging.Handler(logging.INFO), logger.level
+    handler.emit = records.append
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
         engine.submit([1, 2, 3], SamplingParams(temperature=0, max_tokens=3)).result()
-    messages = [r.getMessage() for r in caplog.records if r.name == "codellama.progress"]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    messages = [r.getMessage() for r in records]
     assert any(m.startswith("compiling the decode step") for m in messages), messages
     assert any(m.startswith("compiled in ") for m in messages), messages
 
@@ -161,3 +170,18 @@ def test_progress_to_a_file_is_lines_not_redraws():
     lines = stream.getvalue().splitlines()
     assert "\r" not in stream.getvalue() and 10 <= len(lines) <= 11
     assert lines[-1].startswith("generate 1000/1000 [")
+
+
+def test_progress_notes_reach_the_stderr_there_is_when_they_are_written(monkeypatch):
+    from codellama.cli import show_progress
+    logger = logging.getLogger("codellama.progress")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    monkeypatch.setattr(logger, "level", logger.level)
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    show_progress()  # a program run in-process, with the stderr of its time ...
+    first.close()  # ... which is gone by the time the next note is written
+    monkeypatch.setattr(sys, "stderr", second)
+    logger.info("compiling")
+    assert second.getvalue() == "codellama: compiling\n"
