@@ -381,11 +381,20 @@ class Int4Linear(QuantizedLinear):
         for name, tensor in zip(self.TENSORS, self.codes()):
             destination[prefix + name] = tensor
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        args = (state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if not any(prefix + name in state_dict for name in self.TENSORS):
+            # a load that holds none of this layer's tensors (the loader fills the model a layer at a time): its
+            # layout stays as it is; untiling and tiling it again on every call made loading quadratic in layers
+            if self.tiled is not None:
+                missing_keys.extend(prefix + name for name in self.TENSORS)  # (a strict load still names them)
+                return
+            return super()._load_from_state_dict(*args)
         packed = self.cpu_weight is not None
         self._untile()
         self.cpu_weight = self.cpu_scales_zeros = None
-        super()._load_from_state_dict(*args, **kwargs)
+        super()._load_from_state_dict(*args)
         if packed:  # new codes: lay them out as the old ones were
             self.to_cpu_layout()
 
