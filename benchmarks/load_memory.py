@@ -2,14 +2,15 @@
 
     python benchmarks/load_memory.py                  # a ~1 GiB bf16 random checkpoint, several cases
     python benchmarks/load_memory.py --size-gb 4
+    python benchmarks/load_memory.py --quantized      # also int8/int4: on load, and from a quantized checkpoint
 
 Each case loads in a fresh subprocess. "anon" is the peak of anonymous memory (RssAnon, polled every
 2 ms) above the level after imports: the memory a load really costs. "rss" is the kernel's peak
 resident set (VmHWM) above the same level; it also counts pages of the memory-mapped checkpoint file
 that were read, which are clean page cache the kernel drops under pressure. Ratios are against the
-bytes of the weights as loaded. The loader builds on the meta device and converts one tensor at a
-time, so "anon" stays near one copy (near zero when the mapped file is used in place: one shard,
-same dtype, CPU).
+bytes of the weights as loaded (packed, quantized). The loader builds on the meta device, converts one
+tensor at a time, lays out each layer as it completes and gives back the file pages of what it converted,
+so both stay near the weights' size plus about a layer.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def sample():  # RssAnon has no kernel high-water mark: poll it
         peak_anon[0] = max(peak_anon[0], status("RssAnon:"))
         time.sleep(0.002)
 from codellama import load_model
+from codellama.cpu import native_int4_available
+native_int4_available()  # (builds or loads the int4 kernel before the baseline)
 base_rss, base_anon = status("VmRSS:"), status("RssAnon:")
 t = threading.Thread(target=sample); t.start()
 start = time.perf_counter()
@@ -58,6 +61,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gb", type=float, default=1.0, help="approximate bf16 checkpoint size")
     p.add_argument("--dir", default=None, help="where to write the random checkpoints (default: a temp dir)")
+    p.add_argument("--quantized", action="store_true", help="also int8/int4: quantized on load and pre-quantized")
     a = p.parse_args()
 
     from codellama import ModelArgs
@@ -68,32 +72,42 @@ def main() -> None:
     args = ModelArgs(dim=dim, n_layers=n_layers, n_heads=16, vocab_size=32000)
     root = a.dir or tempfile.mkdtemp(prefix="load_memory_")
     try:
-        run_cases(args, root)
+        run_cases(args, root, a.quantized)
     finally:
         if a.dir is None:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def run_cases(args, root: str) -> None:
+def run_cases(args, root: str, quantized: bool = False) -> None:
     import torch
 
+    from codellama.save import quantize_checkpoint
     from codellama.testing import write_checkpoint
 
     dim, n_layers = args.dim, args.n_layers
     print(f"model: dim {dim}, {n_layers} layers, {args.num_params() / 1e6:.0f}M parameters; checkpoints in {root}")
-    cases = [("meta", 1, "bf16"), ("meta", 2, "bf16"), ("meta", 2, "fp32"), ("hf", 1, "bf16"), ("hf", 1, "fp32")]
+    # (checkpoint, load dtype, quantize on load): "meta2" has two shards, "hf-int4" was written by quantize_checkpoint
+    cases = [("meta1", "bf16", "none"), ("meta2", "bf16", "none"), ("meta2", "fp32", "none"), ("hf1", "bf16", "none"),
+             ("hf1", "fp32", "none")]
+    if quantized:
+        cases += [("hf1", "bf16", "int8"), ("hf1", "bf16", "int4"), ("meta1", "bf16", "int4"),
+                  ("hf-int8", "bf16", "none"), ("hf-int4", "bf16", "none")]
     written = {}
-    print(f"{'layout':<8}{'shards':>7}{'file dtype':>11}{'load dtype':>11}{'weights GiB':>13}"
-          f"{'anon GiB':>10}{'ratio':>7}{'rss GiB':>9}{'ratio':>7}")
-    for layout, shards, dtype in cases:
-        key = (layout, shards)
-        if key not in written:
-            written[key] = write_checkpoint(os.path.join(root, f"{layout}{shards}"), args, layout, shards=shards,
-                                            dtype=torch.bfloat16)
-        r = measure(written[key], dtype)
+    print(f"{'checkpoint':<11}{'load dtype':>11}{'quantize':>9}{'weights GiB':>13}{'anon GiB':>10}{'ratio':>7}"
+          f"{'rss GiB':>9}{'ratio':>7}{'seconds':>9}")
+    for name, dtype, quantize in cases:
+        if name not in written:
+            path = os.path.join(root, name)
+            if name.startswith("hf-"):
+                quantize_checkpoint(written.get("hf1") or write_checkpoint(os.path.join(root, "hf1"), args, "hf",
+                                                                            dtype=torch.bfloat16), path, name[3:])
+            else:
+                write_checkpoint(path, args, name[:-1], shards=int(name[-1]), dtype=torch.bfloat16)
+            written[name] = path
+        r = measure(written[name], dtype, quantize)
         w = r["weights"]
-        print(f"{layout:<8}{shards:>7}{'bf16':>11}{dtype:>11}{w / 2**30:>13.2f}"
-              f"{r['anon'] / 2**30:>10.2f}{r['anon'] / w:>7.2f}{r['rss'] / 2**30:>9.2f}{r['rss'] / w:>7.2f}")
+        print(f"{name:<11}{dtype:>11}{quantize:>9}{w / 2**30:>13.2f}{r['anon'] / 2**30:>10.2f}{r['anon'] / w:>7.2f}"
+              f"{r['rss'] / 2**30:>9.2f}{r['rss'] / w:>7.2f}{r['seconds']:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
+
 
 @functools.lru_cache(maxsize=None)
 def bf16_packing_supported() -> bool:
@@ -72,6 +74,9 @@ def packing_supported(dtype: torch.dtype) -> bool:
 
 def bf16_path() -> str:
     """How bf16 linear layers run here, in words (benchmarks print it)."""
+    onednn = "oneDNN" if bf16_packing_supported() else "no oneDNN bf16 on this CPU"
+    if cpu_kernels.available("bf16"):
+        return f"bf16 in place: the native row kernel ({cpu_kernels.isa('bf16')}) to {ROWS_KERNEL_MAX} rows, F.linear above ({onednn})"
     return "oneDNN packed bf16" if bf16_packing_supported() else "F.linear on bf16 (no oneDNN bf16 on this CPU)"
 
 
@@ -155,6 +160,41 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         layout = f"packed {self.packed.dtype}" if self.is_packed else f"dense {self.packed.dtype}"
         return f"in_features={self.in_features}, out_features={self.out_features}, {layout}"
+
+
+# ----------------------------------------------------------------------------- bf16 in place
+ROWS_KERNEL_MAX = 8  # up to this many rows an in-place bf16 layer takes the native row kernel; above, F.linear
+
+
+def in_place(weight: torch.Tensor) -> bool:
+    """Whether ``cpu_layout`` keeps this weight where it lies (a bf16 CPU weight with rows the native row kernel
+    reads), rather than copying it into a packed layout."""
+    return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.stride(-1) == 1 and cpu_kernels.available("bf16"))
+
+
+class RowsLinear(nn.Linear):
+    """A bias-free ``nn.Linear`` whose bf16 weight stays where loading put it: for a checkpoint in bf16, a view of
+    the memory-mapped file, so a bf16 model costs no copy and no packing at load time.
+
+    Up to ``ROWS_KERNEL_MAX`` rows (decoding) go through the native row kernel (``codellama.cpu_kernels``:
+    each output a weight row's dot product, ``vdpbf16ps``), which reads the weight as fast as oneDNN reads its
+    packed copy; more rows (prefill) through ``F.linear`` (oneDNN's matrix multiply). Parameters and
+    ``state_dict`` are ``nn.Linear``'s.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        differentiating = torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
+        if x.numel() <= ROWS_KERNEL_MAX * x.shape[-1] and not differentiating and in_place(self.weight):
+            return cpu_kernels.bf16_rows_linear(x, self.weight)
+        return F.linear(x, self.weight)  # (the kernel has no backward: training takes F.linear)
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, requires_grad: bool = False) -> "RowsLinear":
+        """A layer over ``weight`` (out, in) itself: no copy."""
+        layer = cls(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        layer.weight = nn.Parameter(weight.detach(), requires_grad=requires_grad)
+        return layer
 
 
 # ----------------------------------------------------------------------------- one row, compiled
@@ -285,6 +325,14 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     return packed, scales_and_zeros
 
 
+def native_int4_available() -> bool:
+    """Whether int4 layers take the native kernel here (``codellama.cpu_kernels``: built at first use)."""
+    return cpu_kernels.available()
+
+
+int4_tiles, untile_int4, int4_tiles_linear = cpu_kernels.int4_tiles, cpu_kernels.untile_int4, cpu_kernels.int4_tiles_linear
+
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """``x @ W.T`` for x (…, K) and a weight packed by ``pack_int4``: (…, N) in x's dtype (computed in bf16)."""
     K = x.shape[-1]
@@ -298,6 +346,17 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     """Loading step: ``wq|wk|wv`` and ``w1|w3`` as one matmul each (longer weight streams, fewer calls)."""
     if hasattr(model, "fuse"):
         model.fuse()
+    return model
+
+
+def fuse_copied_projections(model: nn.Module) -> nn.Module:
+    """``fuse_projections`` for ``cpu_layout``: all but the projections whose bf16 weights it keeps in place
+    (``RowsLinear``), which fusing would copy (the row kernel reads three weights as fast as one)."""
+    for module in model.modules():
+        parts = getattr(module, "PARTS", ())
+        if parts and getattr(module, "fused_sizes", None) is None and not any(
+                in_place(getattr(module, name).weight) for name in parts):
+            module.fuse()
     return model
 
 
@@ -324,6 +383,10 @@ def cpu_layout(model: nn.Module, *, matvec: bool = False) -> nn.Module:
             if matvec:
                 if not isinstance(child, MatvecLinear):
                     setattr(module, name, MatvecLinear.of(w, w.requires_grad))
+            elif isinstance(child, RowsLinear):
+                continue
+            elif in_place(w):
+                setattr(module, name, RowsLinear.of(w, w.requires_grad))
             elif packing_supported(w.dtype):
                 setattr(module, name, PackedLinear(w))
             elif w.dtype == torch.float32 and w.stride(0) != 1:
@@ -338,7 +401,7 @@ def matvec_layout(model: nn.Module) -> nn.Module:
     return cpu_layout(model, matvec=True)
 
 
-CPU_TRANSFORMS = (fuse_projections, cpu_layout)  # what ``load_model`` applies on CPU, in order
+CPU_TRANSFORMS = (fuse_copied_projections, cpu_layout)  # what ``load_model`` applies on CPU, in order
 COMPILED_ONE_ROW_TRANSFORMS = (fuse_projections, matvec_layout)  # ... when a compiled step decodes one row
 
 

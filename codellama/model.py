@@ -274,6 +274,12 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
+    def fuse(self) -> "TransformerBlock":
+        """Fuse ``wq, wk, wv`` and ``w1, w3`` into one projection each (names in ``state_dict`` unchanged)."""
+        self.attention.fuse()
+        self.feed_forward.fuse()
+        return self
+
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x, step.ops), step)
         return h + self.feed_forward(self.ffn_norm(h, step.ops))
@@ -329,8 +335,7 @@ class Transformer(nn.Module):
     def fuse(self) -> "Transformer":
         """Fuse each layer's ``wq, wk, wv`` and ``w1, w3`` into one projection (names in ``state_dict`` unchanged)."""
         for layer in self.layers:
-            layer.attention.fuse()
-            layer.feed_forward.fuse()
+            layer.fuse()
         return self
 
     def set_attention(self, attention: str = "auto") -> None:

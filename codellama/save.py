@@ -14,18 +14,18 @@ import fnmatch
 import os
 import shutil
 import tempfile
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
-from .checkpoint import build_on_meta, check_tokenizer
+from .checkpoint import build_on_meta, check_tokenizer, quantized_layers
 from .formats import check_checkpoint_dir, open_checkpoint
-from .formats.hf import HF_INDEX, save_hf, save_hf_tokenizer
+from .formats.hf import HF_INDEX, save_hf, save_hf_tokenizer, write_hf
 from .formats.meta import check_num_shards, save_meta
-from .config import check_size
+from .config import ModelArgs, check_size
 from .runtime import parse_dtype
 from .tokenizer import Tokenizer
-from .quantize import SCHEMES, QuantizeArg, parse_quantize, quantize_model, quantize_weight
+from .quantize import SCHEMES, QuantConfig, QuantizeArg, parse_quantize, quantize_model, quantize_weight
 
 # Files of either layout that ``convert --force`` replaces in a destination: any of them left behind from an
 # older checkpoint would be read with the new one (a stale index wins over a new model.safetensors, a stale
@@ -85,7 +85,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     The result is Hugging Face's layout (``config.json`` with the scheme under ``quantization_config``,
     ``model.safetensors`` holding the integer codes and scales under the names of ``codellama.quantize``,
     the tokenizer files) and loads directly, without the full-precision weights. Each weight is read,
-    quantized and kept as codes one at a time, so memory peaks near the size of the quantized model.
+    quantized and written one at a time (the files' headers are known in advance), so memory holds about one
+    weight and its codes, whatever the model's size.
     ``dtype`` is that of the scales and of the tensors left in full precision (default: the checkpoint's).
     Safe as ``convert_checkpoint`` is: ``src`` is only read and a failed run leaves nothing behind.
     """
@@ -95,25 +96,51 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, config: 
     dtype = parse_dtype(dtype)
     check_size("max_shard_bytes", max_shard_bytes)
     src, dst, source, tokenizer = _open_source(src, dst, force)
-    # Which tensors become codes is what the module swap decides: the keys of a quantized model's state_dict.
-    quantized = {k.rsplit(".", 1)[0] for k in quantize_model(build_on_meta(source.args), config).state_dict()
-                 if k.endswith(".scales")}
+    shapes = {key: (lazy.shape, dtype or lazy.dtype) for key, lazy in source.tensors.items()}
+
+    def tensors() -> Iterator[Tuple[str, torch.Tensor]]:
+        for key, lazy in source.tensors.items():  # one at a time: memory holds one weight and its codes
+            yield key, lazy.load() if dtype is None else lazy.load().to(dtype)
+            if lazy.release is not None:
+                lazy.release(None)
+
     with _staging(dst) as tmp:
-        state: Dict[str, torch.Tensor] = {}
-        for key, lazy in source.tensors.items():
-            tensor = lazy.load() if dtype is None else lazy.load().to(dtype)
+        write_quantized_hf(tmp, source.args, config, shapes, tensors(), max_shard_bytes=max_shard_bytes)
+        _complete(tmp, dst, tokenizer, hf=True)
+
+
+def write_quantized_hf(out_dir: str | os.PathLike, args: ModelArgs, config: QuantConfig,
+                       shapes: Dict[str, Tuple[tuple, torch.dtype]], tensors: Iterable[Tuple[str, torch.Tensor]], *,
+                       max_shard_bytes: int = 5 * 2**30) -> None:
+    """``tensors`` (Meta names, full precision, one at a time, in the order of ``shapes``) quantized with
+    ``config`` as they arrive and written to ``out_dir`` in Hugging Face's layout (``write_hf``): memory holds one
+    weight and its codes. ``shapes`` announces each tensor's shape and dtype in advance (the files' headers)."""
+    # Which layers become codes, and as what, is what the module swap decides.
+    quantized = {name: layer for name, (layer, _) in
+                 quantized_layers(quantize_model(build_on_meta(args), config)).items()}
+    plan: Dict[str, tuple] = {}
+    for key, (shape, dt) in shapes.items():
+        module = key.rsplit(".", 1)[0]
+        if module in quantized:
+            codes = quantize_weight(torch.empty(shape, dtype=dt, device="meta"), quantized[module])
+            plan.update({f"{module}.{name}": (tuple(t.shape), t.dtype) for name, t in codes.items()})
+        else:
+            plan[key] = (tuple(shape), dt)
+
+    def quantized_tensors() -> Iterator[Tuple[str, torch.Tensor]]:
+        for key, tensor in tensors:
             module = key.rsplit(".", 1)[0]
             if module not in quantized:
-                state[key] = tensor
+                yield key, tensor
                 continue
             try:
-                codes = quantize_weight(tensor, config.for_layer(module))
+                codes = quantize_weight(tensor, quantized[module])
             except ValueError as e:
                 raise ValueError(f"cannot quantize {key} as {config.describe()}: {e}") from None
-            state.update({f"{module}.{name}": t for name, t in codes.items()})
-        save_hf(state, source.args, tmp, max_shard_bytes=max_shard_bytes, quantization=config)
-        del state
-        _complete(tmp, dst, tokenizer, hf=True)
+            del tensor
+            yield from ((f"{module}.{name}", t) for name, t in codes.items())
+
+    write_hf(out_dir, args, plan, quantized_tensors(), max_shard_bytes=max_shard_bytes, quantization=config)
 
 
 def _open_source(src: str | os.PathLike, dst: str | os.PathLike, force: bool):

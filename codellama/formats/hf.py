@@ -9,9 +9,12 @@ checkpoint written by ``python -m codellama.quantize``).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
-from typing import Any, Dict, List, Optional, Tuple
+import struct
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -19,7 +22,7 @@ from ..config import (NORM_EPS_RANGE, ROPE_THETA_RANGE, ModelArgs, check_number,
                       read_json, write_json)
 from ..quantize import CONFIG_KEY, QuantConfig
 from ..tokenizer import Tokenizer
-from .source import Block, CheckpointSource, LazyTensor, match_config
+from .source import Block, CheckpointSource, LazyTensor, byte_span, match_config, release_pages
 
 _HF_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
@@ -134,6 +137,7 @@ def open_hf(ckpt_dir: str) -> CheckpointSource:
     files, listing = _hf_files(ckpt_dir)
     handles: Dict[str, Any] = {}  # path -> open safetensors file
     held: Dict[str, frozenset] = {}  # path -> the tensor names it holds
+    spans: Dict[str, Tuple[int, int]] = {}  # tensor name -> the addresses its last read covered
 
     def handle(path: str):
         if path not in handles:
@@ -170,10 +174,15 @@ def open_hf(ckpt_dir: str) -> CheckpointSource:
                 dim, start, stop = block
                 sl = f.get_slice(name)
                 t = sl[start:stop] if dim == 0 else sl[:, start:stop]
+            spans[name] = byte_span(t)  # where it lies in the mapped file (making the view again would touch it)
             # HF permutes rows within each head, so a block of whole heads unpermutes on its own
             return permute_from_hf(t, t.shape[0] // params.head_dim) if permuted else t
 
-        tensors[meta_name] = LazyTensor(shape, dtype, read)
+        def release(block: Block, path=path, name=name) -> None:
+            if name in spans:
+                release_pages([spans.pop(name)], [path])
+
+        tensors[meta_name] = LazyTensor(shape, dtype, read, release)
     if unexpected:
         raise ValueError(f"{ckpt_dir}: unexpected tensor(s) {sorted(unexpected)[:10]} (not Llama weights)")
     if "output.weight" not in tensors and config.get("tie_word_embeddings") and "tok_embeddings.weight" in tensors:
@@ -186,13 +195,19 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 _SAFETENSORS_CODES = {"I8": torch.int8, "U8": torch.uint8}  # a quantized checkpoint's integer codes
 
 
+def to_hf(key: str, tensor: torch.Tensor, args: ModelArgs) -> Tuple[str, torch.Tensor]:
+    """One Meta-named tensor under its Hugging Face name, with ``wq``/``wk`` rows permuted for rotate-half RoPE."""
+    n = rope_heads(key, args)
+    return meta_to_hf_name(key), (tensor if n is None else permute_to_hf(tensor, n)).contiguous()
+
+
 def to_hf_state_dict(state: Dict[str, torch.Tensor], args: ModelArgs) -> Dict[str, torch.Tensor]:
     """Meta-named weights → Hugging Face names, with ``wq``/``wk`` rows permuted for rotate-half RoPE."""
-    hf_state = {}
-    for key, tensor in state.items():
-        n = rope_heads(key, args)
-        hf_state[meta_to_hf_name(key)] = (tensor if n is None else permute_to_hf(tensor, n)).contiguous()
-    return hf_state
+    return dict(to_hf(key, tensor, args) for key, tensor in state.items())
+
+
+Plan = Dict[str, Tuple[Tuple[int, ...], torch.dtype]]  # tensor name → (shape, dtype), in writing order
+
 
 def save_hf(state: Dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os.PathLike,
             max_shard_bytes: int = 5 * 2**30, quantization: Optional["QuantConfig"] = None) -> None:
@@ -200,37 +215,113 @@ def save_hf(state: Dict[str, torch.Tensor], args: ModelArgs, out_dir: str | os.P
 
     ``quantization``: the scheme of a quantized ``state`` (integer codes and scales), recorded in ``config.json``.
     """
-    from safetensors.torch import save_file
+    plan = {key: (tuple(t.shape), t.dtype) for key, t in state.items()}
+    write_hf(out_dir, args, plan, state.items(), max_shard_bytes=max_shard_bytes, quantization=quantization)
 
+
+def write_hf(out_dir: str | os.PathLike, args: ModelArgs, plan: Plan, tensors: Iterable[Tuple[str, torch.Tensor]], *,
+             max_shard_bytes: int = 5 * 2**30, quantization: Optional["QuantConfig"] = None) -> None:
+    """``save_hf`` for tensors that arrive one at a time: each is written to its file as it comes.
+
+    ``plan`` announces every Meta-named tensor's shape and dtype in advance (so the files' headers, shards and
+    offsets are known before any data), ``tensors`` yields them, in any order; memory holds one at a time.
+    """
     check_size("max_shard_bytes", max_shard_bytes)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    dtype = next(d for _, d in plan.values() if d.is_floating_point)
     config = write_config(args, torch_dtype=str(dtype).removeprefix("torch."))
     if quantization is not None:
         config[CONFIG_KEY] = quantization.to_json()
     write_json(os.path.join(out_dir, "config.json"), config)
-    hf_state = to_hf_state_dict(state, args)
-    groups: List[Dict[str, torch.Tensor]] = [{}]
+    names = {key: meta_to_hf_name(key) for key in plan}
+    groups: List[List[str]] = [[]]
     size = 0
-    for name, tensor in hf_state.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for key, (shape, dt) in plan.items():
+        nbytes = math.prod(shape) * dt.itemsize
         if groups[-1] and size + nbytes > max_shard_bytes:
-            groups.append({})
+            groups.append([])
             size = 0
-        groups[-1][name] = tensor
+        groups[-1].append(key)
         size += nbytes
-    if len(groups) == 1:
-        save_file(groups[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, group in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file(group, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        for name, t in group.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-    write_json(os.path.join(out_dir, HF_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    files = ["model.safetensors"] if len(groups) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    writers, file_of = [], {}
+    try:
+        for fname, group in zip(files, groups):
+            writers.append(SafetensorsWriter(os.path.join(out_dir, fname), {names[k]: plan[k] for k in group}))
+            file_of.update({k: writers[-1] for k in group})
+        for key, tensor in tensors:
+            if key not in plan:
+                raise ValueError(f"tensor {key!r} was not announced in the plan")
+            file_of[key].write(*to_hf(key, tensor, args))
+    except BaseException:
+        for w in writers:
+            w.close(check=False)
+        raise
+    for w in writers:
+        w.close()
+    if len(groups) > 1:
+        weight_map = {names[k]: fname for fname, group in zip(files, groups) for k in group}
+        total = sum(math.prod(shape) * dt.itemsize for shape, dt in plan.values())
+        write_json(os.path.join(out_dir, HF_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+_SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+class SafetensorsWriter:
+    """One safetensors file written a tensor at a time: the header (every name, dtype, shape and offset) first,
+    then each tensor's bytes where the header puts them, as it arrives.
+
+    Tensors are placed widest element first (as the safetensors library does), so each starts aligned to its
+    element size; ``close`` checks that every announced tensor was written.
+    """
+
+    def __init__(self, path: str, plan: Plan):
+        self.path, self.plan = path, plan
+        order = sorted(plan, key=lambda name: -plan[name][1].itemsize)  # stable: plan order within a width
+        header: Dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        self.offsets: Dict[str, int] = {}
+        offset = 0
+        for name in order:
+            shape, dtype = plan[name]
+            if dtype not in _SAFETENSORS_NAMES:
+                raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            self.offsets[name] = offset
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        self.start = 8 + len(text)
+        self.written: set = set()
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(text)) + text)
+        self.file.truncate(self.start + offset)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shape, dtype = self.plan[name]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, announced {tuple(shape)} {dtype}")
+        if name in self.written:
+            raise ValueError(f"{name} was written twice")
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.file.seek(self.start + self.offsets[name])
+        self.file.write(memoryview(data))
+        self.written.add(name)
+
+    def close(self, check: bool = True) -> None:
+        """Close the file; with ``check``, ``ValueError`` when an announced tensor was never written."""
+        if self.file.closed:
+            return
+        self.file.close()
+        missing = sorted(set(self.plan) - self.written)
+        if missing and check:
+            raise ValueError(f"{self.path}: tensor(s) {missing[:5]} announced but never written")
 
 
 _FIM_TOKENS = {"prefix_token": "▁<PRE>", "middle_token": "▁<MID>", "suffix_token": "▁<SUF>", "eot_token": "▁<EOT>"}

@@ -16,7 +16,7 @@ import torch
 
 from ..config import ModelArgs, check_size, write_json
 from ..distributed import split_dim
-from .source import CheckpointSource, LazyTensor, match_config, read_pieces
+from .source import CheckpointSource, LazyTensor, match_config, read_pieces, release_pages
 
 # Keys real checkpoints carry that the model does not use; dropped by name, nothing else is.
 IGNORED_META_KEYS = ("rope.freqs",)
@@ -107,11 +107,12 @@ def _merge_meta_shards(key: str, parts: List[torch.Tensor], paths: List[str]) ->
         if dim is None and not torch.equal(part, first):
             raise ValueError(f"{key} differs between {paths[0]} and {path}: it is replicated (not split), so every "
                              "shard must hold the same values")
+    release = lambda block: release_pages(parts, paths)  # noqa: E731 (every shard's piece: only touched pages count)
     if dim is None:
-        return LazyTensor(tuple(first.shape), first.dtype, lambda block: read_pieces(parts, None, block))
+        return LazyTensor(tuple(first.shape), first.dtype, lambda block: read_pieces(parts, None, block), release)
     shape = list(first.shape)
     shape[dim] = sum(p.shape[dim] for p in parts)
-    return LazyTensor(tuple(shape), first.dtype, lambda block: read_pieces(parts, dim, block))
+    return LazyTensor(tuple(shape), first.dtype, lambda block: read_pieces(parts, dim, block), release)
 
 
 def check_num_shards(args: ModelArgs, num_shards: int) -> None:

@@ -31,7 +31,7 @@ tensor-parallel ranks like any other (``codellama.distributed`` cuts scales with
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -219,12 +219,23 @@ def _register_codes(module: nn.Module, scheme: str, rows: int, cols: int, group_
     module.register_buffer("zeros", torch.empty(rows, cols // group_size, dtype=scale_dtype, device=device))
 
 
+QUANTIZE_CHUNK = 2**24  # weights quantized at a time: bounds the float32 temporaries (64 MiB each)
+
+
 def quantize_weight(w: torch.Tensor, config: QuantConfig) -> Dict[str, torch.Tensor]:
     """A float (rows, cols) weight as the tensors ``config`` stores it: ``{"weight": codes, "scales": …}`` (int4:
-    and ``"zeros"``), the scales in ``w``'s dtype. The module swap and the checkpoint writer both use this."""
-    if config.scheme == "int8":
-        return dict(zip(("weight", "scales"), quantize_int8(w, w.dtype)))
-    return dict(zip(("weight", "scales", "zeros"), quantize_int4(w, config.group_size, w.dtype)))
+    and ``"zeros"``), the scales in ``w``'s dtype. The module swap, the loader (as each weight arrives) and the
+    checkpoint writer all use this. Rows are quantized a chunk at a time (each row on its own), so the
+    float32 temporaries stay small whatever the matrix."""
+    names = ("weight", "scales") if config.scheme == "int8" else ("weight", "scales", "zeros")
+    rows = max(1, QUANTIZE_CHUNK // max(1, w.shape[1]))
+    pieces = []
+    for chunk in w.detach().split(rows):
+        pieces.append(quantize_int8(chunk, w.dtype) if config.scheme == "int8" else
+                      quantize_int4(chunk, config.group_size, w.dtype))
+    if len(pieces) == 1:
+        return dict(zip(names, pieces[0]))
+    return {name: torch.cat([p[i] for p in pieces]) for i, name in enumerate(names)}
 
 
 def _quantize_into(module: nn.Module, w: torch.Tensor, config: QuantConfig) -> None:
@@ -263,11 +274,16 @@ class QuantizedLinear(nn.Module):
     def cat(cls, parts: Sequence["QuantizedLinear"]) -> "QuantizedLinear":
         """One layer computing ``parts``' outputs side by side (fused projections): tensors joined along the rows."""
         first = parts[0]
+        tensors = [p.codes() for p in parts]
         fused = cls(first.in_features, sum(p.out_features for p in parts), first.group_size,
-                    scale_dtype=first.scales.dtype, device="meta")
-        for name in cls.TENSORS:
-            setattr(fused, name, torch.cat([getattr(p, name) for p in parts]))
+                    scale_dtype=tensors[0][1].dtype, device="meta")
+        for i, name in enumerate(cls.TENSORS):
+            setattr(fused, name, torch.cat([t[i] for t in tensors]))
         return fused
+
+    def codes(self) -> Tuple[torch.Tensor, ...]:
+        """The layer's ``TENSORS`` as ``state_dict`` holds them (the codes and their scales)."""
+        return tuple(getattr(self, name) for name in self.TENSORS)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The (out, in) weight the codes stand for (for the reference path, tests and inspection)."""
@@ -309,9 +325,11 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     """4-bit codes two a byte (out, in/2) with a scale and a zero per group of ``group_size`` inputs of each row.
 
-    On CPU, ``to_cpu_layout()`` (a step of ``codellama.cpu.cpu_layout``) adds torch's packed copy of the
-    codes and its (groups, out, 2) scales-and-zeros, the non-persistent buffers ``cpu_weight`` and
-    ``cpu_scales_zeros`` its int4 kernel reads; the canonical codes stay for ``state_dict``.
+    On CPU, ``to_cpu_layout()`` (a step of ``codellama.cpu.cpu_layout``) lays the weight out for a kernel, in
+    the non-persistent buffers ``cpu_weight`` and ``cpu_scales_zeros``: the 16-row tiles of the native int4
+    kernel (``codellama.cpu_kernels``), which then hold the only copy of the codes (``weight``, ``scales`` and
+    ``zeros`` are None; ``state_dict``, ``dequantize`` and moving the layer give them back exactly), or, where
+    that kernel is unavailable, torch's packed copy of the codes beside the canonical ones.
     """
 
     scheme = "int4"
@@ -322,38 +340,80 @@ class Int4Linear(QuantizedLinear):
         super().__init__(in_features, out_features, group_size, scale_dtype=scale_dtype, device=device)
         self.register_buffer("cpu_weight", None, persistent=False)
         self.register_buffer("cpu_scales_zeros", None, persistent=False)
+        self.tiled: Optional[torch.dtype] = None  # the scales' dtype while the codes live only in tiles
+
+    def codes(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weight, scales, zeros)`` as ``codellama.quantize`` stores them, wherever the layer keeps them now."""
+        if self.tiled is None:
+            return self.weight, self.scales, self.zeros
+        return cpu.untile_int4(self.cpu_weight, self.cpu_scales_zeros, self.out_features, self.tiled)
+
+    def _untile(self) -> None:
+        """Hold the canonical codes again (before loading new ones into them, moving or casting the layer)."""
+        if self.tiled is not None:
+            self.weight, self.scales, self.zeros = (t.contiguous() for t in self.codes())
+            self.cpu_weight = self.cpu_scales_zeros = None
+            self.tiled = None
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        return dequantize_int4(self.weight, self.scales, self.zeros, dtype)[:, :self.in_features]
+        return dequantize_int4(*self.codes(), dtype)[:, :self.in_features]
 
     def to_cpu_layout(self) -> None:
-        """Pack the codes for torch's CPU int4 kernel, where it can take this shape."""
+        """Lay the codes out for the native int4 kernel (or torch's, where it cannot run); done once."""
+        if self.cpu_weight is not None or self.weight.device.type != "cpu":
+            return
+        if cpu.native_int4_available():
+            self.cpu_weight, self.cpu_scales_zeros = cpu.int4_tiles(self.weight, self.scales, self.zeros, self.group_size)
+            self.tiled = self.scales.dtype
+            self.weight = self.scales = self.zeros = None  # freed now: the tiles hold the only copy
+            return
         packed = cpu.pack_int4(unpack_int4(self.weight, self.group_size), self.scales, self.zeros, self.group_size)
         self.cpu_weight, self.cpu_scales_zeros = packed if packed is not None else (None, None)
 
     def _apply(self, fn, recurse=True):
+        self._untile()
         self.cpu_weight = self.cpu_scales_zeros = None  # moved or cast: cpu_layout packs again
         return super()._apply(fn, recurse)
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.tiled is None:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, tensor in zip(self.TENSORS, self.codes()):
+            destination[prefix + name] = tensor
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        args = (state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if not any(prefix + name in state_dict for name in self.TENSORS):
+            # a load that holds none of this layer's tensors (the loader fills the model a layer at a time): its
+            # layout stays as it is; untiling and tiling it again on every call made loading quadratic in layers
+            if self.tiled is not None:
+                missing_keys.extend(prefix + name for name in self.TENSORS)  # (a strict load still names them)
+                return
+            return super()._load_from_state_dict(*args)
         packed = self.cpu_weight is not None
+        self._untile()
         self.cpu_weight = self.cpu_scales_zeros = None
-        super()._load_from_state_dict(*args, **kwargs)
-        if packed:  # new codes: pack them as the old ones were
+        super()._load_from_state_dict(*args)
+        if packed:  # new codes: lay them out as the old ones were
             self.to_cpu_layout()
 
     def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_weight is None:
             return F.linear(x, self.dequantize(x.dtype))
-        pad = 2 * self.weight.shape[1] - self.in_features
-        return cpu.int4_linear(F.pad(x, (0, pad)) if pad else x, self.cpu_weight, self.cpu_scales_zeros, self.group_size)
+        pad = padded_inputs(self.in_features, self.group_size) - self.in_features
+        x = F.pad(x, (0, pad)) if pad else x
+        if self.tiled is not None:
+            return cpu.int4_tiles_linear(x, self.cpu_weight, self.cpu_scales_zeros, self.group_size, self.out_features)
+        return cpu.int4_linear(x, self.cpu_weight, self.cpu_scales_zeros, self.group_size)
 
     def triton_forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels.quant_matmul import int4_matmul
         return int4_matmul(x, self.weight, self.scales, self.zeros, self.group_size)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", CPU-packed" if self.cpu_weight is not None else "")
+        layout = ", CPU tiles" if self.tiled is not None else ", CPU-packed" if self.cpu_weight is not None else ""
+        return super().extra_repr() + layout
 
 
 class QuantizedEmbedding(nn.Module):

@@ -26,6 +26,8 @@ def test_every_benchmark_compiles(path):
     ("bench_engine.py", ["--size", "small", "--batch", "2", "--new-tokens", "4", "--skip", "compile"]),
     ("bench_speculative.py", ["--models", "tiny", "--n", "1", "--new-tokens", "8"]),
     ("load_memory.py", ["--size-gb", "0.05"]),
+    ("load_memory.py", ["--size-gb", "0.05", "--quantized"]),
+    ("bench_7b.py", ["--size", "tiny", "--prompt-len", "16", "--new-tokens", "4", "--repeat", "1"]),
     ("bench_attention.py", ["--cpu", "--cpu-lengths", "16", "--cpu-batch", "2"]),
 ])
 def test_benchmarks_run_on_an_avx2_only_cpu(script, args):

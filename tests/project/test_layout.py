@@ -26,12 +26,13 @@ ALLOWED = {
     "tokenizer": set(),
     "prompts": {"tokenizer"},
     "sampling": set(),
-    "cpu": set(),
+    "cpu_kernels": set(),
+    "cpu": {"cpu_kernels"},
     "quantize": {"cpu", "kernels"},
     "formats": {"config", "distributed", "model", "quantize", "tokenizer"},  # one module per checkpoint format
-    "checkpoint": {"config", "cpu", "distributed", "formats", "model", "runtime", "quantize"},
+    "checkpoint": {"config", "cpu", "cpu_kernels", "distributed", "formats", "model", "runtime", "quantize"},
     "save": {"checkpoint", "config", "formats", "runtime", "tokenizer", "quantize"},
-    "testing": {"checkpoint", "config", "formats", "model"},
+    "testing": {"checkpoint", "config", "formats", "model", "quantize", "save"},
     "engine": {"model", "distributed", "sampling", "tokenizer"},  # never the server, generation or loading
     "options": {"ops", "quantize", "runtime"},
     "build": {"checkpoint", "distributed", "engine", "formats", "kernels", "model", "options", "tokenizer"},

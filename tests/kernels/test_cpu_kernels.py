@@ -1,0 +1,313 @@
+"""The native CPU kernels (``codellama.cpu_kernels``: int4 tiles, bf16 rows): their layout, their arithmetic
+against the PyTorch references and float64, their AVX2 paths, the layers that use them, and torch's kernels when
+they cannot be built (switched off, or no compiler)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from codellama import cpu_kernels
+from codellama.quantize import (Int4Linear, QuantConfig, dequantize_int4, quantize_int4, quantize_model,
+                                unpack_int4)
+
+from conftest import ROOT
+from helpers import CONFIGS, random_model
+
+AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # torch's kernels and ours: AVX2 only
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter with ``env`` added (the kernels choose their ISA once per process)."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+native = pytest.mark.skipif(not cpu_kernels.available(), reason="the native int4 kernel cannot be built here")
+
+
+def weights(N, K, group_size, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g) * 2  # rows of different scales
+    return quantize_int4(w.to(dtype), group_size, dtype)
+
+
+def bound(x, codes, scales, group_size):
+    """|error| ≤ Σ_k |s·(q − 8)|·d/2: each activation is off by at most half its half group's step d = max|x|/127
+    (the zeros multiply the exact sum of x, so they add nothing)."""
+    H = group_size // 2
+    xf = x.reshape(-1, x.shape[-1]).double()
+    step = xf.view(xf.shape[0], -1, H).abs().amax(-1) / 127  # (M, K/H)
+    q = unpack_int4(codes, group_size).double() - 8  # (N, K)
+    w = (q.view(q.shape[0], -1, group_size) * scales.double().unsqueeze(-1)).abs().view(q.shape[0], -1, H).sum(-1)
+    return (step / 2) @ w.T  # (M, N)
+
+
+@native
+@pytest.mark.parametrize("N, K, group_size", [(1, 32, 32), (17, 64, 32), (37, 192, 64), (100, 256, 128), (48, 128, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiles_round_trip_and_the_kernel_matches_its_reference_and_float64(N, K, group_size, dtype):
+    codes, scales, zeros = weights(N, K, group_size, dtype, seed=N + K)
+    tiles, sz = cpu_kernels.int4_tiles(codes, scales, zeros, group_size)
+    assert tiles.shape == (-(-N // 16), K // group_size, group_size // 8, 64)
+    assert sz.dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    for got, want in zip(cpu_kernels.untile_int4(tiles, sz, N, dtype), (codes, scales, zeros)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    for M in (1, 3, 4, 9):  # 9: two full blocks of four rows and one left over
+        x = torch.randn(2, M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
+        got = cpu_kernels.int4_tiles_linear(x, tiles, sz, group_size, N)
+        assert got.shape == (2, M, N) and got.dtype == dtype
+        ref = cpu_kernels.int4_tiles_reference(x.float(), tiles, sz, group_size, N)
+        exact = (x.double() @ dequantize_int4(codes, scales.double(), zeros.double()).T).view(-1, N)
+        scale = exact.abs().max().item()
+        torch.testing.assert_close(got.float().view(-1, N), ref.view(-1, N), atol=1e-5 * scale + (
+            0.01 * scale if dtype == torch.bfloat16 else 0), rtol=0)  # bf16 output: rounded once more
+        err = (ref.double().view(-1, N) - exact).abs()
+        assert (err <= bound(x, codes, scales, group_size) + 1e-5 * scale).all()
+
+
+@native
+def test_the_kernel_reads_the_inputs_padding_and_odd_rows():
+    """An input size that is not a multiple of the group (padded with zero activations) and rows left over."""
+    layer = Int4Linear.from_float(torch.nn.Linear(100, 37, bias=False), QuantConfig("int4", 64))
+    x = torch.randn(3, 100)
+    want = x.double() @ layer.dequantize(torch.float64).T
+    layer.to_cpu_layout()
+    assert layer.tiled is not None and layer.weight is None  # the tiles hold the only copy
+    got = layer(x)
+    assert got.shape == (3, 37)
+    assert (got.double() - want).abs().max() < 0.02 * want.abs().max()
+
+
+@native
+def test_a_tiled_layer_gives_its_codes_back_exactly_and_moves():
+    dense = torch.nn.Linear(96, 48, bias=False).to(torch.bfloat16)
+    layer = Int4Linear.from_float(dense, QuantConfig("int4", 32))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.to_cpu_layout()
+    layer.to_cpu_layout()  # a second call leaves it alone
+    assert layer.weight is None and layer.cpu_weight is not None and "CPU tiles" in repr(layer)
+    after = layer.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    torch.testing.assert_close(layer.dequantize(), dequantize_int4(*before.values())[:, :96])
+    other = Int4Linear.from_float(torch.nn.Linear(96, 48, bias=False).to(torch.bfloat16), QuantConfig("int4", 32))
+    other.to_cpu_layout()
+    other.load_state_dict(before)  # into a tiled layer: tiled again, with the new codes
+    assert other.tiled is not None and all(torch.equal(other.state_dict()[k], before[k]) for k in before)
+    layer.float()  # cast: the canonical codes again (laid out again by cpu_layout)
+    assert layer.tiled is None and layer.weight is not None and layer.scales.dtype == torch.float32
+
+
+@native
+def test_a_load_of_other_layers_leaves_a_tiled_layer_as_it_is():
+    """The loader fills the model a layer at a time (``load_state_dict(strict=False)`` over the whole model): a
+    tiled layer whose tensors are not in the dict keeps its tiles (re-tiling every layer on every call made
+    loading quadratic in depth: 66 s for a pre-quantized 7B); a strict load still names its keys missing."""
+    layer = Int4Linear.from_float(torch.nn.Linear(64, 32, bias=False), QuantConfig("int4", 32))
+    layer.to_cpu_layout()
+    tiles = layer.cpu_weight
+    result = layer.load_state_dict({}, strict=False)
+    assert layer.cpu_weight is tiles and layer.weight is None
+    assert result.missing_keys == ["weight", "scales", "zeros"]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        layer.load_state_dict({})
+
+
+@native
+def test_a_compiled_step_calls_the_kernel():
+    layer = Int4Linear.from_float(torch.nn.Linear(64, 40, bias=False), QuantConfig("int4", 32))
+    layer.to_cpu_layout()
+    x = torch.randn(1, 1, 64)
+    compiled = torch.compile(layer, dynamic=False)
+    torch.testing.assert_close(compiled(x), layer(x), atol=1e-6, rtol=1e-6)
+
+
+@native
+def test_a_model_on_the_kernel_stays_within_the_int4_error_of_the_reference():
+    """Whole-model logits: the native kernel against the same codes through the dequantizing reference."""
+    from codellama.cpu import optimize_for_cpu
+    args = CONFIGS["gqa"]
+    tokens = torch.randint(0, args.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    config = QuantConfig("int4", 32)
+    reference = quantize_model(random_model(args, seed=5), config)(tokens)
+    fast = optimize_for_cpu(quantize_model(random_model(args, seed=5), config))
+    assert fast.layers[0].feed_forward.w13.tiled is not None
+    got = fast(tokens)
+    assert (got - reference).abs().max() < 0.02 * reference.abs().max()
+
+
+AVX2_CHECK = """
+import torch
+from codellama import cpu_kernels
+from codellama.quantize import quantize_int4, dequantize_int4
+assert cpu_kernels.available() and cpu_kernels.isa() == "AVX2", cpu_kernels.isa()
+codes, scales, zeros = quantize_int4(torch.randn(37, 192), 64, torch.bfloat16)
+tiles, sz = cpu_kernels.int4_tiles(codes, scales, zeros, 64)
+x = torch.randn(5, 192)
+got = cpu_kernels.int4_tiles_linear(x, tiles, sz, 64, 37)
+ref = cpu_kernels.int4_tiles_reference(x, tiles, sz, 64, 37)
+print("ok", float((got - ref).abs().max() / ref.abs().max()))
+"""
+
+
+@native
+def test_the_avx2_path_computes_the_same():
+    r = run_python(AVX2_CHECK, **AVX2)
+    assert r.stdout.startswith("ok") and float(r.stdout.split()[1]) < 1e-5, r.stdout
+
+
+FALLBACK_CHECK = """
+import torch
+from codellama.quantize import Int4Linear, QuantConfig
+layer = Int4Linear.from_float(torch.nn.Linear(64, 32, bias=False), QuantConfig("int4", 32))
+x = torch.randn(2, 64)
+want = x @ layer.dequantize().T
+layer.to_cpu_layout()
+assert layer.tiled is None and layer.cpu_weight is not None  # torch's packed kernel
+print("ok", float((layer(x) - want).abs().max() / want.abs().max()))
+layer.to_cpu_layout()
+"""
+
+
+@pytest.mark.parametrize("why", ["disabled", "no compiler"])
+def test_without_the_native_kernel_int4_layers_take_torchs_and_say_why_once(tmp_path, why):
+    """Switched off, or no C++ compiler on the machine (and nothing cached): torch's kernel, one line saying why."""
+    if why == "disabled":
+        env = {cpu_kernels.DISABLE_ENV: "0"}
+        reason = f"{cpu_kernels.DISABLE_ENV}=0"
+    else:
+        env = {"CXX": str(tmp_path / "no-such-g++"), cpu_kernels.CACHE_ENV: str(tmp_path / "cache")}
+        reason = "building them failed ("
+    r = run_python(FALLBACK_CHECK, **env)
+    assert r.stdout.startswith("ok") and float(r.stdout.split()[1]) < 0.02
+    lines = [line for line in r.stderr.splitlines() if "native CPU kernels" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"codellama: the native CPU kernels are unavailable ({reason}")
+    assert lines[0].endswith("int4 and bf16 layers use torch's")
+
+
+def test_a_compiler_that_fails_is_a_reason_not_a_crash(tmp_path, monkeypatch):
+    """A broken build (here: a compiler that does not exist) leaves the kernels unavailable, with the reason."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(OSError):
+        cpu_kernels._library_path()
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left in the cache
+
+
+# ----------------------------------------------------------------------------- bf16 rows
+native_bf16 = pytest.mark.skipif(not cpu_kernels.available("bf16"), reason="the native bf16 kernel cannot be built here")
+
+
+def bf16_bound(x, weight):
+    """|error| of float32 sums of exact bf16 products: ≤ K·2⁻²³·Σ|x||w| (a generous form of the usual γ_K bound)."""
+    K = x.shape[-1]
+    return K * 2.0 ** -23 * (x.reshape(-1, K).to(torch.bfloat16).double().abs() @ weight.double().abs().T)
+
+
+@native_bf16
+@pytest.mark.parametrize("N, K", [(1, 32), (7, 64), (37, 100), (64, 4096 + 8), (5, 3)])
+def test_the_bf16_row_kernel_matches_its_reference_and_float64(N, K):
+    g = torch.Generator().manual_seed(N * K)
+    weight = (torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)).to(torch.bfloat16)
+    for M in (1, 2, 3, 4, 5, 9):  # every block height, and rows left over
+        x = torch.randn(M, K, generator=g)
+        got = cpu_kernels.bf16_rows_linear(x, weight)
+        assert got.shape == (M, N) and got.dtype == torch.float32
+        want = cpu_kernels.bf16_rows_reference(x.double(), weight)  # float64 sums of the same bf16 values
+        assert ((got.double() - want).abs() <= bf16_bound(x, weight) + 1e-30).all()
+    xb = torch.randn(2, 1, K, generator=g).to(torch.bfloat16)  # bf16 in, bf16 out, any leading shape
+    got = cpu_kernels.bf16_rows_linear(xb, weight)
+    assert got.shape == (2, 1, N) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, cpu_kernels.bf16_rows_reference(xb, weight), atol=1e-6, rtol=2 ** -7)
+
+
+@native_bf16
+def test_the_bf16_row_kernel_reads_a_weight_with_a_row_stride_in_place():
+    """A weight whose rows are contiguous but spaced (a slice of a wider tensor, as a fused or mapped one is)."""
+    wide = torch.randn(12, 80).to(torch.bfloat16)
+    weight = wide[:, 8:72]  # (12, 64), row stride 80
+    x = torch.randn(3, 64)
+    got = cpu_kernels.bf16_rows_linear(x, weight)
+    want = cpu_kernels.bf16_rows_reference(x.double(), weight.contiguous())
+    assert ((got.double() - want).abs() <= bf16_bound(x, weight) + 1e-30).all()
+
+
+@native_bf16
+def test_the_bf16_row_kernel_refuses_what_it_cannot_read():
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match=r"w must be \(N, K\) bf16 with contiguous rows"):
+        cpu_kernels.bf16_rows_linear(x, torch.randn(8, 64))  # float32 weight
+    with pytest.raises(RuntimeError, match=r"w must be \(N, K\) bf16 with contiguous rows"):
+        cpu_kernels.bf16_rows_linear(x, torch.randn(64, 8).to(torch.bfloat16).T)  # columns contiguous
+    with pytest.raises(RuntimeError, match="x has 64 inputs, w 32"):
+        cpu_kernels.bf16_rows_linear(x, torch.randn(8, 32).to(torch.bfloat16))
+
+
+@native_bf16
+def test_bf16_all_finite_finds_any_nan_or_infinity():
+    t = torch.randn(100_000).to(torch.bfloat16)
+    assert cpu_kernels.bf16_all_finite(t)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[77_777] = bad
+        assert not cpu_kernels.bf16_all_finite(u)
+    assert cpu_kernels.bf16_all_finite(torch.tensor([3.3e38, -3.3e38, 1e-40]).to(torch.bfloat16))  # large, subnormal
+
+
+@native_bf16
+def test_an_in_place_bf16_model_decodes_as_the_plain_one():
+    """optimize_for_cpu keeps bf16 weights in place (RowsLinear): a few rows take the kernel, more take F.linear;
+    greedy tokens and logits as the plain bf16 model's within bf16's rounding."""
+    from codellama.cpu import RowsLinear, optimize_for_cpu
+    args = CONFIGS["gqa"]
+    plain = random_model(args, seed=3, dtype=torch.bfloat16)
+    fast = optimize_for_cpu(random_model(args, seed=3, dtype=torch.bfloat16))
+    assert isinstance(fast.layers[0].attention.wq, RowsLinear) and isinstance(fast.output, RowsLinear)
+    for rows in (1, 3, 12):
+        tokens = torch.randint(0, args.vocab_size, (1, rows), generator=torch.Generator().manual_seed(rows))
+        want, got = plain(tokens).float(), fast(tokens).float()
+        assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+AVX2_BF16_CHECK = """
+import torch
+from codellama import cpu_kernels
+assert cpu_kernels.available("bf16") and cpu_kernels.isa("bf16") == "AVX2", cpu_kernels.isa("bf16")
+w = torch.randn(37, 203).to(torch.bfloat16)  # 203: the last inputs outside the 8-wide steps
+x = torch.randn(6, 203)
+got = cpu_kernels.bf16_rows_linear(x, w).double()
+want = cpu_kernels.bf16_rows_reference(x.double(), w)
+bound = 203 * 2.0 ** -23 * (x.to(torch.bfloat16).double().abs() @ w.double().abs().T)
+print("ok" if bool(((got - want).abs() <= bound + 1e-30).all()) else "worse", float((got - want).abs().max()))
+"""
+
+
+@native_bf16
+def test_the_bf16_avx2_path_computes_the_same():
+    r = run_python(AVX2_BF16_CHECK, **AVX2)
+    assert r.stdout.startswith("ok"), r.stdout
+
+
+FALLBACK_BF16_CHECK = """
+import torch
+from codellama.cpu import PackedLinear, RowsLinear, bf16_packing_supported, optimize_for_cpu
+from codellama.testing import random_model
+from codellama import ModelArgs
+args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=128)
+plain = random_model(args, seed=1, dtype=torch.bfloat16)
+fast = optimize_for_cpu(random_model(args, seed=1, dtype=torch.bfloat16))
+assert not any(isinstance(m, RowsLinear) for m in fast.modules())
+assert not bf16_packing_supported() or isinstance(fast.output, PackedLinear)
+tokens = torch.arange(5)[None]
+want, got = plain(tokens).float(), fast(tokens).float()
+print("ok", float((got - want).abs().max() / want.abs().max()))
+"""
+
+
+def test_without_the_native_kernel_bf16_layers_take_torchs():
+    r = run_python(FALLBACK_BF16_CHECK, **{cpu_kernels.DISABLE_ENV: "0"})
+    assert r.stdout.startswith("ok") and float(r.stdout.split()[1]) < 0.05, r.stdout
