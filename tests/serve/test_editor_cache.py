@@ -31,7 +31,9 @@ def test_a_newer_request_for_the_same_slot_supersedes_the_one_in_flight(tiny, mo
         other = threading.Thread(target=lambda: answers.setdefault(
             "other", http.post("/infill", json={**body, "id_slot": 1, "n_predict": 64})))
         other.start()
-        wait_until(lambda: len(seen) == 3)
+        # decoding in the other slot: were it still waiting when the first is superseded, it would take the
+        # first's slot (the longer shared prefix: its prompt is the first's) and leave the newer one the warm-up's
+        wait_until(lambda: len(seen) == 3 and seen[2].tokens)
         newer = http.post("/infill", json={**body, "prompt": "def gg", "n_predict": 4})
         first.join(60)
         other.join(60)
