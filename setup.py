@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="A minimal, readable, fast PyTorch implementation of Meta's Code Llama models",
     packages=find_packages(include=["codellama", "codellama.*"]),
-    package_data={"codellama": ["assets/tiny/*"]},  # the bundled tiny model (params, weights, tokenizer)
+    # the bundled tiny model (params, weights, tokenizer) and the native CPU kernels' sources (built at first use)
+    package_data={"codellama": ["assets/tiny/*", "cpu_kernels/*.cpp", "cpu_kernels/*.h"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",

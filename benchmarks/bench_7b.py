@@ -10,7 +10,8 @@ the Code Llama tokenizer of ``../shared/data``. Each row then runs in its own pr
 
 * ours: ``load_model`` of that checkpoint in bf16 (``bf16``), of its Meta-layout copy (``bf16-meta``),
   quantized on load (``int8``; ``int4`` = int4 g32, the output layer in bf16, the library's default;
-  ``int4+out8`` = int4 g32 with the output layer in int8, as llama.cpp's Q4_0 keeps it in Q6_K), and of
+  ``int4+out8`` = int4 g32 with the output layer in int8, as llama.cpp's Q4_0 keeps it in Q6_K;
+  ``int4-g64+out8`` = int4 g64, 4.5 bits a weight as Q4_0's blocks of 32 with one fp16 scale), and of
   checkpoints written by ``python -m codellama quantize`` (``int8-file``, ``int4-file``: int4 g32 +out8);
 * llama.cpp (llama-cpp-python's C API, ``LLAMA_CPP_LIB_PATH`` pointing at a build of it): GGUF files made by
   its own tools from the same safetensors: ``convert_hf_to_gguf.py --outtype bf16`` (BF16) and ``q8_0``
@@ -55,6 +56,8 @@ OURS = {
     "int8": ("hf", "bf16", {"scheme": "int8"}),
     "int4": ("hf", "bf16", {"scheme": "int4", "group_size": 32}),
     "int4+out8": ("hf", "bf16", {"scheme": "int4", "group_size": 32, "include_output": True, "output_scheme": "int8"}),
+    "int4-g64+out8": ("hf", "bf16", {"scheme": "int4", "group_size": 64, "include_output": True,
+                                     "output_scheme": "int8"}),
     "int8-file": ("int8", "bf16", None),
     "int4-file": ("int4", "bf16", None),
 }
@@ -64,6 +67,7 @@ THEIRS = {"BF16": "bf16", "Q8_0": "q8_0", "Q4_0": None}  # llama.cpp row → con
 # (ours, llama.cpp, what the pair compares)
 PAIRS = [("bf16", "BF16", "decode, prefill, load"), ("int8", "Q8_0", "decode, prefill"),
          ("int4", "Q4_0", "decode, prefill"), ("int4+out8", "Q4_0", "decode, prefill"),
+         ("int4-g64+out8", "Q4_0", "decode, prefill"),
          ("int8-file", "Q8_0", "load"), ("int4-file", "Q4_0", "load")]
 
 # ----------------------------------------------------------------------------- the processes
@@ -91,10 +95,10 @@ sys.path.insert(0, sys.argv[1])
 from bench_generate import _Vocab
 from bench_quant import Ours
 from codellama import Llama, load_model
-from codellama.cpu import native_int4_available
+from codellama.cpu import native_kernel_available
 from codellama.quantize import QuantConfig
 spec = json.loads(sys.argv[3])
-native_int4_available()  # (the kernel built or loaded before the baseline)
+native_kernel_available()  # (the kernel built or loaded before the baseline)
 base_rss, base_anon = status("VmRSS:"), status("RssAnon:")
 start = time.perf_counter()
 model = load_model(sys.argv[2], device="cpu", dtype=spec["dtype"],

@@ -35,8 +35,8 @@ def sample():  # RssAnon has no kernel high-water mark: poll it
         peak_anon[0] = max(peak_anon[0], status("RssAnon:"))
         time.sleep(0.002)
 from codellama import load_model
-from codellama.cpu import native_int4_available
-native_int4_available()  # (builds or loads the int4 kernel before the baseline)
+from codellama.cpu import native_kernel_available
+native_kernel_available()  # (builds or loads the int4 kernel before the baseline)
 base_rss, base_anon = status("VmRSS:"), status("RssAnon:")
 t = threading.Thread(target=sample); t.start()
 start = time.perf_counter()

@@ -10,10 +10,12 @@ measured here (2 cores of an AVX-512 EPYC) by ``benchmarks/bench_quant.py`` and 
   fp32 weights are stored column-major (BLAS streams an (in, out) layout faster) and bf16 stays plain.
 * Fusing ``wq, wk, wv`` (and ``w1, w3``) into one matrix lets the hardware prefetcher run along one
   long weight stream instead of three short ones, and saves two calls per layer.
-* int8 and int4 weights: torch's weight-only kernels, which read the codes directly and are fast with
-  bf16 activations only (int8: ``int8_linear``, int4: ``pack_int4`` / ``int4_linear``); inside a compiled
-  step, int8 layers of up to 8 rows use a product-and-sum over the codes that Inductor compiles
-  (``int8_rows``), which streams them faster than torch's kernel does.
+* int8 and int4 weights: the native tile kernels (``codellama.cpu_kernels``: integer dot products with
+  the activations quantized to int8, as llama.cpp's Q8_0 and Q4_0 paths), which stream the codes at about
+  the machine's read bandwidth. Where they cannot run, torch's weight-only kernels, which read the codes
+  directly and are fast with bf16 activations only (int8: ``int8_linear``, int4: ``pack_int4`` /
+  ``int4_linear``); inside a compiled step, int8 layers of up to 8 rows then use a product-and-sum over the
+  codes that Inductor compiles (``int8_rows``), which streams them faster than torch's kernel does.
 
 Every layout keeps the Meta shape and names: ``state_dict`` gives the checkpoint's tensors back.
 """
@@ -325,12 +327,14 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     return packed, scales_and_zeros
 
 
-def native_int4_available() -> bool:
-    """Whether int4 layers take the native kernel here (``codellama.cpu_kernels``: built at first use)."""
-    return cpu_kernels.available()
+def native_kernel_available(scheme: str = "int4") -> bool:
+    """Whether ``scheme``'s layers (``"int4"``, ``"int8"``) take the native kernel here (``codellama.cpu_kernels``:
+    built at first use)."""
+    return cpu_kernels.available(scheme)
 
 
 int4_tiles, untile_int4, int4_tiles_linear = cpu_kernels.int4_tiles, cpu_kernels.untile_int4, cpu_kernels.int4_tiles_linear
+int8_tiles, untile_int8, int8_tiles_linear = cpu_kernels.int8_tiles, cpu_kernels.untile_int8, cpu_kernels.int8_tiles_linear
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -7,6 +7,8 @@ streams its weights at:
                                 ``vpdpbusd``, as llama.cpp's Q4_0 path) over 16-row tiles made from the
                                 checkpoint's bytes: torch's int4 kernel multiplies in floating point and is
                                 compute-bound on a few cores
+    int8.py  int8_tiles_linear  int8 codes × int8-quantized activations, the same way (llama.cpp's Q8_0 path):
+                                torch's int8 kernel converts every code to floating point
     bf16.py  bf16_rows_linear   a few rows × a bf16 weight read in place, row by row (AVX-512 BF16
                                 ``vdpbf16ps``): oneDNN is as fast, but only on its packed copy of the weight,
                                 which takes ~2 s a GB to make (a minute of a 7B's load) and a second copy of
@@ -35,7 +37,9 @@ import torch
 TILE = 16  # output rows per tile (the int32 lanes of a 512-bit register)
 DISABLE_ENV = "CODELLAMA_NATIVE_KERNELS"  # "0": never build or use the extension
 CACHE_ENV = "CODELLAMA_KERNEL_CACHE"
-_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("int4_tiles.cpp", "bf16_rows.cpp")]
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = [os.path.join(_HERE, name) for name in ("tiles.cpp", "bf16_rows.cpp")]
+_HEADERS = [os.path.join(_HERE, "parallel.h")]  # (part of the build's key: a change rebuilds)
 
 
 # ----------------------------------------------------------------------------- building
@@ -65,7 +69,7 @@ def _compile(sources: List[str], target: str) -> None:
 def _library_path() -> str:
     """The cached build of the extension for this source and torch build, compiled first when missing."""
     digest = hashlib.sha256(torch.__version__.encode() + sys.version.encode())
-    for source in _SOURCES:
+    for source in _SOURCES + _HEADERS:
         with open(source, "rb") as f:
             digest.update(f.read())
     key = digest.hexdigest()[:16]
@@ -95,7 +99,7 @@ def _load() -> Tuple[Dict[str, int], str]:
 
 
 def _build_and_load() -> Tuple[Dict[str, int], str]:
-    none = {"int4": 0, "bf16": 0}
+    none = {"int4": 0, "int8": 0, "bf16": 0}
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return none, f"{DISABLE_ENV}=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -108,13 +112,18 @@ def _build_and_load() -> Tuple[Dict[str, int], str]:
     capability = torch.backends.cpu.get_cpu_capability()  # honours ATEN_CPU_CAPABILITY, as torch's kernels do
     allowed = 2 if capability.startswith("AVX512") else 1 if capability.startswith("AVX2") else 0
     ops = torch.ops.codellama_native
-    isas = {"int4": min(int(ops.supported_isa()), allowed), "bf16": min(int(ops.bf16_supported_isa()), allowed)}
+    integer = min(int(ops.supported_isa()), allowed)
+    isas = {"int4": integer, "int8": integer, "bf16": min(int(ops.bf16_supported_isa()), allowed)}
     return isas, "" if any(isas.values()) else f"this CPU has no AVX2 (torch reports {capability})"
 
 
 def _register_fake() -> None:
     @torch.library.register_fake("codellama_native::int4_tiles_linear")
     def _(x, tiles, sz, group_size, out_features, isa):
+        return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
+
+    @torch.library.register_fake("codellama_native::int8_tiles_linear")
+    def _(x, tiles, sc, out_features, isa):
         return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
 
     @torch.library.register_fake("codellama_native::bf16_rows_linear")
@@ -126,11 +135,11 @@ _told = []
 
 
 def available(kernel: str = "int4") -> bool:
-    """Whether ``kernel`` (``"int4"`` or ``"bf16"``) runs here (built on first call); says once on stderr why not."""
+    """Whether ``kernel`` (``"int4"``, ``"int8"`` or ``"bf16"``) runs here (built on first call); says once on stderr why not."""
     isas, why = _load()
     if not any(isas.values()) and not _told:
         _told.append(why)
-        print(f"codellama: the native CPU kernels are unavailable ({why}): int4 and bf16 layers use torch's",
+        print(f"codellama: the native CPU kernels are unavailable ({why}): int4, int8 and bf16 layers use torch's",
               file=sys.stderr)
     return bool(isas[kernel])
 
@@ -149,11 +158,13 @@ def native_isa(kernel: str) -> int:
 def isa(kernel: str = "int4") -> Optional[str]:
     """The instruction set ``kernel`` uses here (``"AVX-512 VNNI"``, ``"AVX-512 BF16"``, ``"AVX2"``), None when unavailable."""
     level = native_isa(kernel)
-    return None if not level else "AVX2" if level == 1 else "AVX-512 VNNI" if kernel == "int4" else "AVX-512 BF16"
+    return None if not level else "AVX2" if level == 1 else "AVX-512 BF16" if kernel == "bf16" else "AVX-512 VNNI"
 
 
 from .int4 import int4_tiles, int4_tiles_linear, int4_tiles_reference, untile_int4  # noqa: E402
+from .int8 import int8_tiles, int8_tiles_linear, int8_tiles_reference, untile_int8  # noqa: E402
 from .bf16 import bf16_all_finite, bf16_rows_linear, bf16_rows_reference  # noqa: E402
 
 __all__ = ["available", "isa", "int4_tiles", "int4_tiles_linear", "int4_tiles_reference", "untile_int4",
+           "int8_tiles", "int8_tiles_linear", "int8_tiles_reference", "untile_int8",
            "bf16_all_finite", "bf16_rows_linear", "bf16_rows_reference"]

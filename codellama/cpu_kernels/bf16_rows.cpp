@@ -16,6 +16,8 @@
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
+#include "parallel.h"
+
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -24,6 +26,7 @@ namespace {
 
 constexpr int64_t BLOCK = 4;  // weight rows computed together
 constexpr int ROWS = 4;       // activation rows computed together
+constexpr int64_t BLOCKS_A_CHUNK = 16;  // blocks a thread takes at a time (64 weight rows)
 
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
@@ -111,7 +114,7 @@ at::Tensor bf16_rows_linear(const at::Tensor& x, const at::Tensor& w, int64_t is
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* o = out.data_ptr<float>();
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  codellama::parallel_chunks(blocks, BLOCKS_A_CHUNK, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * BLOCK, rows = std::min<int64_t>(BLOCK, N - n0);
       for (int64_t m = 0; m < M; m += ROWS) {

@@ -1,4 +1,4 @@
-"""int4 weights in 16-row tiles, multiplied with int8-quantized activations (``int4_tiles.cpp``).
+"""int4 weights in 16-row tiles, multiplied with int8-quantized activations (``tiles.cpp``).
 
     tiles, sz = int4_tiles(codes, scales, zeros, group_size)        # once, at load
     y = int4_tiles_linear(x, tiles, sz, group_size, out_features)   # x (…, K) → (…, N)

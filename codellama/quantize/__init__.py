@@ -246,10 +246,16 @@ def _quantize_into(module: nn.Module, w: torch.Tensor, config: QuantConfig) -> N
 class QuantizedLinear(nn.Module):
     """A bias-free linear layer over integer codes; ``Int8Linear`` and ``Int4Linear`` say how they are stored.
 
-    ``forward`` computes ``x @ W.T`` in x's dtype from the codes: on CPU with torch's packed integer kernels
-    (``codellama.cpu``), on CUDA with the Triton kernel (``codellama.kernels.quant_matmul``), elsewhere with
-    the PyTorch reference (which dequantizes the weight per call). Every tensor is a buffer with the output
-    features as dim 0, so fused projections concatenate them, and split them back, by rows.
+    ``forward`` computes ``x @ W.T`` in x's dtype from the codes: on CPU with the native tile kernels
+    (``codellama.cpu_kernels``) or torch's packed integer kernels (``codellama.cpu``), on CUDA with the Triton
+    kernel (``codellama.kernels.quant_matmul``), elsewhere with the PyTorch reference (which dequantizes the
+    weight per call). Every tensor is a buffer with the output features as dim 0, so fused projections
+    concatenate them, and split them back, by rows.
+
+    On CPU, ``to_cpu_layout()`` (a step of ``codellama.cpu.cpu_layout``) lays the weight out for a kernel, in
+    the non-persistent buffers ``cpu_weight`` and ``cpu_scales``: the 16-row tiles of the native kernel, which
+    then hold the only copy of the codes (the ``TENSORS`` are None; ``state_dict``, ``dequantize`` and moving
+    the layer give them back exactly), or, where that kernel is unavailable, what torch's kernel reads.
     """
 
     scheme: str
@@ -260,6 +266,9 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         _register_codes(self, self.scheme, out_features, in_features, group_size, scale_dtype, device)
+        self.register_buffer("cpu_weight", None, persistent=False)
+        self.register_buffer("cpu_scales", None, persistent=False)
+        self.tiled: Optional[torch.dtype] = None  # the scales' dtype while the codes live only in tiles
 
     @classmethod
     def from_float(cls, linear: nn.Linear, config: QuantConfig) -> "QuantizedLinear":
@@ -282,97 +291,50 @@ class QuantizedLinear(nn.Module):
         return fused
 
     def codes(self) -> Tuple[torch.Tensor, ...]:
-        """The layer's ``TENSORS`` as ``state_dict`` holds them (the codes and their scales)."""
-        return tuple(getattr(self, name) for name in self.TENSORS)
+        """The layer's ``TENSORS`` as ``state_dict`` holds them (the codes and their scales), wherever it keeps them now."""
+        if self.tiled is None:
+            return tuple(getattr(self, name) for name in self.TENSORS)
+        return self._untiled()
+
+    def _untiled(self) -> Tuple[torch.Tensor, ...]:
+        """The ``TENSORS`` made back from the tiles (exactly)."""
+        raise NotImplementedError
+
+    def _tiles(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(cpu_weight, cpu_scales)``: the native kernel's tiles of the codes."""
+        raise NotImplementedError
+
+    def _untile(self) -> None:
+        """Hold the canonical codes again (before loading new ones into them, moving or casting the layer)."""
+        if self.tiled is not None:
+            for name, tensor in zip(self.TENSORS, self.codes()):
+                setattr(self, name, tensor.contiguous())
+            self.cpu_weight = self.cpu_scales = None
+            self.tiled = None
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The (out, in) weight the codes stand for (for the reference path, tests and inspection)."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            return self.cpu_forward(x)
-        if x.device.type == "cuda" and _triton_ready():
-            return self.triton_forward(x)
-        return F.linear(x, self.dequantize(x.dtype))
-
-    def extra_repr(self) -> str:
-        group = f" g{self.group_size}" if self.group_size else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}{group}"
-
-
-class Int8Linear(QuantizedLinear):
-    """int8 codes (out, in) with one scale per output row: ``W[n, k] ≈ scales[n] · weight[n, k]``."""
-
-    scheme = "int8"
-    TENSORS = ("weight", "scales")
-
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        return dequantize_int8(self.weight, self.scales, dtype)
-
     def to_cpu_layout(self) -> None:
-        """Codes where torch's CPU int8 kernel can read them (64-byte aligned; a file-backed tensor may not be)."""
-        self.weight = cpu.aligned(self.weight)
-
-    def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu.int8_linear(x, self.weight, self.scales)
-
-    def triton_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels.quant_matmul import int8_matmul
-        return int8_matmul(x, self.weight, self.scales)
-
-
-class Int4Linear(QuantizedLinear):
-    """4-bit codes two a byte (out, in/2) with a scale and a zero per group of ``group_size`` inputs of each row.
-
-    On CPU, ``to_cpu_layout()`` (a step of ``codellama.cpu.cpu_layout``) lays the weight out for a kernel, in
-    the non-persistent buffers ``cpu_weight`` and ``cpu_scales_zeros``: the 16-row tiles of the native int4
-    kernel (``codellama.cpu_kernels``), which then hold the only copy of the codes (``weight``, ``scales`` and
-    ``zeros`` are None; ``state_dict``, ``dequantize`` and moving the layer give them back exactly), or, where
-    that kernel is unavailable, torch's packed copy of the codes beside the canonical ones.
-    """
-
-    scheme = "int4"
-    TENSORS = ("weight", "scales", "zeros")
-
-    def __init__(self, in_features: int, out_features: int, group_size: Optional[int] = DEFAULT_GROUP_SIZE, *,
-                 scale_dtype: torch.dtype = torch.float32, device: Union[None, str, torch.device] = None):
-        super().__init__(in_features, out_features, group_size, scale_dtype=scale_dtype, device=device)
-        self.register_buffer("cpu_weight", None, persistent=False)
-        self.register_buffer("cpu_scales_zeros", None, persistent=False)
-        self.tiled: Optional[torch.dtype] = None  # the scales' dtype while the codes live only in tiles
-
-    def codes(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(weight, scales, zeros)`` as ``codellama.quantize`` stores them, wherever the layer keeps them now."""
-        if self.tiled is None:
-            return self.weight, self.scales, self.zeros
-        return cpu.untile_int4(self.cpu_weight, self.cpu_scales_zeros, self.out_features, self.tiled)
-
-    def _untile(self) -> None:
-        """Hold the canonical codes again (before loading new ones into them, moving or casting the layer)."""
-        if self.tiled is not None:
-            self.weight, self.scales, self.zeros = (t.contiguous() for t in self.codes())
-            self.cpu_weight = self.cpu_scales_zeros = None
-            self.tiled = None
-
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        return dequantize_int4(*self.codes(), dtype)[:, :self.in_features]
-
-    def to_cpu_layout(self) -> None:
-        """Lay the codes out for the native int4 kernel (or torch's, where it cannot run); done once."""
-        if self.cpu_weight is not None or self.weight.device.type != "cpu":
+        """Lay the codes out for the native kernel (or torch's, where it cannot run); done once."""
+        if self.cpu_weight is not None or self.weight is None or self.weight.device.type != "cpu":
             return
-        if cpu.native_int4_available():
-            self.cpu_weight, self.cpu_scales_zeros = cpu.int4_tiles(self.weight, self.scales, self.zeros, self.group_size)
+        if cpu.native_kernel_available(self.scheme):
+            self.cpu_weight, self.cpu_scales = self._tiles()
             self.tiled = self.scales.dtype
-            self.weight = self.scales = self.zeros = None  # freed now: the tiles hold the only copy
+            for name in self.TENSORS:
+                setattr(self, name, None)  # freed now: the tiles hold the only copy
             return
-        packed = cpu.pack_int4(unpack_int4(self.weight, self.group_size), self.scales, self.zeros, self.group_size)
-        self.cpu_weight, self.cpu_scales_zeros = packed if packed is not None else (None, None)
+        self._torch_layout()
+
+    def _torch_layout(self) -> None:
+        """Where the native kernel cannot run: what torch's kernel reads."""
+        raise NotImplementedError
 
     def _apply(self, fn, recurse=True):
         self._untile()
-        self.cpu_weight = self.cpu_scales_zeros = None  # moved or cast: cpu_layout packs again
+        self.cpu_weight = self.cpu_scales = None  # moved or cast: cpu_layout lays them out again
         return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -391,12 +353,86 @@ class Int4Linear(QuantizedLinear):
                 missing_keys.extend(prefix + name for name in self.TENSORS)  # (a strict load still names them)
                 return
             return super()._load_from_state_dict(*args)
-        packed = self.cpu_weight is not None
+        laid_out = self.cpu_weight is not None
         self._untile()
-        self.cpu_weight = self.cpu_scales_zeros = None
+        self.cpu_weight = self.cpu_scales = None
         super()._load_from_state_dict(*args)
-        if packed:  # new codes: lay them out as the old ones were
+        if laid_out:  # new codes: lay them out as the old ones were
             self.to_cpu_layout()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return self.cpu_forward(x)
+        if x.device.type == "cuda" and _triton_ready():
+            return self.triton_forward(x)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def extra_repr(self) -> str:
+        group = f" g{self.group_size}" if self.group_size else ""
+        layout = ", CPU tiles" if self.tiled is not None else ", CPU-packed" if self.cpu_weight is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}{group}{layout}"
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 codes (out, in) with one scale per output row: ``W[n, k] ≈ scales[n] · weight[n, k]``.
+
+    On CPU the native kernel multiplies the codes with the activations quantized to int8 per block of 32 (as
+    llama.cpp's Q8_0 does); torch's kernel, where it cannot run, with the activations in bf16.
+    """
+
+    scheme = "int8"
+    TENSORS = ("weight", "scales")
+
+    def _untiled(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return cpu.untile_int8(self.cpu_weight, self.cpu_scales, self.out_features, self.in_features, self.tiled)
+
+    def _tiles(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return cpu.int8_tiles(self.weight, self.scales)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return dequantize_int8(*self.codes(), dtype)
+
+    def _torch_layout(self) -> None:
+        """Codes where torch's CPU int8 kernel can read them (64-byte aligned; a file-backed tensor may not be)."""
+        self.weight = cpu.aligned(self.weight)
+
+    def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiled is not None:
+            return cpu.int8_tiles_linear(x, self.cpu_weight, self.cpu_scales, self.out_features)
+        return cpu.int8_linear(x, self.weight, self.scales)
+
+    def triton_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels.quant_matmul import int8_matmul
+        return int8_matmul(x, self.weight, self.scales)
+
+
+class Int4Linear(QuantizedLinear):
+    """4-bit codes two a byte (out, in/2) with a scale and a zero per group of ``group_size`` inputs of each row.
+
+    On CPU the native kernel multiplies the codes with the activations quantized to int8 per half group (as
+    llama.cpp's Q4_0 does); torch's kernel, where it cannot run, reads a packed copy of the codes beside the
+    canonical ones.
+    """
+
+    scheme = "int4"
+    TENSORS = ("weight", "scales", "zeros")
+
+    def __init__(self, in_features: int, out_features: int, group_size: Optional[int] = DEFAULT_GROUP_SIZE, *,
+                 scale_dtype: torch.dtype = torch.float32, device: Union[None, str, torch.device] = None):
+        super().__init__(in_features, out_features, group_size, scale_dtype=scale_dtype, device=device)
+
+    def _untiled(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return cpu.untile_int4(self.cpu_weight, self.cpu_scales, self.out_features, self.tiled)
+
+    def _tiles(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return cpu.int4_tiles(self.weight, self.scales, self.zeros, self.group_size)
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return dequantize_int4(*self.codes(), dtype)[:, :self.in_features]
+
+    def _torch_layout(self) -> None:
+        packed = cpu.pack_int4(unpack_int4(self.weight, self.group_size), self.scales, self.zeros, self.group_size)
+        self.cpu_weight, self.cpu_scales = packed if packed is not None else (None, None)
 
     def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cpu_weight is None:
@@ -404,16 +440,12 @@ class Int4Linear(QuantizedLinear):
         pad = padded_inputs(self.in_features, self.group_size) - self.in_features
         x = F.pad(x, (0, pad)) if pad else x
         if self.tiled is not None:
-            return cpu.int4_tiles_linear(x, self.cpu_weight, self.cpu_scales_zeros, self.group_size, self.out_features)
-        return cpu.int4_linear(x, self.cpu_weight, self.cpu_scales_zeros, self.group_size)
+            return cpu.int4_tiles_linear(x, self.cpu_weight, self.cpu_scales, self.group_size, self.out_features)
+        return cpu.int4_linear(x, self.cpu_weight, self.cpu_scales, self.group_size)
 
     def triton_forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels.quant_matmul import int4_matmul
         return int4_matmul(x, self.weight, self.scales, self.zeros, self.group_size)
-
-    def extra_repr(self) -> str:
-        layout = ", CPU tiles" if self.tiled is not None else ", CPU-packed" if self.cpu_weight is not None else ""
-        return super().extra_repr() + layout
 
 
 class QuantizedEmbedding(nn.Module):

@@ -131,10 +131,12 @@ def test_compiled_matvec_matches_float64(dtype):
 
 # K = 203: one torch's bf16 int8 kernel cannot take (its fp32 path runs past INT8_COMPILED_ROWS)
 @pytest.mark.parametrize("dtype, in_features", [(torch.float32, 203), (torch.bfloat16, 256)])
-def test_compiled_int8_rows_match_float64(dtype, in_features):
-    """Inside torch.compile an int8 layer's few rows take the sums over the codes (eager: torch's kernel); both
-    are the product with the dequantized weight."""
+def test_compiled_int8_rows_match_float64(dtype, in_features, monkeypatch):
+    """Without the native kernel, inside torch.compile an int8 layer's few rows take the sums over the codes
+    (eager: torch's kernel); both are the product with the dequantized weight."""
+    from codellama import cpu
     from codellama.quantize import Int8Linear, QuantConfig
+    monkeypatch.setattr(cpu, "native_kernel_available", lambda scheme="int4": False)
     g = torch.Generator().manual_seed(9)
     dense = torch.nn.Linear(in_features, 77, bias=False).to(dtype)
     with torch.no_grad():

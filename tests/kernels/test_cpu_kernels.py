@@ -1,4 +1,4 @@
-"""The native CPU kernels (``codellama.cpu_kernels``: int4 tiles, bf16 rows): their layout, their arithmetic
+"""The native CPU kernels (``codellama.cpu_kernels``: int4 and int8 tiles, bf16 rows): their layout, their arithmetic
 against the PyTorch references and float64, their AVX2 paths, the layers that use them, and torch's kernels when
 they cannot be built (switched off, or no compiler)."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from codellama import cpu_kernels
-from codellama.quantize import (Int4Linear, QuantConfig, dequantize_int4, quantize_int4, quantize_model,
-                                unpack_int4)
+from codellama.quantize import (LAYERS, QuantConfig, dequantize_int4, dequantize_int8, quantize_int4,
+                                quantize_int8, quantize_model, unpack_int4)
 
 from conftest import ROOT
 from helpers import CONFIGS, random_model
@@ -27,7 +27,13 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     return r
 
 
-native = pytest.mark.skipif(not cpu_kernels.available(), reason="the native int4 kernel cannot be built here")
+native = pytest.mark.skipif(not cpu_kernels.available(), reason="the native int4/int8 kernels cannot be built here")
+SCHEMES = [QuantConfig("int4", 32), QuantConfig("int8")]
+schemes = pytest.mark.parametrize("config", SCHEMES, ids=lambda c: c.scheme)
+
+
+def quantized_layer(config, in_features, out_features, dtype=torch.float32):
+    return LAYERS[config.scheme].from_float(torch.nn.Linear(in_features, out_features, bias=False).to(dtype), config)
 
 
 def weights(N, K, group_size, dtype, seed):
@@ -71,9 +77,40 @@ def test_tiles_round_trip_and_the_kernel_matches_its_reference_and_float64(N, K,
 
 
 @native
-def test_the_kernel_reads_the_inputs_padding_and_odd_rows():
-    """An input size that is not a multiple of the group (padded with zero activations) and rows left over."""
-    layer = Int4Linear.from_float(torch.nn.Linear(100, 37, bias=False), QuantConfig("int4", 64))
+@pytest.mark.parametrize("N, K", [(1, 32), (17, 64), (37, 100), (100, 256), (48, 4096 + 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_tiles_round_trip_and_the_kernel_matches_its_reference_and_float64(N, K, dtype):
+    """Rows and inputs not a multiple of the tile and block (padded with code 0 and zero activations)."""
+    g = torch.Generator().manual_seed(N + K)
+    w = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g) * 2
+    codes, scales = quantize_int8(w.to(dtype), dtype)
+    codes[0, :4] = torch.tensor([-128, 127, -127, 0], dtype=torch.int8)  # every code the format allows
+    tiles, sc = cpu_kernels.int8_tiles(codes, scales)
+    assert tiles.shape == (-(-N // 16), -(-K // 32) * 8, 64) and tiles.dtype == torch.uint8
+    for got, want in zip(cpu_kernels.untile_int8(tiles, sc, N, K, dtype), (codes, scales)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    for M in (1, 3, 4, 9):
+        x = torch.randn(2, M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
+        got = cpu_kernels.int8_tiles_linear(x, tiles, sc, N)
+        assert got.shape == (2, M, N) and got.dtype == dtype
+        ref = cpu_kernels.int8_tiles_reference(x.float(), tiles, sc, N)
+        exact = (x.double() @ dequantize_int8(codes, scales.double()).T).view(-1, N)
+        scale = exact.abs().max().item()
+        torch.testing.assert_close(got.float().view(-1, N), ref.view(-1, N), atol=1e-5 * scale + (
+            0.01 * scale if dtype == torch.bfloat16 else 0), rtol=0)  # bf16 output: rounded once more
+        # each activation is off by at most half its block's step max|x|/127
+        xf = torch.nn.functional.pad(x.reshape(-1, K).double(), (0, -K % 32))
+        step = xf.view(xf.shape[0], -1, 32).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(xf.shape) / 127
+        w_abs = torch.nn.functional.pad(dequantize_int8(codes, scales.double()).abs(), (0, -K % 32))
+        err = (ref.double().view(-1, N) - exact).abs()
+        assert (err <= (step / 2) @ w_abs.T + 1e-5 * scale).all()
+
+
+@native
+@schemes
+def test_the_kernel_reads_the_inputs_padding_and_odd_rows(config):
+    """An input size that is not a multiple of the group or block (padded with zero activations) and rows left over."""
+    layer = quantized_layer(config, 100, 37)
     x = torch.randn(3, 100)
     want = x.double() @ layer.dequantize(torch.float64).T
     layer.to_cpu_layout()
@@ -84,17 +121,18 @@ def test_the_kernel_reads_the_inputs_padding_and_odd_rows():
 
 
 @native
-def test_a_tiled_layer_gives_its_codes_back_exactly_and_moves():
-    dense = torch.nn.Linear(96, 48, bias=False).to(torch.bfloat16)
-    layer = Int4Linear.from_float(dense, QuantConfig("int4", 32))
+@schemes
+def test_a_tiled_layer_gives_its_codes_back_exactly_and_moves(config):
+    layer = quantized_layer(config, 96, 48, torch.bfloat16)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
+    want = layer.dequantize()
     layer.to_cpu_layout()
     layer.to_cpu_layout()  # a second call leaves it alone
     assert layer.weight is None and layer.cpu_weight is not None and "CPU tiles" in repr(layer)
     after = layer.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
-    torch.testing.assert_close(layer.dequantize(), dequantize_int4(*before.values())[:, :96])
-    other = Int4Linear.from_float(torch.nn.Linear(96, 48, bias=False).to(torch.bfloat16), QuantConfig("int4", 32))
+    assert torch.equal(layer.dequantize(), want)
+    other = quantized_layer(config, 96, 48, torch.bfloat16)
     other.to_cpu_layout()
     other.load_state_dict(before)  # into a tiled layer: tiled again, with the new codes
     assert other.tiled is not None and all(torch.equal(other.state_dict()[k], before[k]) for k in before)
@@ -103,23 +141,25 @@ def test_a_tiled_layer_gives_its_codes_back_exactly_and_moves():
 
 
 @native
-def test_a_load_of_other_layers_leaves_a_tiled_layer_as_it_is():
+@schemes
+def test_a_load_of_other_layers_leaves_a_tiled_layer_as_it_is(config):
     """The loader fills the model a layer at a time (``load_state_dict(strict=False)`` over the whole model): a
     tiled layer whose tensors are not in the dict keeps its tiles (re-tiling every layer on every call made
     loading quadratic in depth: 66 s for a pre-quantized 7B); a strict load still names its keys missing."""
-    layer = Int4Linear.from_float(torch.nn.Linear(64, 32, bias=False), QuantConfig("int4", 32))
+    layer = quantized_layer(config, 64, 32)
     layer.to_cpu_layout()
     tiles = layer.cpu_weight
     result = layer.load_state_dict({}, strict=False)
     assert layer.cpu_weight is tiles and layer.weight is None
-    assert result.missing_keys == ["weight", "scales", "zeros"]
+    assert result.missing_keys == list(layer.TENSORS)
     with pytest.raises(RuntimeError, match="Missing key"):
         layer.load_state_dict({})
 
 
 @native
-def test_a_compiled_step_calls_the_kernel():
-    layer = Int4Linear.from_float(torch.nn.Linear(64, 40, bias=False), QuantConfig("int4", 32))
+@schemes
+def test_a_compiled_step_calls_the_kernel(config):
+    layer = quantized_layer(config, 64, 40)
     layer.to_cpu_layout()
     x = torch.randn(1, 1, 64)
     compiled = torch.compile(layer, dynamic=False)
@@ -127,12 +167,12 @@ def test_a_compiled_step_calls_the_kernel():
 
 
 @native
-def test_a_model_on_the_kernel_stays_within_the_int4_error_of_the_reference():
+@schemes
+def test_a_model_on_the_kernel_stays_within_the_quantized_error_of_the_reference(config):
     """Whole-model logits: the native kernel against the same codes through the dequantizing reference."""
     from codellama.cpu import optimize_for_cpu
     args = CONFIGS["gqa"]
     tokens = torch.randint(0, args.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
-    config = QuantConfig("int4", 32)
     reference = quantize_model(random_model(args, seed=5), config)(tokens)
     fast = optimize_for_cpu(quantize_model(random_model(args, seed=5), config))
     assert fast.layers[0].feed_forward.w13.tiled is not None
@@ -140,41 +180,84 @@ def test_a_model_on_the_kernel_stays_within_the_int4_error_of_the_reference():
     assert (got - reference).abs().max() < 0.02 * reference.abs().max()
 
 
+@native
+def test_int8_rows_are_independent_of_the_batch():
+    """A row's output is the same bits alone or among others (greedy decoding at batch 1 and in a batch agree)."""
+    layer = quantized_layer(QuantConfig("int8"), 200, 70)
+    layer.to_cpu_layout()
+    x = torch.randn(9, 200)
+    together = layer(x)
+    assert all(torch.equal(layer(x[i:i + 1]), together[i:i + 1]) for i in range(9))
+
+
+@native
+def test_the_kernels_give_the_same_bits_on_any_number_of_threads():
+    """The threads take rows from a shared counter, in whatever order they get to it: each row's arithmetic is
+    its own, so one thread and two give the same bits (and so do two calls)."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(300, 256, generator=g).to(torch.bfloat16)
+    tiles4, sz = cpu_kernels.int4_tiles(*quantize_int4(w, 32, torch.bfloat16), 32)
+    tiles8, sc = cpu_kernels.int8_tiles(*quantize_int8(w, torch.bfloat16))
+    x = torch.randn(5, 256, generator=g).to(torch.bfloat16)
+    products = [lambda: cpu_kernels.int4_tiles_linear(x, tiles4, sz, 32, 300),
+                lambda: cpu_kernels.int8_tiles_linear(x, tiles8, sc, 300),
+                lambda: cpu_kernels.bf16_rows_linear(x, w)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = [f() for f in products]
+        torch.set_num_threads(max(2, threads))
+        for f, want in zip(products, alone):
+            assert torch.equal(f(), want) and torch.equal(f(), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
 AVX2_CHECK = """
 import torch
 from codellama import cpu_kernels
-from codellama.quantize import quantize_int4, dequantize_int4
-assert cpu_kernels.available() and cpu_kernels.isa() == "AVX2", cpu_kernels.isa()
+from codellama.quantize import quantize_int4, quantize_int8
+assert cpu_kernels.available() and cpu_kernels.isa() == cpu_kernels.isa("int8") == "AVX2", cpu_kernels.isa()
 codes, scales, zeros = quantize_int4(torch.randn(37, 192), 64, torch.bfloat16)
 tiles, sz = cpu_kernels.int4_tiles(codes, scales, zeros, 64)
 x = torch.randn(5, 192)
 got = cpu_kernels.int4_tiles_linear(x, tiles, sz, 64, 37)
 ref = cpu_kernels.int4_tiles_reference(x, tiles, sz, 64, 37)
-print("ok", float((got - ref).abs().max() / ref.abs().max()))
+codes8, scales8 = quantize_int8(torch.randn(37, 200), torch.bfloat16)
+codes8[0, :3] = torch.tensor([-128, 127, -127], dtype=torch.int8)
+tiles8, sc = cpu_kernels.int8_tiles(codes8, scales8)
+x8 = torch.randn(5, 200)
+got8 = cpu_kernels.int8_tiles_linear(x8, tiles8, sc, 37)
+ref8 = cpu_kernels.int8_tiles_reference(x8, tiles8, sc, 37)
+print("ok", float((got - ref).abs().max() / ref.abs().max()), float((got8 - ref8).abs().max() / ref8.abs().max()))
 """
 
 
 @native
 def test_the_avx2_path_computes_the_same():
     r = run_python(AVX2_CHECK, **AVX2)
-    assert r.stdout.startswith("ok") and float(r.stdout.split()[1]) < 1e-5, r.stdout
+    assert r.stdout.startswith("ok") and all(float(e) < 1e-5 for e in r.stdout.split()[1:]), r.stdout
 
 
 FALLBACK_CHECK = """
 import torch
-from codellama.quantize import Int4Linear, QuantConfig
+from codellama.quantize import Int4Linear, Int8Linear, QuantConfig
 layer = Int4Linear.from_float(torch.nn.Linear(64, 32, bias=False), QuantConfig("int4", 32))
+layer8 = Int8Linear.from_float(torch.nn.Linear(64, 32, bias=False), QuantConfig("int8"))
 x = torch.randn(2, 64)
-want = x @ layer.dequantize().T
+want, want8 = x @ layer.dequantize().T, x @ layer8.dequantize().T
 layer.to_cpu_layout()
+layer8.to_cpu_layout()
 assert layer.tiled is None and layer.cpu_weight is not None  # torch's packed kernel
-print("ok", float((layer(x) - want).abs().max() / want.abs().max()))
+assert layer8.tiled is None and layer8.weight is not None  # torch's kernel on the codes
+print("ok", max(float((layer(x) - want).abs().max() / want.abs().max()),
+                float((layer8(x) - want8).abs().max() / want8.abs().max())))
 layer.to_cpu_layout()
 """
 
 
 @pytest.mark.parametrize("why", ["disabled", "no compiler"])
-def test_without_the_native_kernel_int4_layers_take_torchs_and_say_why_once(tmp_path, why):
+def test_without_the_native_kernel_int4_and_int8_layers_take_torchs_and_say_why_once(tmp_path, why):
     """Switched off, or no C++ compiler on the machine (and nothing cached): torch's kernel, one line saying why."""
     if why == "disabled":
         env = {cpu_kernels.DISABLE_ENV: "0"}
@@ -186,7 +269,7 @@ def test_without_the_native_kernel_int4_layers_take_torchs_and_say_why_once(tmp_
     assert r.stdout.startswith("ok") and float(r.stdout.split()[1]) < 0.02
     lines = [line for line in r.stderr.splitlines() if "native CPU kernels" in line]
     assert len(lines) == 1 and lines[0].startswith(f"codellama: the native CPU kernels are unavailable ({reason}")
-    assert lines[0].endswith("int4 and bf16 layers use torch's")
+    assert lines[0].endswith("int4, int8 and bf16 layers use torch's")
 
 
 def test_a_compiler_that_fails_is_a_reason_not_a_crash(tmp_path, monkeypatch):
