@@ -1,0 +1,133 @@
+"""The native CPU kernels against torch's on the same weights: read bandwidth and error, layer by layer.
+
+    python benchmarks/bench_cpu_kernels.py                    # Code Llama 7B's layer shapes, 2 layers
+    python benchmarks/bench_cpu_kernels.py --layers 4 --rows 1 4 64 --schemes int8
+
+For each scheme, a stack of layers of Code Llama 7B's shapes (wq|wk|wv fused 12288×4096, wo 4096×4096, w1|w3
+fused 22016×4096, w2 4096×11008: more bytes than any cache) is multiplied with ``rows`` activation rows,
+through this library's native kernel (``codellama.cpu_kernels``) and through the kernel torch offers for the
+same codes, in alternating rounds:
+
+    int8  int8 tiles (int8 activations, VNNI)   vs  aten._weight_int8pack_mm (bf16 activations)
+    int4  int4 tiles g32 (int8 activations)     vs  aten._weight_int4pack_mm_for_cpu (bf16 activations)
+    bf16  bf16 rows, the weight in place        vs  oneDNN on its packed copy of the weight
+          (above 8 rows, as the layers do: F.linear on the weight in place)
+
+"GB/s" is the bytes of the weights (codes and scales as the kernel stores them) over the median time of a
+pass; the ratio is the median of the rounds' ratios (baseline time / ours). "err" is the largest error of a
+pass's last layer against float64 on the same codes, over the largest output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable, List, Tuple
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]  # (out, in) of a 7B layer's products
+
+
+def layers_for(scheme: str, count: int, seed: int) -> Tuple[List[Tuple[Callable, Callable, int]], int, int, torch.Tensor]:
+    """``([(ours, theirs, in_features)], our bytes, their bytes, the last weight in float64)``."""
+    from codellama import cpu, cpu_kernels
+    from codellama.quantize import dequantize_int4, quantize_int4, quantize_int8, unpack_int4
+
+    g = torch.Generator().manual_seed(seed)
+    out, ours_bytes, theirs_bytes, exact = [], 0, 0, None
+    for _ in range(count):
+        for N, K in SHAPES:
+            w = (torch.randn(N, K, generator=g) * 0.02).to(torch.bfloat16)
+            if scheme == "int8":
+                codes, scales = quantize_int8(w, torch.bfloat16)
+                tiles, sc = cpu_kernels.int8_tiles(codes, scales)
+                ours = lambda x, t=tiles, s=sc, N=N: cpu_kernels.int8_tiles_linear(x, t, s, N)
+                theirs = lambda x, c=codes, s=scales: torch.ops.aten._weight_int8pack_mm(x, c, s)
+                ours_bytes += tiles.numel() + sc.numel() * sc.element_size()
+                theirs_bytes += codes.numel() + scales.numel() * 2
+                exact = codes.double() * scales.double().unsqueeze(1)
+            elif scheme == "int4":
+                packed, scales, zeros = quantize_int4(w, 32, torch.bfloat16)
+                tiles, sz = cpu_kernels.int4_tiles(packed, scales, zeros, 32)
+                tp, tsz = cpu.pack_int4(unpack_int4(packed, 32), scales, zeros, 32)
+                ours = lambda x, t=tiles, s=sz, N=N: cpu_kernels.int4_tiles_linear(x, t, s, 32, N)
+                theirs = lambda x, t=tp, s=tsz: cpu.int4_linear(x, t, s, 32)
+                ours_bytes += tiles.numel() + sz.numel() * sz.element_size()
+                theirs_bytes += tp.numel() * tp.element_size() + tsz.numel() * tsz.element_size()
+                exact = dequantize_int4(packed, scales.double(), zeros.double())
+            else:
+                packed = cpu.pack_weight(w)
+                ours = lambda x, w=w: (cpu_kernels.bf16_rows_linear(x, w) if x.shape[0] <= cpu.ROWS_KERNEL_MAX
+                                       else torch.nn.functional.linear(x, w))  # (as a bf16 layer chooses)
+                theirs = lambda x, p=packed: cpu.packed_linear(x, p)
+                ours_bytes += w.numel() * 2
+                theirs_bytes += w.numel() * 2
+                exact = w.double()
+            out.append((ours, theirs, K))
+    return out, ours_bytes, theirs_bytes, exact
+
+
+def run(layers, rows: int, which: int, seed: int) -> Tuple[float, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    xs = {K: torch.randn(rows, K, generator=g).to(torch.bfloat16) for K in {k for *_, k in layers}}
+    start = time.perf_counter()
+    for layer in layers:
+        y = layer[which](xs[layer[2]])
+    return time.perf_counter() - start, (xs[layers[-1][2]], y)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--schemes", nargs="+", default=["int8", "int4", "bf16"], choices=["int8", "int4", "bf16"])
+    p.add_argument("--rows", nargs="+", type=int, default=[1, 4, 64])
+    p.add_argument("--layers", type=int, default=2, help="7B layers' worth of weights per pass")
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from codellama import cpu, cpu_kernels
+
+    if not cpu_kernels.available("int8"):
+        sys.exit("the native kernels are unavailable here (see the line above)")
+    load = os.getloadavg()[0]
+    print(f"{torch.get_num_threads()} threads; int8/int4: {cpu_kernels.isa('int8')}, bf16: {cpu_kernels.isa('bf16')} "
+          f"(baseline: {cpu.bf16_path()}); load average {load:.2f}; {a.layers} layers of 7B's shapes a pass")
+    print("| scheme | rows | ours GB/s | torch GB/s | ours / torch | err ours | err torch |")
+    print("|---|---|---|---|---|---|---|")
+    for scheme in a.schemes:
+        if scheme == "bf16" and not cpu.bf16_packing_supported():
+            print(f"| bf16 | | | | oneDNN cannot pack bf16 here | | |")
+            continue
+        layers, ours_bytes, theirs_bytes, exact = layers_for(scheme, a.layers, seed=0)
+        for rows in a.rows:
+            for which in (0, 1):  # warm-up: page in, build, pack
+                run(layers, rows, which, seed=1)
+            times, ratios = ([], []), []
+            for r in range(a.rounds):
+                t = [run(layers, rows, which, seed=2)[0] for which in ((0, 1) if r % 2 == 0 else (1, 0))]
+                if r % 2:
+                    t.reverse()
+                times[0].append(t[0])
+                times[1].append(t[1])
+                ratios.append(t[1] / t[0])
+            errs = []
+            for which in (0, 1):
+                _, (x, y) = run(layers, rows, which, seed=3)
+                want = x.double() @ exact.T
+                errs.append(((y.double() - want).abs().max() / want.abs().max()).item())
+            ours_gbs = ours_bytes / statistics.median(times[0]) / 1e9
+            theirs_gbs = theirs_bytes / statistics.median(times[1]) / 1e9
+            print(f"| {scheme} | {rows} | {ours_gbs:.1f} | {theirs_gbs:.1f} | **{statistics.median(ratios):.2f}×** | "
+                  f"{errs[0]:.1e} | {errs[1]:.1e} |", flush=True)
+        del layers
+
+
+if __name__ == "__main__":
+    main()
