@@ -11,6 +11,7 @@ Shapes: B batch, T queries in this call, L attended length, H query heads, Hkv k
 
 from __future__ import annotations
 
+import threading
 from typing import Optional, Protocol, Tuple, Union
 
 import torch
@@ -65,8 +66,10 @@ class TorchOps:
         if T == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
             if torch.compiler.is_compiling():
                 return _decode_attention_sums(q, k, v, start_pos)
-            # A CPU decode step: torch's SDPA is 3-7x faster in float32 than in bf16 here, copies included.
-            return TorchOps.attention(q.float(), k.float(), v.float(), start_pos).to(q.dtype)
+            # A CPU decode step: torch's SDPA is 3-7x faster in float32 than in bf16 here, copies included,
+            # when the copies go to memory already mapped (``float_copies``).
+            kf, vf = float_copies(k, v)
+            return TorchOps.attention(q.float(), kf, vf, start_pos).to(q.dtype)
         if isinstance(start_pos, int):
             if start_pos == 0 and L == T:  # plain causal self-attention: no mask tensor at all
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
@@ -79,6 +82,32 @@ class TorchOps:
         q_pos = starts + torch.arange(T, device=q.device).view(1, T, 1)
         mask = torch.arange(L, device=q.device).view(1, 1, L) <= q_pos  # (B|1, T, L)
         return _grouped_sdpa(q, k, v, mask.unsqueeze(1))
+
+
+_scratch = threading.local()  # per thread: engines on different threads may decode at once
+
+
+def float_copies(k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float32 copies of a decode step's keys and values, written into buffers this thread keeps.
+
+    A fresh tensor each layer and step would be fresh pages: the attended length grows by one every step, so
+    glibc maps each new, slightly larger block anew and every page of it faults in: 4 layers of a 7B took
+    130 ms a step at 2,048 positions that way and 49 ms this way (``benchmarks/bench_long_context.py``). The
+    buffers are made half again as large as asked, grow the same way, and are kept while the thread lives:
+    about 1.5 times one layer's keys and values of the longest row attended, in float32.
+    """
+    if k.requires_grad or v.requires_grad:  # (a backward pass needs copies of its own)
+        return k.float(), v.float()
+    buffers = getattr(_scratch, "buffers", None)
+    need = k.numel() + v.numel()
+    if buffers is None or buffers.numel() < need or buffers.device != k.device:
+        size = max(need, buffers.numel() if buffers is not None and buffers.device == k.device else 0)
+        with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode alike
+            buffers = torch.empty(size * 3 // 2, dtype=torch.float32, device=k.device)
+        _scratch.buffers = buffers
+    kf = buffers[:k.numel()].view(k.shape).copy_(k)
+    vf = buffers[k.numel():need].view(v.shape).copy_(v)
+    return kf, vf
 
 
 def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -184,6 +184,40 @@ def test_compiled_cpu_decode_attention_reads_the_cache_in_its_dtype(dtype):
     torch.testing.assert_close(TorchOps.attention(q, k, v, pos).double(), want, atol=eps, rtol=eps)
 
 
+def test_eager_cpu_decode_attention_copies_into_buffers_it_keeps_per_thread():
+    """The float32 copies of a bf16 cache go into buffers kept per thread (fresh tensors were fresh pages every
+    layer and step): the same values as ``.float()``, the same memory while they fit, a larger buffer when
+    they do not, another thread its own; and the attention equals SDPA over plain float32 copies."""
+    import threading
+    from codellama import ops
+    g = torch.Generator().manual_seed(3)
+    ops._scratch.__dict__.pop("buffers", None)  # (this thread's, from earlier tests)
+    q = torch.randn(2, 4, 1, 16, generator=g).to(torch.bfloat16)
+    cache = torch.randn(2, 2, 2, 64, 16, generator=g).to(torch.bfloat16)  # (k/v, B, Hkv, capacity, hd)
+    k, v = cache[0, :, :, :30], cache[1, :, :, :30]  # a view of the first 30 positions, as the model passes it
+    kf, vf = ops.float_copies(k, v)
+    assert torch.equal(kf, k.float()) and torch.equal(vf, v.float()) and kf.dtype == torch.float32
+    first = kf.data_ptr()
+    kf2, _ = ops.float_copies(cache[0, :, :, :31], cache[1, :, :, :31])
+    assert kf2.data_ptr() == first  # made half again as large as first asked: one more position fits
+    big, _ = ops.float_copies(cache[0], cache[1])
+    assert torch.equal(big, cache[0].float())  # (a larger buffer where it did not)
+    other = []
+    thread = threading.Thread(target=lambda: other.append(ops.float_copies(k, v)[0].data_ptr()))
+    thread.start()
+    thread.join()
+    assert other[0] != big.data_ptr()
+    got = ops.TorchOps.attention(q, k, v, 29)
+    want = ops._grouped_sdpa(q.float(), k.float(), v.float(), None).to(torch.bfloat16)
+    assert torch.equal(got, want)
+    ops._scratch.__dict__.pop("buffers", None)
+    with torch.inference_mode():  # made under inference mode (the engine's steps), written outside it too
+        assert torch.equal(ops.TorchOps.attention(q, k, v, 29), want)
+    assert torch.equal(ops.TorchOps.attention(q, k, v, 29), want)
+    kg = k.clone().requires_grad_()  # a forward that needs gradients gets copies of its own
+    assert ops.float_copies(kg, v)[0].grad_fn is not None and ops._scratch.buffers.grad_fn is None
+
+
 def test_compiled_bf16_decode_of_ragged_rows_matches_eager():
     """A compiled bf16 step over three slots (rows at different positions, one slot idle at first) gives the
     eager engine's greedy tokens, and log-probabilities within bf16's rounding of them."""
