@@ -25,28 +25,28 @@ def int8_tiles(codes: torch.Tensor, scales: torch.Tensor) -> Tuple[torch.Tensor,
 
     ``codes`` (N, K) int8, ``scales`` (N,). ``tiles`` (Nt, Kp/4, 64) uint8, Nt = ⌈N/16⌉, Kp = K rounded up to
     a block (rows and inputs padded with code 0): byte ``4i + j`` of chunk ``c`` of tile ``t`` is row
-    ``16t + i``'s code of input ``4c + j`` plus 128. ``sc`` (Nt, 16): the rows' scales, in bf16 when they are
-    bf16 and float32 otherwise (so ``untile_int8`` gives back the exact tensors).
+    ``16t + i``'s code of input ``4c + j`` (as a byte: the kernel flips its sign bit as it reads it). Each
+    4-byte run of a row moves whole, so making the tiles is a transpose of int32s. ``sc`` (Nt, 16): the rows'
+    scales, in bf16 when they are bf16 and float32 otherwise (so ``untile_int8`` gives back the exact tensors).
     """
     N, K = codes.shape
     Nt, Kp = -(-N // TILE), -(-K // BLOCK) * BLOCK
-    shifted = codes.view(torch.uint8) ^ 0x80  # q + 128 (a new tensor: the caller's codes are left as they are)
     if (Nt * TILE, Kp) != (N, K):
-        shifted = torch.nn.functional.pad(shifted, (0, Kp - K, 0, Nt * TILE - N), value=0x80)
-    # (Nt, 16 rows i, Kp/4 chunks c, 4 inputs j) → (Nt, c, i, j)
-    tiles = shifted.view(Nt, TILE, Kp // 4, 4).permute(0, 2, 1, 3).contiguous().view(Nt, Kp // 4, 64)
+        codes = torch.nn.functional.pad(codes, (0, Kp - K, 0, Nt * TILE - N))
+    words = codes.contiguous().view(torch.int32)  # (Nt·16, Kp/4): four inputs of a row each
+    tiles = words.view(Nt, TILE, Kp // 4).transpose(1, 2).contiguous()  # (Nt, chunks c, rows i)
     sc_dtype = torch.bfloat16 if scales.dtype == torch.bfloat16 else torch.float32
     sc = torch.nn.functional.pad(scales.to(sc_dtype), (0, Nt * TILE - N)).view(Nt, TILE)
-    return tiles, sc
+    return tiles.view(torch.uint8).view(Nt, Kp // 4, 64), sc
 
 
 def untile_int8(tiles: torch.Tensor, sc: torch.Tensor, out_features: int, in_features: int,
                 dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """The inverse of ``int8_tiles``: ``(codes, scales)`` of the first ``out_features`` rows, scales in ``dtype``."""
     Nt, chunks, _ = tiles.shape
-    shifted = tiles.view(Nt, chunks, TILE, 4).permute(0, 2, 1, 3).reshape(Nt * TILE, chunks * 4)
-    codes = (shifted[:out_features, :in_features] ^ 0x80).view(torch.int8)
-    return codes, sc.reshape(-1)[:out_features].to(dtype)
+    words = tiles.view(torch.int32).view(Nt, chunks, TILE).transpose(1, 2).reshape(Nt * TILE, chunks).contiguous()
+    codes = words.view(torch.int8)[:out_features, :in_features]
+    return codes.contiguous(), sc.reshape(-1)[:out_features].to(dtype)
 
 
 def int8_tiles_linear(x: torch.Tensor, tiles: torch.Tensor, sc: torch.Tensor, out_features: int) -> torch.Tensor:

@@ -17,11 +17,12 @@
 //
 // int8: W[n, k] = s[n] * q[n, k]   (codellama.quantize's int8: codes -128..127, a scale per row). Its layout
 // (codellama/cpu_kernels/int8.py's int8_tiles):
-//   tiles (Nt, Kp/4, 64) uint8: byte 4i+j of chunk c of tile t is row 16t+i's code of input 4c+j plus 128
-//     (vpdpbusd multiplies unsigned by signed bytes); Kp = K rounded up to a block (padding: code 0);
+//   tiles (Nt, Kp/4, 64) uint8: byte 4i+j of chunk c of tile t is row 16t+i's code of input 4c+j (a row's
+//     4-byte runs moved whole); Kp = K rounded up to a block (padding: code 0);
 //   sc (Nt, 16) bf16 or fp32: the rows' scales.
 // The activations are quantized per block of B = 32 inputs (as llama.cpp's Q8_0); per row and block
-//   sum_k q a = vpdpbusd(q + 128, a) - 128 * sum a   (AVX2: |q| times a with q's sign, no offset)
+//   sum_k q a = vpdpbusd(q + 128, a) - 128 * sum a   (q + 128: the sign bit flipped as a chunk is read,
+//   since vpdpbusd multiplies unsigned by signed bytes; AVX2: |q| times a with q's sign, no offset)
 // exact in int32; the row's output is s * sum_blocks d * sum_k q a.
 // bytes read per call: Nt*(Kp*16 + 16*size(sc)) + M*K*size(x).
 
@@ -226,12 +227,13 @@ void tile_avx2(const uint8_t* tile, const S* sz, const Quantized& q, int64_t m, 
 constexpr int64_t BLOCK8 = 32;  // activations quantized per this many inputs (llama.cpp's Q8_0 block)
 
 // One int8 tile (16 output rows) for R activation rows starting at row m: for each block, eight chunks of
-// vpdpbusd (codes + 128 times a) from -128 * sum a, then d times that, summed in float; the rows' scales last.
+// vpdpbusd ((codes + 128) times a) from -128 * sum a, then d times that, summed in float; the rows' scales last.
 template <int R, typename S>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 void tile8_avx512(const uint8_t* tile, const S* sc, const Quantized& q, int64_t m, float* out, int64_t N,
                   int64_t n0) {
   constexpr int64_t chunks = BLOCK8 / 4;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < q.blocks; ++b) {
@@ -240,7 +242,7 @@ void tile8_avx512(const uint8_t* tile, const S* sc, const Quantized& q, int64_t 
     for (int r = 0; r < R; ++r) dot[r] = _mm512_set1_epi32(q.corr[(m + r) * q.blocks + b]);
     for (int64_t c = 0; c < chunks; ++c) {
       _mm_prefetch(reinterpret_cast<const char*>(codes + c * 64 + PREFETCH), _MM_HINT_T0);
-      const __m512i v = _mm512_loadu_si512(codes + c * 64);
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(codes + c * 64), flip);  // q + 128
       for (int r = 0; r < R; ++r) {
         const int8_t* a = q.a.data() + (m + r) * q.Kp + b * BLOCK8 + 4 * c;
         dot[r] = _mm512_dpbusd_epi32(dot[r], v, _mm512_set1_epi32(four_bytes(a)));
@@ -262,7 +264,7 @@ __attribute__((target("avx2,fma")))
 void tile8_avx2(const uint8_t* tile, const S* sc, const Quantized& q, int64_t m, float* out, int64_t N,
                 int64_t n0) {
   constexpr int64_t chunks = BLOCK8 / 4;
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < q.blocks; ++b) {
@@ -271,8 +273,7 @@ void tile8_avx2(const uint8_t* tile, const S* sc, const Quantized& q, int64_t m,
     for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
     for (int64_t c = 0; c < chunks; ++c) {
       for (int half = 0; half < 2; ++half) {
-        const __m256i w = _mm256_xor_si256(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 64 + half * 32)), flip);  // q
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 64 + half * 32));  // q
         const __m256i magnitude = _mm256_abs_epi8(w);
         for (int r = 0; r < R; ++r) {
           const int8_t* a = q.a.data() + (m + r) * q.Kp + b * BLOCK8 + 4 * c;
