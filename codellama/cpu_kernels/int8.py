@@ -33,7 +33,10 @@ def int8_tiles(codes: torch.Tensor, scales: torch.Tensor) -> Tuple[torch.Tensor,
     Nt, Kp = -(-N // TILE), -(-K // BLOCK) * BLOCK
     if (Nt * TILE, Kp) != (N, K):
         codes = torch.nn.functional.pad(codes, (0, Kp - K, 0, Nt * TILE - N))
-    words = codes.contiguous().view(torch.int32)  # (Nt·16, Kp/4): four inputs of a row each
+    codes = codes.contiguous()
+    if codes.storage_offset() % 4:  # (a tensor read from a file may start anywhere: its words must be whole)
+        codes = codes.clone()
+    words = codes.view(torch.int32)  # (Nt·16, Kp/4): four inputs of a row each
     tiles = words.view(Nt, TILE, Kp // 4).transpose(1, 2).contiguous()  # (Nt, chunks c, rows i)
     sc_dtype = torch.bfloat16 if scales.dtype == torch.bfloat16 else torch.float32
     sc = torch.nn.functional.pad(scales.to(sc_dtype), (0, Nt * TILE - N)).view(Nt, TILE)

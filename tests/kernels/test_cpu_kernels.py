@@ -85,6 +85,9 @@ def test_int8_tiles_round_trip_and_the_kernel_matches_its_reference_and_float64(
     w = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g) * 2
     codes, scales = quantize_int8(w.to(dtype), dtype)
     codes[0, :4] = torch.tensor([-128, 127, -127, 0], dtype=torch.int8)  # every code the format allows
+    shifted = torch.empty(codes.numel() + 2, dtype=torch.int8)[2:].view(N, K)  # codes that start mid-word,
+    shifted.copy_(codes)  # as a tensor read from a file may
+    assert torch.equal(cpu_kernels.int8_tiles(shifted, scales)[0], cpu_kernels.int8_tiles(codes, scales)[0])
     tiles, sc = cpu_kernels.int8_tiles(codes, scales)
     assert tiles.shape == (-(-N // 16), -(-K // 32) * 8, 64) and tiles.dtype == torch.uint8
     for got, want in zip(cpu_kernels.untile_int8(tiles, sc, N, K, dtype), (codes, scales)):
