@@ -25,7 +25,6 @@
 namespace {
 
 constexpr int64_t BLOCK = 4;  // weight rows computed together
-constexpr int ROWS = 4;       // activation rows computed together
 constexpr int64_t BLOCKS_A_CHUNK = 16;  // blocks a thread takes at a time (64 weight rows)
 
 template <int R>
@@ -117,18 +116,11 @@ at::Tensor bf16_rows_linear(const at::Tensor& x, const at::Tensor& w, int64_t is
   codellama::parallel_chunks(blocks, BLOCKS_A_CHUNK, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * BLOCK, rows = std::min<int64_t>(BLOCK, N - n0);
-      for (int64_t m = 0; m < M; m += ROWS) {
-#define CODELLAMA_BLOCK(R)                                                     \
-  if (isa == AVX512) block_avx512<R>(wp, ldw, n0, rows, xp, m, K, o, N);       \
-  else block_avx2<R>(wp, ldw, n0, rows, xp, m, K, o, N);
-        switch (std::min<int64_t>(ROWS, M - m)) {
-          case 1: CODELLAMA_BLOCK(1) break;
-          case 2: CODELLAMA_BLOCK(2) break;
-          case 3: CODELLAMA_BLOCK(3) break;
-          default: CODELLAMA_BLOCK(4) break;
-        }
-#undef CODELLAMA_BLOCK
-      }
+      codellama::in_fours(M, [&](auto r, int64_t m) {
+        constexpr int R = decltype(r)::value;
+        if (isa == AVX512) block_avx512<R>(wp, ldw, n0, rows, xp, m, K, o, N);
+        else block_avx2<R>(wp, ldw, n0, rows, xp, m, K, o, N);
+      });
     }
   });
   return out;

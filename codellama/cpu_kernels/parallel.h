@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 namespace codellama {
 
@@ -24,6 +25,20 @@ inline void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) f(c * chunk, std::min(n, (c + 1) * chunk));
   });
+}
+
+// f(std::integral_constant<int, R>{}, m) for m = 0, 4, 8, ... < M, R = min(4, M - m): the kernels compute up to
+// four activation rows together, their count a compile-time constant (their accumulators live in registers).
+template <typename F>
+inline void in_fours(int64_t M, const F& f) {
+  for (int64_t m = 0; m < M; m += 4) {
+    switch (std::min<int64_t>(4, M - m)) {
+      case 1: f(std::integral_constant<int, 1>{}, m); break;
+      case 2: f(std::integral_constant<int, 2>{}, m); break;
+      case 3: f(std::integral_constant<int, 3>{}, m); break;
+      default: f(std::integral_constant<int, 4>{}, m); break;
+    }
+  }
 }
 
 }  // namespace codellama

@@ -43,10 +43,10 @@
 namespace {
 
 constexpr int64_t TILE = 16;  // output rows per tile: the int32 lanes of a 512-bit register
-constexpr int ROWS = 4;       // activation rows computed together (each reuses the unpacked codes)
 // Codes are prefetched this many bytes ahead: a tile's loop has enough instructions per byte that the
-// out-of-order window covers too little of the memory latency (int4 at batch 1 read ~30 GB/s from memory and
-// ~42 GB/s with it, on a 2-core Zen 5; benchmarks/bench_kernels_cpu.py).
+// out-of-order window covers too little of the memory latency (an int4 layer of 49152 x 4096 at batch 1 read
+// ~30 GB/s from memory without it and ~42 GB/s with it, medians of three runs of a build that took the
+// distance from the environment, on a 2-core Zen 5; benchmarks/bench_cpu_kernels.py times the kernels).
 constexpr int64_t PREFETCH = 4096;
 
 // The activations of one call quantized per block of B inputs: a (M, Kp) int8 (zero past K); per (row, block):
@@ -303,20 +303,13 @@ enum Isa : int64_t { AVX2 = 1, AVX512_VNNI = 2 };
 
 constexpr int64_t TILES_A_CHUNK = 4;  // tiles a thread takes at a time (64 rows)
 
-// Tiles in parallel, each for every activation row, ROWS rows at a time: tile(R, t, m) computes rows m..m+R-1.
+// Tiles in parallel, each for every activation row, four rows at a time: tile(R, t, m) computes rows m..m+R-1.
 template <typename Tile>
 void run_tiles(int64_t M, int64_t N, const Tile& tile) {
   const int64_t Nt = (N + TILE - 1) / TILE;
   codellama::parallel_chunks(Nt, TILES_A_CHUNK, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t m = 0; m < M; m += ROWS) {
-        switch (std::min<int64_t>(ROWS, M - m)) {
-          case 1: tile(std::integral_constant<int, 1>{}, t, m); break;
-          case 2: tile(std::integral_constant<int, 2>{}, t, m); break;
-          case 3: tile(std::integral_constant<int, 3>{}, t, m); break;
-          default: tile(std::integral_constant<int, 4>{}, t, m); break;
-        }
-      }
+      codellama::in_fours(M, [&](auto rows, int64_t m) { tile(rows, t, m); });
     }
   });
 }
