@@ -8,7 +8,8 @@ fused 22016×4096, w2 4096×11008: more bytes than any cache) is multiplied with
 through this library's native kernel (``codellama.cpu_kernels``) and through the kernel torch offers for the
 same codes, in alternating rounds:
 
-    int8  int8 tiles (int8 activations, VNNI)   vs  aten._weight_int8pack_mm (bf16 activations)
+    int8  int8 rows in place (int8 activations, VNNI; above 8 rows, tiles packed per call)
+                                                vs  aten._weight_int8pack_mm (bf16 activations)
     int4  int4 tiles g32 (int8 activations)     vs  aten._weight_int4pack_mm_for_cpu (bf16 activations)
     bf16  bf16 rows, the weight in place        vs  oneDNN on its packed copy of the weight
           (above 8 rows, as the layers do: F.linear on the weight in place)
@@ -46,10 +47,9 @@ def layers_for(scheme: str, count: int, seed: int) -> Tuple[List[Tuple[Callable,
             w = (torch.randn(N, K, generator=g) * 0.02).to(torch.bfloat16)
             if scheme == "int8":
                 codes, scales = quantize_int8(w, torch.bfloat16)
-                tiles, sc = cpu_kernels.int8_tiles(codes, scales)
-                ours = lambda x, t=tiles, s=sc, N=N: cpu_kernels.int8_tiles_linear(x, t, s, N)
+                ours = lambda x, c=codes, s=scales: cpu_kernels.int8_rows_linear(x, c, s)
                 theirs = lambda x, c=codes, s=scales: torch.ops.aten._weight_int8pack_mm(x, c, s)
-                ours_bytes += tiles.numel() + sc.numel() * sc.element_size()
+                ours_bytes += codes.numel() + scales.numel() * 2
                 theirs_bytes += codes.numel() + scales.numel() * 2
                 exact = codes.double() * scales.double().unsqueeze(1)
             elif scheme == "int4":
@@ -103,7 +103,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for scheme in a.schemes:
         if scheme == "bf16" and not cpu.bf16_packing_supported():
-            print(f"| bf16 | | | | oneDNN cannot pack bf16 here | | |")
+            print("| bf16 | | | | oneDNN cannot pack bf16 here | | |")
             continue
         layers, ours_bytes, theirs_bytes, exact = layers_for(scheme, a.layers, seed=0)
         for rows in a.rows:

@@ -334,7 +334,7 @@ def native_kernel_available(scheme: str = "int4") -> bool:
 
 
 int4_tiles, untile_int4, int4_tiles_linear = cpu_kernels.int4_tiles, cpu_kernels.untile_int4, cpu_kernels.int4_tiles_linear
-int8_tiles, untile_int8, int8_tiles_linear = cpu_kernels.int8_tiles, cpu_kernels.untile_int8, cpu_kernels.int8_tiles_linear
+int8_rows_linear = cpu_kernels.int8_rows_linear
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -354,14 +354,25 @@ def fuse_projections(model: nn.Module) -> nn.Module:
 
 
 def fuse_copied_projections(model: nn.Module) -> nn.Module:
-    """``fuse_projections`` for ``cpu_layout``: all but the projections whose bf16 weights it keeps in place
-    (``RowsLinear``), which fusing would copy (the row kernel reads three weights as fast as one)."""
+    """``fuse_projections`` for ``cpu_layout``: all but the projections whose weights the native kernels read
+    where they lie (``kept_in_place``), which fusing would copy (a row kernel reads three weights as fast as one)."""
     for module in model.modules():
         parts = getattr(module, "PARTS", ())
         if parts and getattr(module, "fused_sizes", None) is None and not any(
-                in_place(getattr(module, name).weight) for name in parts):
+                kept_in_place(getattr(module, name)) for name in parts):
             module.fuse()
     return model
+
+
+def kept_in_place(layer: nn.Module) -> bool:
+    """Whether ``cpu_layout`` leaves this projection's weight where loading put it: a bf16 weight (``in_place``) or
+    int8 codes that the native int8 kernel reads (``codellama.quantize.Int8Linear``)."""
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return False
+    if getattr(layer, "scheme", None) == "int8":
+        return weight.device.type == "cpu" and weight.stride(-1) == 1 and native_kernel_available("int8")
+    return in_place(weight)
 
 
 def cpu_layout(model: nn.Module, *, matvec: bool = False) -> nn.Module:

@@ -7,8 +7,9 @@ streams its weights at:
                                 ``vpdpbusd``, as llama.cpp's Q4_0 path) over 16-row tiles made from the
                                 checkpoint's bytes: torch's int4 kernel multiplies in floating point and is
                                 compute-bound on a few cores
-    int8.py  int8_tiles_linear  int8 codes × int8-quantized activations, the same way (llama.cpp's Q8_0 path):
-                                torch's int8 kernel converts every code to floating point
+    int8.py  int8_rows_linear   int8 codes × int8-quantized activations, the same way (llama.cpp's Q8_0 path),
+                                read where they lie (row-major, a view of the checkpoint's file): torch's
+                                int8 kernel converts every code to floating point
     bf16.py  bf16_rows_linear   a few rows × a bf16 weight read in place, row by row (AVX-512 BF16
                                 ``vdpbf16ps``): oneDNN is as fast, but only on its packed copy of the weight,
                                 which takes ~2 s a GB to make (a minute of a 7B's load) and a second copy of
@@ -122,9 +123,9 @@ def _register_fake() -> None:
     def _(x, tiles, sz, group_size, out_features, isa):
         return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
 
-    @torch.library.register_fake("codellama_native::int8_tiles_linear")
-    def _(x, tiles, sc, out_features, isa):
-        return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
+    @torch.library.register_fake("codellama_native::int8_rows_linear")
+    def _(x, w, scales, isa):
+        return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake("codellama_native::bf16_rows_linear")
     def _(x, w, isa):
@@ -162,9 +163,9 @@ def isa(kernel: str = "int4") -> Optional[str]:
 
 
 from .int4 import int4_tiles, int4_tiles_linear, int4_tiles_reference, untile_int4  # noqa: E402
-from .int8 import int8_tiles, int8_tiles_linear, int8_tiles_reference, untile_int8  # noqa: E402
+from .int8 import int8_rows_linear, int8_rows_reference  # noqa: E402
 from .bf16 import bf16_all_finite, bf16_rows_linear, bf16_rows_reference  # noqa: E402
 
 __all__ = ["available", "isa", "int4_tiles", "int4_tiles_linear", "int4_tiles_reference", "untile_int4",
-           "int8_tiles", "int8_tiles_linear", "int8_tiles_reference", "untile_int8",
+           "int8_rows_linear", "int8_rows_reference",
            "bf16_all_finite", "bf16_rows_linear", "bf16_rows_reference"]

@@ -1,7 +1,7 @@
-// x @ W.T for int4 and int8 weights in 16-row tiles, with the activations quantized to int8: the integer dot
-// products of llama.cpp's Q4_0 and Q8_0 paths (AVX-512 VNNI `vpdpbusd`, or AVX2 `vpmaddubsw` + `vpmaddwd`) on
-// this library's codes. Each 64-byte chunk of a tile is one 512-bit register: lane i (an int32) of vpdpbusd
-// sums row i's products with four activations.
+// x @ W.T for int4 weights in 16-row tiles and int8 weights read in place, with the activations quantized to
+// int8: the integer dot products of llama.cpp's Q4_0 and Q8_0 paths (AVX-512 VNNI `vpdpbusd`, or AVX2
+// `vpmaddubsw` + `vpmaddwd`) on this library's codes. Each 64-byte chunk of a tile is one 512-bit register:
+// lane i (an int32) of vpdpbusd sums row i's products with four activations.
 //
 // int4: W[n, k] = s[n, g] * (q[n, k] - 8) + z[n, g]   (codellama.quantize's int4: codes 0..15, a scale and a
 // zero per group of G inputs). Its CPU layout ("tiles", made by codellama/cpu_kernels/int4.py's int4_tiles):
@@ -15,16 +15,15 @@
 // where sum (q - 8) a = vpdpbusd(q, a) - 8 * sum a is exact in int32 and sum_k x is exact in float.
 // bytes read per call: Nt*Gn*(G*8 + 2*16*size(sz)) + M*K*size(x); written: M*N*4 (float32 out).
 //
-// int8: W[n, k] = s[n] * q[n, k]   (codellama.quantize's int8: codes -128..127, a scale per row). Its layout
-// (codellama/cpu_kernels/int8.py's int8_tiles):
-//   tiles (Nt, Kp/4, 64) uint8: byte 4i+j of chunk c of tile t is row 16t+i's code of input 4c+j (a row's
-//     4-byte runs moved whole); Kp = K rounded up to a block (padding: code 0);
-//   sc (Nt, 16) bf16 or fp32: the rows' scales.
+// int8: W[n, k] = s[n] * q[n, k]   (codellama.quantize's int8: codes -128..127, a scale per row), read where
+// the codes lie: w (N, K) int8 with contiguous rows (any row stride: a view of the checkpoint's file), s (N,).
 // The activations are quantized per block of B = 32 inputs (as llama.cpp's Q8_0); per row and block
 //   sum_k q a = vpdpbusd(q + 128, a) - 128 * sum a   (q + 128: the sign bit flipped as a chunk is read,
 //   since vpdpbusd multiplies unsigned by signed bytes; AVX2: |q| times a with q's sign, no offset)
-// exact in int32; the row's output is s * sum_blocks d * sum_k q a.
-// bytes read per call: Nt*(Kp*16 + 16*size(sc)) + M*K*size(x).
+// exact in int32; the row's output is s * sum_blocks d * sum_k q a. Up to ROWS_MAX activation rows stream each
+// weight row once (row8_*); more rows copy 16 weight rows at a time into a tile in cache (pack_tile8: byte
+// 4i+j of chunk c is row i's code of input 4c+j) that the tile kernel (tile8_*) reads for every activation row.
+// bytes read per call: N*K + M*K*size(x).
 
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -226,8 +225,9 @@ void tile_avx2(const uint8_t* tile, const S* sz, const Quantized& q, int64_t m, 
 // ----------------------------------------------------------------------------- int8
 constexpr int64_t BLOCK8 = 32;  // activations quantized per this many inputs (llama.cpp's Q8_0 block)
 
-// One int8 tile (16 output rows) for R activation rows starting at row m: for each block, eight chunks of
-// vpdpbusd ((codes + 128) times a) from -128 * sum a, then d times that, summed in float; the rows' scales last.
+// One int8 tile (16 output rows, packed per call by pack_tile8 below) for R activation rows starting at row m:
+// for each block, eight chunks of vpdpbusd ((codes + 128) times a) from -128 * sum a, then d times that, summed
+// in float; the rows' scales last.
 template <int R, typename S>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 void tile8_avx512(const uint8_t* tile, const S* sc, const Quantized& q, int64_t m, float* out, int64_t N,
@@ -298,6 +298,126 @@ void tile8_avx2(const uint8_t* tile, const S* sc, const Quantized& q, int64_t m,
   }
 }
 
+// ----------------------------------------------------------------------------- int8, read in place
+// A few activation rows (decoding) read the codes where they lie, row-major: the checkpoint's own layout, so a
+// layer can stay a view of the memory-mapped file and loading makes no copy. One weight row at a time (a single
+// stream from memory: two or four rows side by side read 20-25% slower here), for R activation rows. A 64-byte
+// chunk of the row is one register; lane l of vpdpbusd sums its products with activations 4l..4l+3 of the
+// chunk, so lanes 0-7 belong to one block of 32 and lanes 8-15 to the next. Each lane starts from -128 times
+// its four activations' sum, which makes its int32 exact (sum q a), then is scaled by its block's d and summed
+// in float; the lanes are added at the end, in an order that does not depend on R.
+constexpr int64_t ROWS_MAX = 8;  // up to this many activation rows; more are computed on tiles packed per call
+constexpr int64_t ROWS_A_CHUNK = 64;  // weight rows a thread takes at a time
+
+template <typename S>
+inline float scale_at(const S* p, int64_t i) {
+  if constexpr (std::is_same_v<S, float>) return p[i];
+  else return c10::detail::f32_from_bits(p[i]);
+}
+
+// Chunk c of a weight row for R activation rows (MASKED: the row's last chunk, code 0 past K).
+template <int R, bool MASKED>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"), always_inline))
+inline void row8_chunk(__m512 (&acc)[R], const int8_t* row, int64_t c, __mmask64 mask, const Quantized& q, int64_t m) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
+  const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i raw = MASKED ? _mm512_maskz_loadu_epi8(mask, row + c * 64) : _mm512_loadu_si512(row + c * 64);
+  const __m512i v = _mm512_xor_si512(raw, flip);  // q + 128
+  for (int r = 0; r < R; ++r) {
+    const __m512i a = _mm512_loadu_si512(q.a.data() + (m + r) * q.Kp + c * 64);
+    const __m512i corr = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, a));  // -128 * sum a, per lane
+    const double* d2 = reinterpret_cast<const double*>(q.d.data() + (m + r) * q.blocks + 2 * c);  // the two blocks' d
+    const __m512 d = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(d2))));
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr, v, a)), d, acc[r]);
+  }
+}
+
+template <int R, typename S>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+void row8_avx512(const int8_t* row, float scale, const Quantized& q, int64_t m, int64_t K, float* out, int64_t N) {
+  const int64_t whole = K / 64;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < whole; ++c) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + c * 64 + PREFETCH), _MM_HINT_T0);
+    row8_chunk<R, false>(acc, row, c, 0, q, m);
+  }
+  if (whole * 64 < K) row8_chunk<R, true>(acc, row, whole, (1ull << (K - whole * 64)) - 1ull, q, m);
+  for (int r = 0; r < R; ++r) out[(m + r) * N] = _mm512_reduce_add_ps(acc[r]) * scale;
+}
+
+// AVX2: a block of 32 inputs is one register: |q| times a carrying q's sign, as tile8_avx2, then the block's
+// eight int32 lanes scaled by its d and summed in float.
+template <int R, typename S>
+__attribute__((target("avx2,fma")))
+void row8_avx2(const int8_t* row, float scale, const Quantized& q, int64_t m, int64_t K, float* out, int64_t N) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b * BLOCK8 < K; ++b) {
+    __m256i v;
+    if (K - b * BLOCK8 >= BLOCK8) {
+      v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * BLOCK8));
+    } else {  // the last, partial block: code 0 past K
+      alignas(32) int8_t tail[BLOCK8] = {};
+      std::memcpy(tail, row + b * BLOCK8, K - b * BLOCK8);
+      v = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+    }
+    const __m256i magnitude = _mm256_abs_epi8(v);
+    for (int r = 0; r < R; ++r) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.a.data() + (m + r) * q.Kp + b * BLOCK8));
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(a, v)), ones);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(q.d[(m + r) * q.blocks + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc[r]);
+    float sum = 0.f;
+    for (float v : lanes) sum += v;
+    out[(m + r) * N] = sum * scale;
+  }
+}
+
+// Rows 16t..16t+15 of a row-major int8 weight as a tile: byte 4i+j of chunk c is row i's code of input 4c+j
+// (0 past K or N). Words are 4 bytes of a row; 16 rows x 16 words move as a 16x16 int32 transpose in registers
+// (AVX-512), the rest one word at a time.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+void transpose16_avx512(const int8_t* const (&rows)[TILE], int64_t word, uint8_t* tile) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = rows[i] ? _mm512_loadu_si512(rows[i] + 4 * word) : _mm512_setzero_si512();
+  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: [a0 b0 a1 b1], [a2 b2 a3 b3]
+    t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // u[4k + x], lane L: rows 4k..4k+3 of word 4L + x
+    r[4 * k] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+    r[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+    r[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+    r[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+  }
+  for (int x = 0; x < 4; ++x) {  // word 4L + x: lane L of u[x], u[4 + x], u[8 + x], u[12 + x]
+    const __m512i lo01 = _mm512_shuffle_i32x4(r[x], r[4 + x], 0x44), lo23 = _mm512_shuffle_i32x4(r[8 + x], r[12 + x], 0x44);
+    const __m512i hi01 = _mm512_shuffle_i32x4(r[x], r[4 + x], 0xEE), hi23 = _mm512_shuffle_i32x4(r[8 + x], r[12 + x], 0xEE);
+    _mm512_storeu_si512(tile + (word + x) * 64, _mm512_shuffle_i32x4(lo01, lo23, 0x88));
+    _mm512_storeu_si512(tile + (word + 4 + x) * 64, _mm512_shuffle_i32x4(lo01, lo23, 0xDD));
+    _mm512_storeu_si512(tile + (word + 8 + x) * 64, _mm512_shuffle_i32x4(hi01, hi23, 0x88));
+    _mm512_storeu_si512(tile + (word + 12 + x) * 64, _mm512_shuffle_i32x4(hi01, hi23, 0xDD));
+  }
+}
+
+void pack_tile8(const int8_t* w, int64_t ldw, int64_t N, int64_t K, int64_t Kp, int64_t t, bool avx512, uint8_t* tile) {
+  const int8_t* rows[TILE];
+  for (int64_t i = 0; i < TILE; ++i) rows[i] = t * TILE + i < N ? w + (t * TILE + i) * ldw : nullptr;
+  int64_t word = 0;
+  if (avx512)
+    for (; (word + 16) * 4 <= K; word += 16) transpose16_avx512(rows, word, tile);
+  for (int64_t i = 0; i < TILE; ++i)
+    for (int64_t c = word; c < Kp / 4; ++c)
+      for (int64_t j = 0; j < 4; ++j)
+        tile[c * 64 + 4 * i + j] = rows[i] && 4 * c + j < K ? static_cast<uint8_t>(rows[i][4 * c + j]) : 0;
+}
+
 // ----------------------------------------------------------------------------- dispatch
 enum Isa : int64_t { AVX2 = 1, AVX512_VNNI = 2 };
 
@@ -326,13 +446,64 @@ void run_int4(const uint8_t* tiles, const S* sz, const Quantized& q, int64_t M, 
 }
 
 template <typename S>
-void run_int8(const uint8_t* tiles, const S* sc, const Quantized& q, int64_t M, float* out, int64_t N, int64_t isa) {
-  const int64_t tile_bytes = q.Kp * TILE;
-  run_tiles(M, N, [&](auto rows, int64_t t, int64_t m) {
-    constexpr int R = decltype(rows)::value;
-    if (isa == AVX512_VNNI) tile8_avx512<R, S>(tiles + t * tile_bytes, sc + t * TILE, q, m, out, N, t * TILE);
-    else tile8_avx2<R, S>(tiles + t * tile_bytes, sc + t * TILE, q, m, out, N, t * TILE);
+void run_int8_rows(const int8_t* w, int64_t ldw, const S* sc, const at::Tensor& x, int64_t K, float* out, int64_t N,
+                   int64_t isa) {
+  const int64_t M = x.size(0);
+  Quantized q;
+  if (M <= ROWS_MAX) {  // the codes read in place
+    const int64_t Kp = (K + 63) / 64 * 64;  // (whole chunks: the last one's blocks past K have a = 0, d = 0)
+    if (x.scalar_type() == at::kFloat) quantize_rows(x.data_ptr<float>(), M, K, Kp, BLOCK8, 0, 0, q);
+    else quantize_rows(x.data_ptr<at::BFloat16>(), M, K, Kp, BLOCK8, 0, 0, q);
+    codellama::parallel_chunks(N, ROWS_A_CHUNK, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const int8_t* row = w + n * ldw;
+        const float scale = scale_at(sc, n);
+        codellama::in_fours(M, [&](auto r, int64_t m) {
+          constexpr int R = decltype(r)::value;
+          if (isa == AVX512_VNNI) row8_avx512<R, S>(row, scale, q, m, K, out + n, N);
+          else row8_avx2<R, S>(row, scale, q, m, K, out + n, N);
+        });
+      }
+    });
+    return;
+  }
+  // more rows: each 16 rows packed into a tile (in cache), then the tile kernel for every activation row
+  const int64_t Kp = (K + BLOCK8 - 1) / BLOCK8 * BLOCK8, Nt = (N + TILE - 1) / TILE;
+  const int32_t offset = isa == AVX512_VNNI ? 128 : 0;
+  if (x.scalar_type() == at::kFloat) quantize_rows(x.data_ptr<float>(), M, K, Kp, BLOCK8, offset, 0, q);
+  else quantize_rows(x.data_ptr<at::BFloat16>(), M, K, Kp, BLOCK8, offset, 0, q);
+  codellama::parallel_chunks(Nt, TILES_A_CHUNK, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> tile(Kp * TILE);
+    S scales[TILE] = {};
+    for (int64_t t = t0; t < t1; ++t) {
+      pack_tile8(w, ldw, N, K, Kp, t, isa == AVX512_VNNI, tile.data());
+      std::memcpy(scales, sc + t * TILE, std::min<int64_t>(TILE, N - t * TILE) * sizeof(S));
+      codellama::in_fours(M, [&](auto rows, int64_t m) {
+        constexpr int R = decltype(rows)::value;
+        if (isa == AVX512_VNNI) tile8_avx512<R, S>(tile.data(), scales, q, m, out, N, t * TILE);
+        else tile8_avx2<R, S>(tile.data(), scales, q, m, out, N, t * TILE);
+      });
+    }
   });
+}
+
+at::Tensor int8_rows_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.stride(1) == 1,
+              "w must be (N, K) int8 with contiguous rows");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K, "x has ", K, " inputs, w ", w.size(1));
+  TORCH_CHECK(scales.dim() == 1 && scales.numel() == N && scales.is_contiguous(), "scales must be contiguous (", N, ",)");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16,
+              "scales must be float32 or bfloat16");
+  TORCH_CHECK(isa == AVX2 || isa == AVX512_VNNI, "isa must be 1 (AVX2) or 2 (AVX-512 VNNI)");
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M == 0 || N == 0) return out;
+  const int8_t* wp = w.data_ptr<int8_t>();
+  if (scales.scalar_type() == at::kFloat) run_int8_rows(wp, w.stride(0), scales.data_ptr<float>(), x, K, out.data_ptr<float>(), N, isa);
+  else run_int8_rows(wp, w.stride(0), reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>()), x, K, out.data_ptr<float>(), N, isa);
+  return out;
 }
 
 at::Tensor int4_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& sz, int64_t group_size,
@@ -355,30 +526,6 @@ at::Tensor int4_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const
   const uint8_t* t = tiles.data_ptr<uint8_t>();
   if (sz.scalar_type() == at::kFloat) run_int4(t, sz.data_ptr<float>(), q, M, K, G, out.data_ptr<float>(), N, isa);
   else run_int4(t, reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>()), q, M, K, G, out.data_ptr<float>(), N, isa);
-  return out;
-}
-
-at::Tensor int8_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& sc, int64_t out_features,
-                             int64_t isa) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
-  const int64_t M = x.size(0), K = x.size(1), Kp = (K + BLOCK8 - 1) / BLOCK8 * BLOCK8, N = out_features;
-  const int64_t Nt = (N + TILE - 1) / TILE;
-  TORCH_CHECK(tiles.scalar_type() == at::kByte && tiles.is_contiguous() && tiles.dim() == 3 && tiles.size(0) == Nt &&
-                  tiles.size(1) * 4 == Kp && tiles.size(2) == 64,
-              "tiles must be contiguous uint8 (", Nt, ", ", Kp / 4, ", 64) for ", N, " rows of ", K, " inputs");
-  TORCH_CHECK(sc.is_contiguous() && sc.numel() == Nt * TILE, "sc does not match the tiles");
-  TORCH_CHECK(sc.scalar_type() == at::kFloat || sc.scalar_type() == at::kBFloat16, "sc must be float32 or bfloat16");
-  TORCH_CHECK(isa == AVX2 || isa == AVX512_VNNI, "isa must be 1 (AVX2) or 2 (AVX-512 VNNI)");
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M == 0 || N == 0) return out;
-  Quantized q;
-  const int32_t offset = isa == AVX512_VNNI ? 128 : 0;
-  if (x.scalar_type() == at::kFloat) quantize_rows(x.data_ptr<float>(), M, K, Kp, BLOCK8, offset, 0, q);
-  else quantize_rows(x.data_ptr<at::BFloat16>(), M, K, Kp, BLOCK8, offset, 0, q);
-  const uint8_t* t = tiles.data_ptr<uint8_t>();
-  if (sc.scalar_type() == at::kFloat) run_int8(t, sc.data_ptr<float>(), q, M, out.data_ptr<float>(), N, isa);
-  else run_int8(t, reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>()), q, M, out.data_ptr<float>(), N, isa);
   return out;
 }
 
@@ -405,8 +552,8 @@ int64_t supported_isa() {
 TORCH_LIBRARY(codellama_native, m) {
   m.def("int4_tiles_linear(Tensor x, Tensor tiles, Tensor sz, int group_size, int out_features, int isa) -> Tensor");
   m.impl("int4_tiles_linear", c10::DispatchKey::CPU, &int4_tiles_linear);
-  m.def("int8_tiles_linear(Tensor x, Tensor tiles, Tensor sc, int out_features, int isa) -> Tensor");
-  m.impl("int8_tiles_linear", c10::DispatchKey::CPU, &int8_tiles_linear);
+  m.def("int8_rows_linear(Tensor x, Tensor w, Tensor scales, int isa) -> Tensor");
+  m.impl("int8_rows_linear", c10::DispatchKey::CPU, &int8_rows_linear);
   m.def("supported_isa() -> int", &supported_isa);
   m.def("bf16_supported_isa() -> int", &bf16_supported_isa);
 }

@@ -246,16 +246,17 @@ def _quantize_into(module: nn.Module, w: torch.Tensor, config: QuantConfig) -> N
 class QuantizedLinear(nn.Module):
     """A bias-free linear layer over integer codes; ``Int8Linear`` and ``Int4Linear`` say how they are stored.
 
-    ``forward`` computes ``x @ W.T`` in x's dtype from the codes: on CPU with the native tile kernels
+    ``forward`` computes ``x @ W.T`` in x's dtype from the codes: on CPU with the native kernels
     (``codellama.cpu_kernels``) or torch's packed integer kernels (``codellama.cpu``), on CUDA with the Triton
     kernel (``codellama.kernels.quant_matmul``), elsewhere with the PyTorch reference (which dequantizes the
     weight per call). Every tensor is a buffer with the output features as dim 0, so fused projections
     concatenate them, and split them back, by rows.
 
     On CPU, ``to_cpu_layout()`` (a step of ``codellama.cpu.cpu_layout``) lays the weight out for a kernel, in
-    the non-persistent buffers ``cpu_weight`` and ``cpu_scales``: the 16-row tiles of the native kernel, which
-    then hold the only copy of the codes (the ``TENSORS`` are None; ``state_dict``, ``dequantize`` and moving
-    the layer give them back exactly), or, where that kernel is unavailable, what torch's kernel reads.
+    the non-persistent buffers ``cpu_weight`` and ``cpu_scales``: int4's 16-row tiles of the native kernel,
+    which then hold the only copy of the codes (the ``TENSORS`` are None; ``state_dict``, ``dequantize`` and
+    moving the layer give them back exactly), or, where that kernel is unavailable, what torch's kernel reads.
+    int8's native kernel reads the codes where they are (``Int8Linear.to_cpu_layout`` lays out nothing).
     """
 
     scheme: str
@@ -376,29 +377,25 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     """int8 codes (out, in) with one scale per output row: ``W[n, k] ≈ scales[n] · weight[n, k]``.
 
-    On CPU the native kernel multiplies the codes with the activations quantized to int8 per block of 32 (as
-    llama.cpp's Q8_0 does); torch's kernel, where it cannot run, with the activations in bf16.
+    On CPU the native kernel multiplies the codes where they lie (for a pre-quantized checkpoint, a view of
+    its memory-mapped file: nothing is copied or laid out at load) with the activations quantized to int8 per
+    block of 32, as llama.cpp's Q8_0 does; torch's kernel, where it cannot run, with the activations in bf16.
     """
 
     scheme = "int8"
     TENSORS = ("weight", "scales")
 
-    def _untiled(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        return cpu.untile_int8(self.cpu_weight, self.cpu_scales, self.out_features, self.in_features, self.tiled)
-
-    def _tiles(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        return cpu.int8_tiles(self.weight, self.scales)
-
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return dequantize_int8(*self.codes(), dtype)
 
-    def _torch_layout(self) -> None:
-        """Codes where torch's CPU int8 kernel can read them (64-byte aligned; a file-backed tensor may not be)."""
-        self.weight = cpu.aligned(self.weight)
+    def to_cpu_layout(self) -> None:
+        """Nothing for the native kernel; for torch's, codes it can read (64-byte aligned: a file's may not be)."""
+        if self.weight is not None and self.weight.device.type == "cpu" and not cpu.native_kernel_available("int8"):
+            self.weight = cpu.aligned(self.weight)
 
     def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tiled is not None:
-            return cpu.int8_tiles_linear(x, self.cpu_weight, self.cpu_scales, self.out_features)
+        if self.weight.stride(-1) == 1 and cpu.native_kernel_available("int8"):
+            return cpu.int8_rows_linear(x, self.weight, self.scales)
         return cpu.int8_linear(x, self.weight, self.scales)
 
     def triton_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,33 @@ def test_loading_keeps_only_the_pages_the_model_still_reads_from_the_file(tmp_pa
     assert torch.equal(bf16.layers[1].attention.wo.weight.float(), model.layers[1].attention.wo.weight)
 
 
+@linux
+def test_a_pre_quantized_int8_checkpoint_is_read_in_place(tmp_path):
+    """int8 codes stay views of the mapped file (the native kernel reads them row by row; not fused, which would
+    copy them): loading copies only HF's permuted q/k rows and the float tensors; logits are a copy's."""
+    from codellama import cpu_kernels
+    if not cpu_kernels.available("int8"):
+        pytest.skip("the native int8 kernel cannot be built here")
+    from codellama.cpu import optimize_for_cpu
+    from codellama.quantize import Int8Linear
+    args = ModelArgs(dim=256, n_layers=2, n_heads=4, vocab_size=512)
+    path = write_checkpoint(tmp_path / "int8", args, "hf", dtype=torch.bfloat16, quantize=QuantConfig("int8"))
+    source = open_checkpoint(path)  # held open, so the mapping outlives the load
+    model = load_model(source, device="cpu", dtype="bf16")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+    in_place = {name for name, m in layers.items() if file_backed(m.weight)}
+    assert in_place == {name for name in layers if not name.endswith(("wq", "wk"))}, sorted(in_place)
+    copied = load_model(path, device="cpu", dtype="bf16", optimize=False)
+    for m in copied.modules():
+        if isinstance(m, Int8Linear):
+            m.weight = m.weight.clone()  # the codes in memory of their own
+    copied = optimize_for_cpu(copied)
+    for tokens in (torch.arange(3)[None], torch.arange(13)[None]):  # streamed rows; packed tiles
+        assert torch.equal(model(tokens), copied(tokens))
+    codes = sum(layers[name].weight.numel() for name in in_place)  # read by now, from the file's pages
+    assert resident_bytes(os.path.join(path, "model.safetensors")) >= 0.9 * codes
+
+
 def test_transforms_see_each_layer_as_it_completes_then_the_model(tmp_path):
     args = CONFIGS["mha"]
     path = write_checkpoint(tmp_path / "meta", args, "meta")

@@ -1,4 +1,4 @@
-"""The native CPU kernels (``codellama.cpu_kernels``: int4 and int8 tiles, bf16 rows): their layout, their arithmetic
+"""The native CPU kernels (``codellama.cpu_kernels``: int4 tiles, int8 and bf16 rows): their layout, their arithmetic
 against the PyTorch references and float64, their AVX2 paths, the layers that use them, and torch's kernels when
 they cannot be built (switched off, or no compiler)."""
 
@@ -76,37 +76,57 @@ def test_tiles_round_trip_and_the_kernel_matches_its_reference_and_float64(N, K,
         assert (err <= bound(x, codes, scales, group_size) + 1e-5 * scale).all()
 
 
+def int8_bound(x, codes, scales):
+    """|error| ≤ Σ_k |s·q|·d/2: each activation is off by at most half its block's step d = max|x|/127."""
+    K = x.shape[-1]
+    xf = torch.nn.functional.pad(x.reshape(-1, K).double(), (0, -K % 32))
+    step = xf.view(xf.shape[0], -1, 32).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(xf.shape) / 127
+    w_abs = torch.nn.functional.pad(dequantize_int8(codes, scales.double()).abs(), (0, -K % 32))
+    return (step / 2) @ w_abs.T
+
+
 @native
-@pytest.mark.parametrize("N, K", [(1, 32), (17, 64), (37, 100), (100, 256), (48, 4096 + 8)])
+@pytest.mark.parametrize("N, K", [(1, 32), (17, 64), (37, 100), (100, 256), (48, 4096 + 8), (5, 31), (9, 288)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_tiles_round_trip_and_the_kernel_matches_its_reference_and_float64(N, K, dtype):
-    """Rows and inputs not a multiple of the tile and block (padded with code 0 and zero activations)."""
+def test_the_int8_kernel_matches_its_reference_and_float64(N, K, dtype):
+    """Rows streamed in place (up to 8 rows of x) and tiles packed per call (more), inputs not a multiple of the
+    block or of a 64-byte chunk (code 0 and zero activations past K), every code the format allows."""
     g = torch.Generator().manual_seed(N + K)
     w = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g) * 2
     codes, scales = quantize_int8(w.to(dtype), dtype)
-    codes[0, :4] = torch.tensor([-128, 127, -127, 0], dtype=torch.int8)  # every code the format allows
-    shifted = torch.empty(codes.numel() + 2, dtype=torch.int8)[2:].view(N, K)  # codes that start mid-word,
-    shifted.copy_(codes)  # as a tensor read from a file may
-    assert torch.equal(cpu_kernels.int8_tiles(shifted, scales)[0], cpu_kernels.int8_tiles(codes, scales)[0])
-    tiles, sc = cpu_kernels.int8_tiles(codes, scales)
-    assert tiles.shape == (-(-N // 16), -(-K // 32) * 8, 64) and tiles.dtype == torch.uint8
-    for got, want in zip(cpu_kernels.untile_int8(tiles, sc, N, K, dtype), (codes, scales)):
-        assert got.dtype == want.dtype and torch.equal(got, want)
-    for M in (1, 3, 4, 9):
+    codes[0, :4] = torch.tensor([-128, 127, -127, 0], dtype=torch.int8)[:K]
+    exact_w = dequantize_int8(codes, scales.double())
+    for M in (1, 3, 4, 5, 8, 9, 20):  # 8: the most rows streamed in place; 9 and 20: packed tiles
         x = torch.randn(2, M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
-        got = cpu_kernels.int8_tiles_linear(x, tiles, sc, N)
+        got = cpu_kernels.int8_rows_linear(x, codes, scales)
         assert got.shape == (2, M, N) and got.dtype == dtype
-        ref = cpu_kernels.int8_tiles_reference(x.float(), tiles, sc, N)
-        exact = (x.double() @ dequantize_int8(codes, scales.double()).T).view(-1, N)
+        ref = cpu_kernels.int8_rows_reference(x.float(), codes, scales)
+        exact = (x.double() @ exact_w.T).view(-1, N)
         scale = exact.abs().max().item()
         torch.testing.assert_close(got.float().view(-1, N), ref.view(-1, N), atol=1e-5 * scale + (
             0.01 * scale if dtype == torch.bfloat16 else 0), rtol=0)  # bf16 output: rounded once more
-        # each activation is off by at most half its block's step max|x|/127
-        xf = torch.nn.functional.pad(x.reshape(-1, K).double(), (0, -K % 32))
-        step = xf.view(xf.shape[0], -1, 32).abs().amax(-1, keepdim=True).expand(-1, -1, 32).reshape(xf.shape) / 127
-        w_abs = torch.nn.functional.pad(dequantize_int8(codes, scales.double()).abs(), (0, -K % 32))
         err = (ref.double().view(-1, N) - exact).abs()
-        assert (err <= (step / 2) @ w_abs.T + 1e-5 * scale).all()
+        assert (err <= int8_bound(x, codes, scales) + 1e-5 * scale).all()
+
+
+@native
+def test_the_int8_kernel_reads_codes_where_they_lie():
+    """Codes at any byte offset and with any row stride (a view of a file's mapping, a slice of a wider tensor)
+    give the bits of a contiguous copy; what the kernel cannot read is refused with the reason."""
+    wide = torch.randint(-128, 128, (40, 301), dtype=torch.int8)
+    codes = wide[:, 7:207]  # rows of 200 contiguous codes, 301 apart, the first at an odd offset
+    scales = torch.rand(40)
+    for M in (3, 12):
+        x = torch.randn(M, 200)
+        assert torch.equal(cpu_kernels.int8_rows_linear(x, codes, scales),
+                           cpu_kernels.int8_rows_linear(x, codes.contiguous(), scales))
+    ops, isa = torch.ops.codellama_native, cpu_kernels.native_isa("int8")
+    with pytest.raises(RuntimeError, match=r"w must be \(N, K\) int8 with contiguous rows"):
+        ops.int8_rows_linear(torch.randn(2, 40), wide[:, :40].T.contiguous().T, scales, isa)
+    with pytest.raises(RuntimeError, match="x has 64 inputs, w 200"):
+        ops.int8_rows_linear(torch.randn(2, 64), codes, scales, isa)
+    with pytest.raises(RuntimeError, match=r"scales must be contiguous \(40,\)"):
+        ops.int8_rows_linear(torch.randn(2, 200), codes, scales[:39], isa)
 
 
 @native
@@ -116,16 +136,20 @@ def test_the_kernel_reads_the_inputs_padding_and_odd_rows(config):
     layer = quantized_layer(config, 100, 37)
     x = torch.randn(3, 100)
     want = x.double() @ layer.dequantize(torch.float64).T
+    codes = layer.weight
     layer.to_cpu_layout()
-    assert layer.tiled is not None and layer.weight is None  # the tiles hold the only copy
+    if config.scheme == "int4":
+        assert layer.tiled is not None and layer.weight is None  # the tiles hold the only copy
+    else:
+        assert layer.weight is codes and layer.cpu_weight is None  # read where it lies
     got = layer(x)
     assert got.shape == (3, 37)
     assert (got.double() - want).abs().max() < 0.02 * want.abs().max()
 
 
 @native
-@schemes
-def test_a_tiled_layer_gives_its_codes_back_exactly_and_moves(config):
+def test_a_tiled_layer_gives_its_codes_back_exactly_and_moves():
+    config = QuantConfig("int4", 32)
     layer = quantized_layer(config, 96, 48, torch.bfloat16)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     want = layer.dequantize()
@@ -144,12 +168,11 @@ def test_a_tiled_layer_gives_its_codes_back_exactly_and_moves(config):
 
 
 @native
-@schemes
-def test_a_load_of_other_layers_leaves_a_tiled_layer_as_it_is(config):
+def test_a_load_of_other_layers_leaves_a_tiled_layer_as_it_is():
     """The loader fills the model a layer at a time (``load_state_dict(strict=False)`` over the whole model): a
     tiled layer whose tensors are not in the dict keeps its tiles (re-tiling every layer on every call made
     loading quadratic in depth: 66 s for a pre-quantized 7B); a strict load still names its keys missing."""
-    layer = quantized_layer(config, 64, 32)
+    layer = quantized_layer(QuantConfig("int4", 32), 64, 32)
     layer.to_cpu_layout()
     tiles = layer.cpu_weight
     result = layer.load_state_dict({}, strict=False)
@@ -178,19 +201,25 @@ def test_a_model_on_the_kernel_stays_within_the_quantized_error_of_the_reference
     tokens = torch.randint(0, args.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
     reference = quantize_model(random_model(args, seed=5), config)(tokens)
     fast = optimize_for_cpu(quantize_model(random_model(args, seed=5), config))
-    assert fast.layers[0].feed_forward.w13.tiled is not None
+    if config.scheme == "int4":
+        assert fast.layers[0].feed_forward.w13.tiled is not None
+    else:  # read where they lie: not fused (fusing would copy them)
+        assert fast.layers[0].feed_forward.fused_sizes is None and fast.layers[0].attention.fused_sizes is None
     got = fast(tokens)
     assert (got - reference).abs().max() < 0.02 * reference.abs().max()
 
 
 @native
 def test_int8_rows_are_independent_of_the_batch():
-    """A row's output is the same bits alone or among others (greedy decoding at batch 1 and in a batch agree)."""
+    """A row's output is the same bits alone or among up to 8 rows (greedy decoding at batch 1 and in a batch
+    agree), and among any number of rows above 8 (prefill chunks)."""
     layer = quantized_layer(QuantConfig("int8"), 200, 70)
     layer.to_cpu_layout()
-    x = torch.randn(9, 200)
-    together = layer(x)
-    assert all(torch.equal(layer(x[i:i + 1]), together[i:i + 1]) for i in range(9))
+    x = torch.randn(20, 200)
+    together = layer(x[:8])
+    assert all(torch.equal(layer(x[i:i + 1]), together[i:i + 1]) for i in range(8))
+    many = layer(x)
+    assert all(torch.equal(layer(x[:n]), many[:n]) for n in (9, 13))
 
 
 @native
@@ -200,10 +229,12 @@ def test_the_kernels_give_the_same_bits_on_any_number_of_threads():
     g = torch.Generator().manual_seed(4)
     w = torch.randn(300, 256, generator=g).to(torch.bfloat16)
     tiles4, sz = cpu_kernels.int4_tiles(*quantize_int4(w, 32, torch.bfloat16), 32)
-    tiles8, sc = cpu_kernels.int8_tiles(*quantize_int8(w, torch.bfloat16))
+    codes8, scales8 = quantize_int8(w, torch.bfloat16)
     x = torch.randn(5, 256, generator=g).to(torch.bfloat16)
+    x12 = torch.randn(12, 256, generator=g).to(torch.bfloat16)
     products = [lambda: cpu_kernels.int4_tiles_linear(x, tiles4, sz, 32, 300),
-                lambda: cpu_kernels.int8_tiles_linear(x, tiles8, sc, 300),
+                lambda: cpu_kernels.int8_rows_linear(x, codes8, scales8),
+                lambda: cpu_kernels.int8_rows_linear(x12, codes8, scales8),
                 lambda: cpu_kernels.bf16_rows_linear(x, w)]
     threads = torch.get_num_threads()
     try:
@@ -228,11 +259,13 @@ got = cpu_kernels.int4_tiles_linear(x, tiles, sz, 64, 37)
 ref = cpu_kernels.int4_tiles_reference(x, tiles, sz, 64, 37)
 codes8, scales8 = quantize_int8(torch.randn(37, 200), torch.bfloat16)
 codes8[0, :3] = torch.tensor([-128, 127, -127], dtype=torch.int8)
-tiles8, sc = cpu_kernels.int8_tiles(codes8, scales8)
-x8 = torch.randn(5, 200)
-got8 = cpu_kernels.int8_tiles_linear(x8, tiles8, sc, 37)
-ref8 = cpu_kernels.int8_tiles_reference(x8, tiles8, sc, 37)
-print("ok", float((got - ref).abs().max() / ref.abs().max()), float((got8 - ref8).abs().max() / ref8.abs().max()))
+errors = [float((got - ref).abs().max() / ref.abs().max())]
+for rows in (5, 12):  # streamed in place, packed tiles
+    x8 = torch.randn(rows, 200)
+    got8 = cpu_kernels.int8_rows_linear(x8, codes8, scales8)
+    ref8 = cpu_kernels.int8_rows_reference(x8, codes8, scales8)
+    errors.append(float((got8 - ref8).abs().max() / ref8.abs().max()))
+print("ok", *errors)
 """
 
 
