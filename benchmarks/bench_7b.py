@@ -264,6 +264,7 @@ def main() -> None:
     p.add_argument("--llama-cpp", default=os.environ.get("LLAMA_CPP_DIR", LLAMA_CPP_DIR),
                    help="llama.cpp's source tree with its build (convert_hf_to_gguf.py, gguf-py, build/bin)")
     p.add_argument("--no-llama-cpp", action="store_true")
+    p.add_argument("--theirs", nargs="+", default=list(THEIRS), choices=list(THEIRS), help="llama.cpp's rows")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--batch", nargs="+", type=int, default=[1, 4])
@@ -292,6 +293,9 @@ def main() -> None:
         f"its converter needs a tokenizer ({TOKENIZER} not found)"
     root = a.dir or tempfile.mkdtemp(prefix="bench_7b_")
     work = os.path.join(root, f"bench-{a.size}")
+    if problem is None and "Q4_0" in a.theirs and a.theirs.index("Q4_0") < (a.theirs + ["BF16"]).index("BF16") \
+            and not os.path.exists(os.path.join(work, f"{a.size}-bf16.gguf")):
+        p.error("--theirs: Q4_0 is quantized from the BF16 file, which does not exist yet: list BF16 before it")
     os.makedirs(work, exist_ok=True)
     spec = {"prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "batches": a.batch, "repeat": a.repeat}
     env = {"LLAMA_CPP_LIB_PATH": os.environ.get("LLAMA_CPP_LIB_PATH") or os.path.join(a.llama_cpp, "build", "bin"),
@@ -338,15 +342,13 @@ def main() -> None:
                 shutil.rmtree(path)  # done with it: disk for the next one
                 created.remove(path)
         if problem is None:
-            ggufs: Dict[str, str] = {}
-            for kind in THEIRS:
+            for kind in a.theirs:
                 out = os.path.join(work, f"{a.size}-{kind.lower()}.gguf")
                 if not os.path.exists(out):
                     t = time.perf_counter()
                     created.append(out)
-                    make_gguf(a.llama_cpp, hf, kind, out, ggufs.get("BF16"))
+                    make_gguf(a.llama_cpp, hf, kind, out, os.path.join(work, f"{a.size}-bf16.gguf"))
                     print(f"wrote {out} in {time.perf_counter() - t:.0f} s", flush=True)
-                ggufs[kind] = out
                 try:
                     results[kind] = run_child(CHILD_THEIRS, out, json.dumps(spec), env=env)
                 except RuntimeError as e:
