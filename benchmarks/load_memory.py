@@ -3,6 +3,7 @@
     python benchmarks/load_memory.py                  # a ~1 GiB bf16 random checkpoint, several cases
     python benchmarks/load_memory.py --size-gb 4
     python benchmarks/load_memory.py --quantized      # also int8/int4: on load, and from a quantized checkpoint
+    python benchmarks/load_memory.py --ckpt DIR --tp 2   # an existing checkpoint split over 2 ranks (torchrun)
 
 Each case loads in a fresh subprocess. "anon" is the peak of anonymous memory (RssAnon, polled every
 2 ms) above the level after imports: the memory a load really costs. "rss" is the kernel's peak
@@ -10,7 +11,9 @@ resident set (VmHWM) above the same level; it also counts pages of the memory-ma
 that were read, which are clean page cache the kernel drops under pressure. Ratios are against the
 bytes of the weights as loaded (packed, quantized). The loader builds on the meta device, converts one
 tensor at a time, lays out each layer as it completes and gives back the file pages of what it converted,
-so both stay near the weights' size plus about a layer.
+so both stay near the weights' size plus about a layer. Under tensor parallelism (``--tp N``: ``torchrun``, one
+process per rank on this machine, gloo) each rank reads only its slices; each rank's figures are against the
+bytes of its own part of the model.
 """
 
 from __future__ import annotations
@@ -49,6 +52,49 @@ print(json.dumps({"rss": status("VmHWM:") - base_rss, "anon": peak_anon[0] - bas
 """
 
 
+CHILD_TP = r"""
+import json, os, sys, threading, time, torch
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+peak_anon, done = [0], [False]
+def sample():
+    while not done[0]:
+        peak_anon[0] = max(peak_anon[0], status("RssAnon:"))
+        time.sleep(0.002)
+from codellama import Llama
+from codellama.cpu import native_kernel_available
+native_kernel_available()
+base_rss, base_anon = status("VmRSS:"), status("RssAnon:")
+t = threading.Thread(target=sample); t.start()
+start = time.perf_counter()
+llama = Llama.build(sys.argv[1], None, 64, 1, device="cpu", dtype=sys.argv[2],
+                    quantize=None if sys.argv[3] == "none" else sys.argv[3])
+seconds = time.perf_counter() - start
+done[0] = True; t.join()
+model = llama.model
+nbytes = sum(x.numel() * x.element_size() for x in [*model.parameters(), *model.buffers()])
+print("RANK " + json.dumps({"rank": int(os.environ["RANK"]), "world": model.tp.world, "rss": status("VmHWM:") - base_rss,
+                            "anon": peak_anon[0] - base_anon, "weights": nbytes, "seconds": seconds}), flush=True)
+"""
+
+
+def measure_tp(path: str, dtype: str, quantize: str, world: int) -> list:
+    """Load ``path`` split over ``world`` ranks (``torchrun``, gloo on CPU): each rank's figures, as ``measure``'s."""
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(CHILD_TP)
+    try:
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), f.name,
+                              path, dtype, quantize], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        os.remove(f.name)
+    if out.returncode != 0:
+        raise RuntimeError(f"loading {path} on {world} ranks failed:\n{out.stderr[-3000:]}")
+    ranks = [json.loads(line[5:]) for line in out.stdout.splitlines() if line.startswith("RANK ")]
+    return sorted(ranks, key=lambda r: r["rank"])
+
+
 def measure(path: str, dtype: str, quantize: str = "none") -> dict:
     """Load ``path`` in a fresh subprocess: peak anon and rss above the level after imports, the weights' bytes as
     loaded, and the seconds ``load_model`` took."""
@@ -62,7 +108,21 @@ def main() -> None:
     p.add_argument("--size-gb", type=float, default=1.0, help="approximate bf16 checkpoint size")
     p.add_argument("--dir", default=None, help="where to write the random checkpoints (default: a temp dir)")
     p.add_argument("--quantized", action="store_true", help="also int8/int4: quantized on load and pre-quantized")
+    p.add_argument("--ckpt", default=None, help="measure this checkpoint (with its tokenizer) instead of random ones")
+    p.add_argument("--dtype", default="bf16", help="with --ckpt: the load dtype")
+    p.add_argument("--quantize", default="none", help="with --ckpt: quantize on load (int8, int4)")
+    p.add_argument("--tp", type=int, default=1, help="with --ckpt: ranks to split it over (torchrun, gloo)")
     a = p.parse_args()
+    if a.ckpt:
+        header = f"{'rank':<6}{'weights GiB':>13}{'anon GiB':>10}{'ratio':>7}{'rss GiB':>9}{'ratio':>7}{'seconds':>9}"
+        results = measure_tp(a.ckpt, a.dtype, a.quantize, a.tp) if a.tp > 1 else \
+            [{"rank": 0, **measure(a.ckpt, a.dtype, a.quantize)}]
+        print(f"{a.ckpt}: {a.dtype}, quantize {a.quantize}, {a.tp} rank(s)\n{header}")
+        for r in results:
+            w = r["weights"]
+            print(f"{r['rank']:<6}{w / 2**30:>13.2f}{r['anon'] / 2**30:>10.2f}{r['anon'] / w:>7.2f}"
+                  f"{r['rss'] / 2**30:>9.2f}{r['rss'] / w:>7.2f}{r['seconds']:>9.1f}")
+        return
 
     from codellama import ModelArgs
 
