@@ -334,7 +334,13 @@ def native_kernel_available(scheme: str = "int4") -> bool:
 
 
 int4_tiles, untile_int4, int4_tiles_linear = cpu_kernels.int4_tiles, cpu_kernels.untile_int4, cpu_kernels.int4_tiles_linear
-int8_rows_linear = cpu_kernels.int8_rows_linear
+int8_rows_linear, quantize_int8_native = cpu_kernels.int8_rows_linear, cpu_kernels.quantize_int8
+
+
+def native_quantizer_takes(w: torch.Tensor) -> bool:
+    """Whether ``quantize_int8_native`` quantizes ``w`` (a 2-D CPU float weight with contiguous rows, here)."""
+    return (w.device.type == "cpu" and w.dim() == 2 and w.stride(-1) == 1
+            and w.dtype in (torch.float32, torch.bfloat16, torch.float16) and native_kernel_available("int8"))
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -127,6 +127,10 @@ def _register_fake() -> None:
     def _(x, w, scales, isa):
         return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 
+    @torch.library.register_fake("codellama_native::quantize_int8")
+    def _(w, isa):
+        return w.new_empty(w.shape, dtype=torch.int8), w.new_empty(w.shape[:1])
+
     @torch.library.register_fake("codellama_native::bf16_rows_linear")
     def _(x, w, isa):
         return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
@@ -163,9 +167,9 @@ def isa(kernel: str = "int4") -> Optional[str]:
 
 
 from .int4 import int4_tiles, int4_tiles_linear, int4_tiles_reference, untile_int4  # noqa: E402
-from .int8 import int8_rows_linear, int8_rows_reference  # noqa: E402
+from .int8 import int8_rows_linear, int8_rows_reference, quantize_int8  # noqa: E402
 from .bf16 import bf16_all_finite, bf16_rows_linear, bf16_rows_reference  # noqa: E402
 
 __all__ = ["available", "isa", "int4_tiles", "int4_tiles_linear", "int4_tiles_reference", "untile_int4",
-           "int8_rows_linear", "int8_rows_reference",
+           "int8_rows_linear", "int8_rows_reference", "quantize_int8",
            "bf16_all_finite", "bf16_rows_linear", "bf16_rows_reference"]

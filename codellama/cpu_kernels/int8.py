@@ -13,6 +13,8 @@ of the order of the weights' own (1/127 of their row's largest); the tests bound
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 from . import native_isa
@@ -33,6 +35,13 @@ def int8_rows_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor)
     isa = native_isa("int8")  # (loads the extension: the operator exists after this)
     out = torch.ops.codellama_native.int8_rows_linear(x2.contiguous(), codes, scales.contiguous(), isa)
     return out.to(x.dtype).view(*x.shape[:-1], codes.shape[0])
+
+
+def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``codellama.quantize.quantize_int8(w, w.dtype)`` in one pass over a (N, K) CPU weight with contiguous rows,
+    float32, bfloat16 or float16: ``(codes, scales)``, bit for bit the same (tested), without its float32
+    temporaries (about 14× faster on a 7B's bf16 weights here)."""
+    return tuple(torch.ops.codellama_native.quantize_int8(w, native_isa("int8")))
 
 
 def int8_rows_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -30,18 +30,22 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include "parallel.h"
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t TILE = 16;  // output rows per tile: the int32 lanes of a 512-bit register
+enum Isa : int64_t { AVX2 = 1, AVX512_VNNI = 2 };  // what the operators' isa argument names
 // Codes are prefetched this many bytes ahead: a tile's loop has enough instructions per byte that the
 // out-of-order window covers too little of the memory latency (an int4 layer of 49152 x 4096 at batch 1 read
 // ~30 GB/s from memory without it and ~42 GB/s with it, medians of three runs of a build that took the
@@ -418,9 +422,93 @@ void pack_tile8(const int8_t* w, int64_t ldw, int64_t N, int64_t K, int64_t Kp, 
         tile[c * 64 + 4 * i + j] = rows[i] && 4 * c + j < K ? static_cast<uint8_t>(rows[i][4 * c + j]) : 0;
 }
 
-// ----------------------------------------------------------------------------- dispatch
-enum Isa : int64_t { AVX2 = 1, AVX512_VNNI = 2 };
+// ----------------------------------------------------------------------------- quantizing
+// codellama.quantize's int8 of a float weight in one pass (its quantize_int8, bit for bit): per row, the scale
+// max|w| / 127 rounded to the weight's dtype (as it is stored), the codes w / scale (divided by at least the
+// smallest normal float) rounded half to even and clamped to [-127, 127]; a row of zeros gets scale 0, codes 0.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+inline __m512 load16_float(const T* p, __mmask16 mask) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(mask, p);
+  } else {  // bf16: the upper half of a float32
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
 
+// One row, 16 values a step (the same arithmetic as the scalar loop below: exact max, IEEE division, rounding
+// half to even).
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+float row_amax_avx512(const T* row, int64_t K) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1u);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(load16_float(row + k, mask)));
+  }
+  return _mm512_reduce_max_ps(amax);
+}
+
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+void row_codes_avx512(const T* row, int64_t K, float div, int8_t* codes) {
+  const __m512 d = _mm512_set1_ps(div), hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1u);
+    __m512 v = _mm512_div_ps(load16_float(row + k, mask), d);
+    v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    _mm_mask_storeu_epi8(codes + k, mask, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+}
+
+template <typename T>
+void quantize_int8_rows(const T* w, int64_t ldw, int64_t N, int64_t K, int8_t* q, T* scales, bool avx512) {
+  constexpr bool vector = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* row = w + n * ldw;
+      float amax = 0.f;
+      if (vector && avx512) {
+        amax = row_amax_avx512(row, K);
+      } else {
+        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(static_cast<float>(row[k])));
+      }
+      scales[n] = static_cast<T>(amax / 127.f);
+      const float scale = static_cast<float>(scales[n]);
+      int8_t* codes = q + n * K;
+      if (!(scale > 0.f)) {
+        std::memset(codes, 0, K);
+        continue;
+      }
+      const float div = std::max(scale, std::numeric_limits<float>::min());
+      if (vector && avx512) {
+        row_codes_avx512(row, K, div, codes);
+        continue;
+      }
+      for (int64_t k = 0; k < K; ++k)
+        codes[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(static_cast<float>(row[k]) / div))));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& w, int64_t isa) {
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "w must be (N, K) with contiguous rows");
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor q = at::empty({N, K}, w.options().dtype(at::kChar));
+  at::Tensor scales = at::empty({N}, w.options());
+  if (w.scalar_type() == at::kFloat)
+    quantize_int8_rows(w.data_ptr<float>(), w.stride(0), N, K, q.data_ptr<int8_t>(), scales.data_ptr<float>(), isa == AVX512_VNNI);
+  else if (w.scalar_type() == at::kBFloat16)
+    quantize_int8_rows(w.data_ptr<at::BFloat16>(), w.stride(0), N, K, q.data_ptr<int8_t>(), scales.data_ptr<at::BFloat16>(), isa == AVX512_VNNI);
+  else if (w.scalar_type() == at::kHalf)
+    quantize_int8_rows(w.data_ptr<at::Half>(), w.stride(0), N, K, q.data_ptr<int8_t>(), scales.data_ptr<at::Half>(), false);
+  else
+    TORCH_CHECK(false, "w must be float32, bfloat16 or float16, not ", w.scalar_type());
+  return {q, scales};
+}
+
+// ----------------------------------------------------------------------------- dispatch
 constexpr int64_t TILES_A_CHUNK = 4;  // tiles a thread takes at a time (64 rows)
 
 // Tiles in parallel, each for every activation row, four rows at a time: tile(R, t, m) computes rows m..m+R-1.
@@ -554,6 +642,8 @@ TORCH_LIBRARY(codellama_native, m) {
   m.impl("int4_tiles_linear", c10::DispatchKey::CPU, &int4_tiles_linear);
   m.def("int8_rows_linear(Tensor x, Tensor w, Tensor scales, int isa) -> Tensor");
   m.impl("int8_rows_linear", c10::DispatchKey::CPU, &int8_rows_linear);
+  m.def("quantize_int8(Tensor w, int isa) -> (Tensor, Tensor)");
+  m.impl("quantize_int8", c10::DispatchKey::CPU, &quantize_int8);
   m.def("supported_isa() -> int", &supported_isa);
   m.def("bf16_supported_isa() -> int", &bf16_supported_isa);
 }

@@ -129,6 +129,31 @@ def test_the_int8_kernel_reads_codes_where_they_lie():
         ops.int8_rows_linear(torch.randn(2, 200), codes, scales[:39], isa)
 
 
+def awkward_weights(dtype):
+    """Rows of different scales, a row of zeros, values on rounding ties, (fp32) a row whose scale is subnormal."""
+    w = torch.randn(40, 301, generator=torch.Generator().manual_seed(7)) * torch.rand(40, 1) * 3
+    w[3] = 0
+    w[5, :5] = torch.tensor([127 * 0.5, -0.5, 1.5, 2.5, -2.5])  # with scale 0.5: ties 0.5 apart
+    if dtype == torch.float32:
+        w[7] *= 1e-39
+    return w.to(dtype)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_native_int8_quantizer_gives_quantize_int8s_codes_bit_for_bit(dtype):
+    """quantize_weight takes it on CPU (one pass, no float32 temporaries); the codes and scales must be exactly
+    those of the PyTorch arithmetic, or a checkpoint quantized on another machine would differ."""
+    from codellama.quantize import quantize_weight
+    w = awkward_weights(dtype)
+    want = quantize_int8(w, dtype)
+    for weight in (w, torch.cat([w, w], 1)[:, 7:308]):  # contiguous, and rows with a stride
+        got = cpu_kernels.quantize_int8(weight)
+        assert all(g.dtype == e.dtype and torch.equal(g, e) for g, e in zip(got, quantize_int8(weight, dtype)))
+    got = quantize_weight(w, QuantConfig("int8"))
+    assert torch.equal(got["weight"], want[0]) and torch.equal(got["scales"], want[1])
+
+
 @native
 @schemes
 def test_the_kernel_reads_the_inputs_padding_and_odd_rows(config):
@@ -265,6 +290,10 @@ for rows in (5, 12):  # streamed in place, packed tiles
     got8 = cpu_kernels.int8_rows_linear(x8, codes8, scales8)
     ref8 = cpu_kernels.int8_rows_reference(x8, codes8, scales8)
     errors.append(float((got8 - ref8).abs().max() / ref8.abs().max()))
+from codellama.quantize import quantize_int8 as reference_quantizer
+for dtype in (torch.float32, torch.bfloat16):
+    w = (torch.randn(20, 203) * torch.rand(20, 1)).to(dtype)
+    assert all(torch.equal(a, b) for a, b in zip(cpu_kernels.quantize_int8(w), reference_quantizer(w, dtype)))
 print("ok", *errors)
 """
 
