@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cpu_kernels.py                    # Code Llama 7B's layer shapes, 2 layers
     python benchmarks/bench_cpu_kernels.py --layers 4 --rows 1 4 64 --schemes int8
+    python benchmarks/bench_cpu_kernels.py --quantizers       # the one-pass quantizers against PyTorch's
 
 For each scheme, a stack of layers of Code Llama 7B's shapes (wq|wk|wv fused 12288×4096, wo 4096×4096, w1|w3
 fused 22016×4096, w2 4096×11008: more bytes than any cache) is multiplied with ``rows`` activation rows,
@@ -13,6 +14,10 @@ same codes, in alternating rounds:
     int4  int4 tiles g32 (int8 activations)     vs  aten._weight_int4pack_mm_for_cpu (bf16 activations)
     bf16  bf16 rows, the weight in place        vs  oneDNN on its packed copy of the weight
           (above 8 rows, as the layers do: F.linear on the weight in place)
+
+``--quantizers`` times quantizing those weights instead: the native one-pass quantizers
+(``cpu_kernels.quantize_int8`` / ``quantize_int4``) against ``codellama.quantize``'s PyTorch arithmetic, whose
+codes they reproduce bit for bit (checked here too).
 
 "GB/s" is the bytes of the weights (codes and scales as the kernel stores them) over the median time of a
 pass; the ratio is the median of the rounds' ratios (baseline time / ours). "err" is the largest error of a
@@ -82,6 +87,30 @@ def run(layers, rows: int, which: int, seed: int) -> Tuple[float, torch.Tensor]:
     return time.perf_counter() - start, (xs[layers[-1][2]], y)
 
 
+def time_quantizers(layers: int, rounds: int) -> None:
+    """Native one-pass quantizers against the PyTorch ones on 7B's bf16 weights: time per pass, same codes."""
+    from codellama import cpu_kernels
+    from codellama.quantize import quantize_int4, quantize_int8
+
+    g = torch.Generator().manual_seed(0)
+    weights = [(torch.randn(N, K, generator=g) * 0.02).to(torch.bfloat16) for _ in range(layers) for N, K in SHAPES]
+    cases = {"int8": (lambda w: quantize_int8(w, w.dtype), cpu_kernels.quantize_int8),
+             "int4 g32": (lambda w: quantize_int4(w, 32, w.dtype), lambda w: cpu_kernels.quantize_int4(w, 32))}
+    print("| scheme | PyTorch s | native s | PyTorch / native | same codes |")
+    print("|---|---|---|---|---|")
+    for name, (theirs, ours) in cases.items():
+        times = ([], [])
+        for _ in range(rounds):
+            for i, f in enumerate((theirs, ours)):
+                start = time.perf_counter()
+                for w in weights:
+                    f(w)
+                times[i].append(time.perf_counter() - start)
+        same = all(torch.equal(a, b) for w in weights[:4] for a, b in zip(theirs(w), ours(w)))
+        t, o = statistics.median(times[0]), statistics.median(times[1])
+        print(f"| {name} | {t:.2f} | {o:.2f} | **{t / o:.1f}×** | {same} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--schemes", nargs="+", default=["int8", "int4", "bf16"], choices=["int8", "int4", "bf16"])
@@ -89,6 +118,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2, help="7B layers' worth of weights per pass")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quantizers", action="store_true", help="time the quantizers instead of the products")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -96,6 +126,10 @@ def main() -> None:
 
     if not cpu_kernels.available("int8"):
         sys.exit("the native kernels are unavailable here (see the line above)")
+    if a.quantizers:
+        print(f"{torch.get_num_threads()} threads; {a.layers} layers of 7B's shapes (bf16) a pass; load average "
+              f"{os.getloadavg()[0]:.2f}")
+        return time_quantizers(a.layers, min(a.rounds, 3))
     load = os.getloadavg()[0]
     print(f"{torch.get_num_threads()} threads; int8/int4: {cpu_kernels.isa('int8')}, bf16: {cpu_kernels.isa('bf16')} "
           f"(baseline: {cpu.bf16_path()}); load average {load:.2f}; {a.layers} layers of 7B's shapes a pass")

@@ -334,13 +334,21 @@ def native_kernel_available(scheme: str = "int4") -> bool:
 
 
 int4_tiles, untile_int4, int4_tiles_linear = cpu_kernels.int4_tiles, cpu_kernels.untile_int4, cpu_kernels.int4_tiles_linear
-int8_rows_linear, quantize_int8_native = cpu_kernels.int8_rows_linear, cpu_kernels.quantize_int8
+int8_rows_linear = cpu_kernels.int8_rows_linear
 
 
-def native_quantizer_takes(w: torch.Tensor) -> bool:
-    """Whether ``quantize_int8_native`` quantizes ``w`` (a 2-D CPU float weight with contiguous rows, here)."""
+def native_quantizer_takes(w: torch.Tensor, group_size: Optional[int] = None) -> bool:
+    """Whether ``quantize_native`` quantizes ``w`` here: a 2-D CPU float weight with contiguous rows (int4: whole
+    groups; a padded last group is left to PyTorch)."""
     return (w.device.type == "cpu" and w.dim() == 2 and w.stride(-1) == 1
-            and w.dtype in (torch.float32, torch.bfloat16, torch.float16) and native_kernel_available("int8"))
+            and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (group_size is None or w.shape[1] % group_size == 0)
+            and native_kernel_available("int8" if group_size is None else "int4"))
+
+
+def quantize_native(w: torch.Tensor, group_size: Optional[int] = None) -> Tuple[torch.Tensor, ...]:
+    """``codellama.quantize``'s int8 (``group_size`` None) or int4 of ``w`` in one native pass, bit for bit."""
+    return cpu_kernels.quantize_int8(w) if group_size is None else cpu_kernels.quantize_int4(w, group_size)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:

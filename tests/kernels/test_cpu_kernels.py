@@ -155,6 +155,25 @@ def test_the_native_int8_quantizer_gives_quantize_int8s_codes_bit_for_bit(dtype)
 
 
 @native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_the_native_int4_quantizer_gives_quantize_int4s_codes_bit_for_bit(dtype, group_size):
+    from codellama.quantize import quantize_weight
+    w = torch.cat([awkward_weights(dtype)[:, :256], torch.full((40, 128), 1.5, dtype=dtype)], 1)  # constant groups
+    w[9, :group_size] = (torch.arange(group_size) * 0.25).to(dtype)  # codes on ties
+    for weight in (w, torch.cat([w, w], 1)[:, 5:389]):
+        got = cpu_kernels.quantize_int4(weight, group_size)
+        want = quantize_int4(weight, group_size, dtype)
+        assert all(g.dtype == e.dtype and torch.equal(g, e) for g, e in zip(got, want))
+    got = quantize_weight(w, QuantConfig("int4", group_size))
+    assert all(torch.equal(got[name], e) for name, e in zip(("weight", "scales", "zeros"),
+                                                            quantize_int4(w, group_size, dtype)))
+    odd = w[:, :300]  # a last group padded: PyTorch's quantizer, the same function's codes
+    assert all(torch.equal(got, want) for got, want in zip(quantize_weight(odd, QuantConfig("int4", group_size)).values(),
+                                                          quantize_int4(odd, group_size, dtype)))
+
+
+@native
 @schemes
 def test_the_kernel_reads_the_inputs_padding_and_odd_rows(config):
     """An input size that is not a multiple of the group or block (padded with zero activations) and rows left over."""
@@ -291,9 +310,11 @@ for rows in (5, 12):  # streamed in place, packed tiles
     ref8 = cpu_kernels.int8_rows_reference(x8, codes8, scales8)
     errors.append(float((got8 - ref8).abs().max() / ref8.abs().max()))
 from codellama.quantize import quantize_int8 as reference_quantizer
+from codellama.quantize import quantize_int4 as reference_int4
 for dtype in (torch.float32, torch.bfloat16):
-    w = (torch.randn(20, 203) * torch.rand(20, 1)).to(dtype)
+    w = (torch.randn(20, 256) * torch.rand(20, 1)).to(dtype)
     assert all(torch.equal(a, b) for a, b in zip(cpu_kernels.quantize_int8(w), reference_quantizer(w, dtype)))
+    assert all(torch.equal(a, b) for a, b in zip(cpu_kernels.quantize_int4(w, 64), reference_int4(w, 64, dtype)))
 print("ok", *errors)
 """
 
