@@ -27,7 +27,7 @@ import sys
 import tempfile
 
 CHILD = r"""
-import json, sys, threading, time, torch
+import json, os, sys, threading, time, torch
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -37,53 +37,29 @@ def sample():  # RssAnon has no kernel high-water mark: poll it
     while not done[0]:
         peak_anon[0] = max(peak_anon[0], status("RssAnon:"))
         time.sleep(0.002)
-from codellama import load_model
+from codellama import Llama, load_model
 from codellama.cpu import native_kernel_available
-native_kernel_available()  # (builds or loads the int4 kernel before the baseline)
+native_kernel_available()  # (builds or loads the native kernels before the baseline)
 base_rss, base_anon = status("VmRSS:"), status("RssAnon:")
 t = threading.Thread(target=sample); t.start()
 start = time.perf_counter()
-model = load_model(sys.argv[1], device="cpu", dtype=sys.argv[2], quantize=None if sys.argv[3] == "none" else sys.argv[3])
+quantize = None if sys.argv[3] == "none" else sys.argv[3]
+if "RANK" in os.environ:  # under torchrun: each rank joins the group and loads its part
+    model = Llama.build(sys.argv[1], None, 64, 1, device="cpu", dtype=sys.argv[2], quantize=quantize).model
+else:
+    model = load_model(sys.argv[1], device="cpu", dtype=sys.argv[2], quantize=quantize)
 seconds = time.perf_counter() - start
 done[0] = True; t.join()
 nbytes = sum(x.numel() * x.element_size() for x in [*model.parameters(), *model.buffers()])  # packed weights are buffers
-print(json.dumps({"rss": status("VmHWM:") - base_rss, "anon": peak_anon[0] - base_anon, "weights": nbytes,
-                  "seconds": seconds}))
-"""
-
-
-CHILD_TP = r"""
-import json, os, sys, threading, time, torch
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-peak_anon, done = [0], [False]
-def sample():
-    while not done[0]:
-        peak_anon[0] = max(peak_anon[0], status("RssAnon:"))
-        time.sleep(0.002)
-from codellama import Llama
-from codellama.cpu import native_kernel_available
-native_kernel_available()
-base_rss, base_anon = status("VmRSS:"), status("RssAnon:")
-t = threading.Thread(target=sample); t.start()
-start = time.perf_counter()
-llama = Llama.build(sys.argv[1], None, 64, 1, device="cpu", dtype=sys.argv[2],
-                    quantize=None if sys.argv[3] == "none" else sys.argv[3])
-seconds = time.perf_counter() - start
-done[0] = True; t.join()
-model = llama.model
-nbytes = sum(x.numel() * x.element_size() for x in [*model.parameters(), *model.buffers()])
-print("RANK " + json.dumps({"rank": int(os.environ["RANK"]), "world": model.tp.world, "rss": status("VmHWM:") - base_rss,
-                            "anon": peak_anon[0] - base_anon, "weights": nbytes, "seconds": seconds}), flush=True)
+print(json.dumps({"rank": int(os.environ.get("RANK", 0)), "rss": status("VmHWM:") - base_rss,
+                  "anon": peak_anon[0] - base_anon, "weights": nbytes, "seconds": seconds}), flush=True)
 """
 
 
 def measure_tp(path: str, dtype: str, quantize: str, world: int) -> list:
     """Load ``path`` split over ``world`` ranks (``torchrun``, gloo on CPU): each rank's figures, as ``measure``'s."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(CHILD_TP)
+        f.write(CHILD)
     try:
         out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), f.name,
                               path, dtype, quantize], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -91,7 +67,7 @@ def measure_tp(path: str, dtype: str, quantize: str, world: int) -> list:
         os.remove(f.name)
     if out.returncode != 0:
         raise RuntimeError(f"loading {path} on {world} ranks failed:\n{out.stderr[-3000:]}")
-    ranks = [json.loads(line[5:]) for line in out.stdout.splitlines() if line.startswith("RANK ")]
+    ranks = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"rank"')]
     return sorted(ranks, key=lambda r: r["rank"])
 
 
@@ -116,7 +92,7 @@ def main() -> None:
     if a.ckpt:
         header = f"{'rank':<6}{'weights GiB':>13}{'anon GiB':>10}{'ratio':>7}{'rss GiB':>9}{'ratio':>7}{'seconds':>9}"
         results = measure_tp(a.ckpt, a.dtype, a.quantize, a.tp) if a.tp > 1 else \
-            [{"rank": 0, **measure(a.ckpt, a.dtype, a.quantize)}]
+            [measure(a.ckpt, a.dtype, a.quantize)]
         print(f"{a.ckpt}: {a.dtype}, quantize {a.quantize}, {a.tp} rank(s)\n{header}")
         for r in results:
             w = r["weights"]
