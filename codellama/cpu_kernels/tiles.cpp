@@ -24,6 +24,9 @@
 // weight row once (row8_*); more rows copy 16 weight rows at a time into a tile in cache (pack_tile8: byte
 // 4i+j of chunk c is row i's code of input 4c+j) that the tile kernel (tile8_*) reads for every activation row.
 // bytes read per call: N*K + M*K*size(x).
+//
+// Also here: codellama.quantize's int8 and int4 quantizers in one pass over a float weight (quantize_int8,
+// quantize_int4), bit for bit the PyTorch arithmetic's codes, for quantizing while loading.
 
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -639,7 +642,8 @@ void run_int8_rows(const int8_t* w, int64_t ldw, const S* sc, const at::Tensor& 
   if (x.scalar_type() == at::kFloat) quantize_rows(x.data_ptr<float>(), M, K, Kp, BLOCK8, offset, 0, q);
   else quantize_rows(x.data_ptr<at::BFloat16>(), M, K, Kp, BLOCK8, offset, 0, q);
   codellama::parallel_chunks(Nt, TILES_A_CHUNK, [&](int64_t t0, int64_t t1) {
-    std::vector<uint8_t> tile(Kp * TILE);
+    thread_local std::vector<uint8_t> tile;  // (kept per thread: a prefill calls this ~7 times a layer)
+    tile.resize(Kp * TILE);
     S scales[TILE] = {};
     for (int64_t t = t0; t < t1; ++t) {
       pack_tile8(w, ldw, N, K, Kp, t, isa == AVX512_VNNI, tile.data());
