@@ -1,4 +1,4 @@
-"""A CPU decode step at long contexts: the float32 copies of the bf16 cache into kept buffers, against fresh ones.
+"""A CPU decode step at long contexts: attention read straight from the bf16 cache, and over its float32 copies.
 
     python benchmarks/bench_long_context.py                    # 4 layers of Code Llama 7B's shape, bf16
     python benchmarks/bench_long_context.py --layers 2 --contexts 256 1024
@@ -6,11 +6,12 @@
 The eager CPU decode step attends over float32 copies of each layer's cached keys and values (torch's SDPA is
 faster in float32 there, copies included). Made fresh every layer and step, those copies are fresh pages: the
 attended length grows by one each step, so glibc maps every new, slightly larger block anew and each page
-faults in. ``codellama.ops.float_copies`` writes them into buffers it keeps. This times one greedy decode step
-(``(time for N tokens − time for 1) / (N − 1)``, the prompt cached) both ways, in alternating rounds, on a
-random model with 7B's width and heads (dim 4096, 32 heads of 128, FFN 11008) and fewer layers, and prints
-the ratio (fresh / kept). Each layer's attention costs what a 7B's does, so the difference per layer carries
-over to 32 layers; the weights' share of the step does not.
+faults in. ``codellama.ops.float_copies`` writes them into buffers it keeps. Where AVX-512 is available, the
+native kernel (``cpu_kernels/decode_attention.cpp``) reads the bf16 cache itself and makes no copies. This
+times one greedy decode step (``(time for N tokens − time for 1) / (N − 1)``, the prompt cached) all three
+ways, in rotating rounds, on a random model with 7B's width and heads (dim 4096, 32 heads of 128, FFN 11008)
+and fewer layers, and prints the ratios. Each layer's attention costs what a 7B's does, so the difference per
+layer carries over to 32 layers; the weights' share of the step does not.
 """
 
 from __future__ import annotations
@@ -39,24 +40,31 @@ def main() -> None:
     args = ModelArgs(dim=4096, n_layers=a.layers, n_heads=32, multiple_of=256, vocab_size=32016, rope_theta=1e6)
     model = build(args, "bf16", seed=0)
     kept, fresh = ops.float_copies, (lambda k, v: (k.float(), v.float()))
+    native = ops._native_decode_attention
+    modes = {"native": (kept, native), "kept": (kept, lambda *a: None), "fresh": (fresh, lambda *a: None)}
+    if ops._native_decode_attention(*(torch.zeros(1, 1, 1, 128, dtype=torch.bfloat16),) * 3, 0) is None:
+        del modes["native"]  # (no AVX-512 here)
     g = torch.Generator().manual_seed(0)
     print(f"{a.layers} layers of 7B's shape, bf16, batch 1, {torch.get_num_threads()} threads; "
           f"load average {os.getloadavg()[0]:.2f}")
-    print("| context | step, fresh copies (ms) | step, kept buffers (ms) | fresh / kept |")
-    print("|---|---|---|---|")
+    print("| context | " + " | ".join(f"step, {m} (ms)" for m in modes) + " | fresh / kept | kept / native |")
+    print("|---|" + "---|" * (len(modes) + 2))
     try:
         for context in a.contexts:
             ours = Ours(model, torch.randint(3, args.vocab_size, (1, context), generator=g).tolist(), a.new_tokens)
-            times = {"fresh": [], "kept": []}
+            times = {m: [] for m in modes}
+            order = list(modes)
             for r in range(a.rounds):
-                for name in (("fresh", "kept") if r % 2 == 0 else ("kept", "fresh")):
-                    ops.float_copies = fresh if name == "fresh" else kept
+                for name in order[r % len(order):] + order[:r % len(order)]:
+                    ops.float_copies, ops._native_decode_attention = modes[name]
                     times[name].append(ours.step_seconds())
-            f, k = statistics.median(times["fresh"]), statistics.median(times["kept"])
-            print(f"| {context} | {f * 1e3:.1f} | {k * 1e3:.1f} | **{f / k:.2f}×** |", flush=True)
+            t = {m: statistics.median(times[m]) for m in modes}
+            native_ratio = f"**{t['kept'] / t['native']:.2f}×**" if "native" in t else ""
+            print(f"| {context} | " + " | ".join(f"{t[m] * 1e3:.1f}" for m in modes) +
+                  f" | {t['fresh'] / t['kept']:.2f}× | {native_ratio} |", flush=True)
             del ours
     finally:
-        ops.float_copies = kept
+        ops.float_copies, ops._native_decode_attention = kept, native
 
 
 if __name__ == "__main__":

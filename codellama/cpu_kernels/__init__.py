@@ -39,7 +39,7 @@ TILE = 16  # output rows per tile (the int32 lanes of a 512-bit register)
 DISABLE_ENV = "CODELLAMA_NATIVE_KERNELS"  # "0": never build or use the extension
 CACHE_ENV = "CODELLAMA_KERNEL_CACHE"
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = [os.path.join(_HERE, name) for name in ("tiles.cpp", "bf16_rows.cpp")]
+_SOURCES = [os.path.join(_HERE, name) for name in ("tiles.cpp", "bf16_rows.cpp", "decode_attention.cpp")]
 _HEADERS = [os.path.join(_HERE, "parallel.h")]  # (part of the build's key: a change rebuilds)
 
 

@@ -184,12 +184,14 @@ def test_compiled_cpu_decode_attention_reads_the_cache_in_its_dtype(dtype):
     torch.testing.assert_close(TorchOps.attention(q, k, v, pos).double(), want, atol=eps, rtol=eps)
 
 
-def test_eager_cpu_decode_attention_copies_into_buffers_it_keeps_per_thread():
-    """The float32 copies of a bf16 cache go into buffers kept per thread (fresh tensors were fresh pages every
-    layer and step): the same values as ``.float()``, the same memory while they fit, a larger buffer when
-    they do not, another thread its own; and the attention equals SDPA over plain float32 copies."""
+def test_eager_cpu_decode_attention_copies_into_buffers_it_keeps_per_thread(monkeypatch):
+    """Where the native decode attention does not run (no AVX-512: switched off here), the float32 copies of a
+    bf16 cache go into buffers kept per thread (fresh tensors were fresh pages every layer and step): the same
+    values as ``.float()``, the same memory while they fit, a larger buffer when they do not, another thread its
+    own; and the attention equals SDPA over plain float32 copies."""
     import threading
     from codellama import ops
+    monkeypatch.setattr(ops, "_native_decode_attention", lambda *args: None)
     g = torch.Generator().manual_seed(3)
     ops._scratch.__dict__.pop("buffers", None)  # (this thread's, from earlier tests)
     q = torch.randn(2, 4, 1, 16, generator=g).to(torch.bfloat16)

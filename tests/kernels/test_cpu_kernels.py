@@ -442,6 +442,72 @@ def test_an_in_place_bf16_model_decodes_as_the_plain_one():
         assert (got - want).abs().max() < 0.05 * want.abs().max()
 
 
+# ----------------------------------------------------------------------------- decode attention
+native_attention = pytest.mark.skipif(cpu_kernels.native_isa("bf16") != 2,
+                                      reason="the native decode attention needs AVX-512 (with BF16)")
+
+
+def attention_float64(q, k, v, lengths):
+    """One query per row over the first ``lengths[b]`` keys of row b, grouped heads, in float64."""
+    B, H, hd = q.shape
+    Hkv = k.shape[1]
+    out = torch.empty(B, H, hd, dtype=torch.float64)
+    for b in range(B):
+        n = int(lengths[b])
+        qb = q[b].double().view(Hkv, H // Hkv, hd)
+        p = torch.softmax(torch.einsum("grd,gld->grl", qb, k[b, :, :n].double()) * hd ** -0.5, -1)
+        out[b] = torch.einsum("grl,gld->grd", p, v[b, :, :n].double()).reshape(H, hd)
+    return out
+
+
+@native_attention
+@pytest.mark.parametrize("B, H, Hkv, hd", [(1, 32, 32, 128), (3, 8, 2, 64), (2, 4, 4, 16), (2, 6, 3, 32)])
+def test_the_decode_attention_kernel_matches_float64(B, H, Hkv, hd):
+    """Grouped heads, ragged rows (each its own length), the keys and values views of a longer cache."""
+    g = torch.Generator().manual_seed(B * H + hd)
+    cache = torch.randn(2, B, Hkv, 300, hd, generator=g).to(torch.bfloat16)
+    q = (torch.randn(B, H, hd, generator=g) * 3).to(torch.bfloat16)
+    lengths = torch.tensor([257 - 50 * b for b in range(B)])
+    k, v = cache[0, :, :, :257], cache[1, :, :, :257]
+    got = torch.ops.codellama_native.decode_attention_bf16(q, k, v, lengths, hd ** -0.5)
+    assert got.dtype == torch.float32 and got.shape == (B, H, hd)
+    assert (got.double() - attention_float64(q, k, v, lengths)).abs().max() < 1e-5
+    alone = [torch.ops.codellama_native.decode_attention_bf16(q[b:b + 1], k[b:b + 1], v[b:b + 1], lengths[b:b + 1],
+                                                               hd ** -0.5) for b in range(B)]
+    assert torch.equal(torch.cat(alone), got)  # a row's result is its own
+
+
+@native_attention
+def test_the_decode_attention_kernel_refuses_what_it_cannot_read():
+    q, k = torch.randn(1, 4, 64).to(torch.bfloat16), torch.randn(1, 4, 9, 64).to(torch.bfloat16)
+    op = torch.ops.codellama_native.decode_attention_bf16
+    with pytest.raises(RuntimeError, match="q must be contiguous"):
+        op(q.float(), k, k, torch.tensor([9]), 0.1)
+    with pytest.raises(RuntimeError, match=r"lengths\[0\] = 10 is not in 1..9"):
+        op(q, k, k, torch.tensor([10]), 0.1)
+    with pytest.raises(RuntimeError, match="head size must be 16, 32, 64 or 128, not 8"):
+        op(q[..., :8].contiguous(), k[..., :8].contiguous(), k[..., :8].contiguous(), torch.tensor([9]), 0.1)
+
+
+@native_attention
+def test_a_bf16_decode_step_attends_with_the_native_kernel_and_training_does_not():
+    """TorchOps.attention for one query per row over a bf16 cache: the native kernel (no float32 copies), within
+    float32 rounding of the copies' SDPA; with gradients wanted, the differentiable path."""
+    from codellama import ops
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 8, 1, 64, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(2, 2, 40, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    start = torch.tensor([39, 20])
+    assert ops._native_decode_attention(q, k, v, start) is not None
+    got = ops.TorchOps.attention(q, k, v, start)
+    want = ops.TorchOps.attention(q.float(), k.float(), v.float(), start)
+    torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=0)  # (the bf16 output's rounding)
+    qg = q.clone().requires_grad_()
+    assert ops._native_decode_attention(qg, k, v, start) is None
+    ops.TorchOps.attention(qg, k, v, start).float().sum().backward()
+    assert qg.grad is not None and qg.grad.abs().sum() > 0
+
+
 AVX2_BF16_CHECK = """
 import torch
 from codellama import cpu_kernels
@@ -451,6 +517,9 @@ x = torch.randn(6, 203)
 got = cpu_kernels.bf16_rows_linear(x, w).double()
 want = cpu_kernels.bf16_rows_reference(x.double(), w)
 bound = 203 * 2.0 ** -23 * (x.to(torch.bfloat16).double().abs() @ w.double().abs().T)
+from codellama import ops  # the decode attention needs AVX-512: the float32 copies' SDPA here
+q, k = torch.randn(1, 4, 1, 64).to(torch.bfloat16), torch.randn(1, 4, 9, 64).to(torch.bfloat16)
+assert ops._native_decode_attention(q, k, k, 8) is None and ops.TorchOps.attention(q, k, k, 8).shape == q.shape
 print("ok" if bool(((got - want).abs() <= bound + 1e-30).all()) else "worse", float((got - want).abs().max()))
 """
 
