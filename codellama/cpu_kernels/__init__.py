@@ -14,6 +14,9 @@ streams its weights at:
                                 ``vdpbf16ps``): oneDNN is as fast, but only on its packed copy of the weight,
                                 which takes ~2 s a GB to make (a minute of a 7B's load) and a second copy of
                                 the file's pages; this reads the memory-mapped checkpoint itself
+    decode_attention.cpp        one decode step's attention read from the bf16 KV cache in place (AVX-512;
+                                used by ``codellama.ops``): SDPA would need float32 copies of every layer's
+                                keys and values, three times the cache's bytes through memory a step
 
 The extension is compiled with the system's C++ compiler against torch's headers (under a minute, once per
 torch version, cached in ``$CODELLAMA_KERNEL_CACHE`` or ``~/.cache/codellama/kernels``; no ninja, no
