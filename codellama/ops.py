@@ -97,12 +97,14 @@ def _native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     a backward pass to come). The float32 copies it replaces wrote and read the cache's bytes twice more: at
     7B and 256 positions about a tenth of an int4 decode step."""
     B, H, _, hd = q.shape
-    if (q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16 or hd not in (16, 32, 64, 128)
-            or k.stride(-1) != 1 or v.stride(-1) != 1 or cpu_kernels.native_isa("bf16") != 2
+    if (any(t.dtype != torch.bfloat16 or t.stride(-1) != 1 for t in (k, v)) or q.dtype != torch.bfloat16
+            or hd not in (16, 32, 64, 128) or cpu_kernels.native_isa("bf16") != 2
             or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
         return None
-    lengths = (torch.as_tensor(start_pos, dtype=torch.int64).reshape(-1).expand(B) + 1).contiguous()
-    out = torch.ops.codellama_native.decode_attention_bf16(q.reshape(B, H, hd).contiguous(), k, v, lengths, hd ** -0.5)
+    lengths = torch.as_tensor(start_pos, dtype=torch.int64).reshape(-1).expand(B) + 1
+    lengths = lengths.clamp(1, k.shape[2]).contiguous()  # (every key visible past the cache's end, as the mask)
+    q2 = q.reshape(B, H, hd).contiguous()
+    out = torch.ops.codellama_native.decode_attention_bf16(q2, k, v, lengths, hd ** -0.5)
     return out.to(q.dtype).view(B, H, 1, hd)
 
 

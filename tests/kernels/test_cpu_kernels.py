@@ -502,6 +502,9 @@ def test_a_bf16_decode_step_attends_with_the_native_kernel_and_training_does_not
     got = ops.TorchOps.attention(q, k, v, start)
     want = ops.TorchOps.attention(q.float(), k.float(), v.float(), start)
     torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=0)  # (the bf16 output's rounding)
+    past = torch.tensor([45, 0])  # a position past the cache's end sees every key, as the masked path does
+    torch.testing.assert_close(ops.TorchOps.attention(q, k, v, past).float(),
+                               ops.TorchOps.attention(q.float(), k.float(), v.float(), past), atol=1e-2, rtol=0)
     qg = q.clone().requires_grad_()
     assert ops._native_decode_attention(qg, k, v, start) is None
     ops.TorchOps.attention(qg, k, v, start).float().sum().backward()
