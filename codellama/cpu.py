@@ -380,13 +380,11 @@ def fuse_copied_projections(model: nn.Module) -> nn.Module:
 
 def kept_in_place(layer: nn.Module) -> bool:
     """Whether ``cpu_layout`` leaves this projection's weight where loading put it: a bf16 weight (``in_place``) or
-    int8 codes that the native int8 kernel reads (``codellama.quantize.Int8Linear``)."""
+    int8 codes that the native int8 kernel reads (``codellama.quantize.Int8Linear.reads_in_place``)."""
+    if hasattr(layer, "reads_in_place"):
+        return layer.reads_in_place()
     weight = getattr(layer, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        return False
-    if getattr(layer, "scheme", None) == "int8":
-        return weight.device.type == "cpu" and weight.stride(-1) == 1 and native_kernel_available("int8")
-    return in_place(weight)
+    return isinstance(weight, torch.Tensor) and in_place(weight)
 
 
 def cpu_layout(model: nn.Module, *, matvec: bool = False) -> nn.Module:

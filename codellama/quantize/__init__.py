@@ -390,13 +390,19 @@ class Int8Linear(QuantizedLinear):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return dequantize_int8(*self.codes(), dtype)
 
+    def reads_in_place(self) -> bool:
+        """Whether the native kernel reads the codes where they are (CPU codes with contiguous rows, the kernel
+        built here); ``codellama.cpu`` asks too, to leave such layers unfused."""
+        w = self.weight
+        return w is not None and w.device.type == "cpu" and w.stride(-1) == 1 and cpu.native_kernel_available("int8")
+
     def to_cpu_layout(self) -> None:
         """Nothing for the native kernel; for torch's, codes it can read (64-byte aligned: a file's may not be)."""
-        if self.weight is not None and self.weight.device.type == "cpu" and not cpu.native_kernel_available("int8"):
+        if self.weight is not None and self.weight.device.type == "cpu" and not self.reads_in_place():
             self.weight = cpu.aligned(self.weight)
 
     def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.stride(-1) == 1 and cpu.native_kernel_available("int8"):
+        if self.reads_in_place():
             return cpu.int8_rows_linear(x, self.weight, self.scales)
         return cpu.int8_linear(x, self.weight, self.scales)
 
