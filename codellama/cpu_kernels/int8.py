@@ -20,7 +20,6 @@ import torch
 from . import native_isa
 
 BLOCK = 32  # activations quantized per this many inputs (llama.cpp's Q8_0 block)
-ROWS_MAX = 8  # up to this many rows of x the codes are streamed row by row (tiles.cpp's ROWS_MAX)
 
 
 def int8_rows_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -114,13 +114,14 @@ inline int32_t four_bytes(const int8_t* p) {
 }
 
 // ----------------------------------------------------------------------------- AVX-512 VNNI
+// 16 float32 or bf16 values (any 2-byte type: its bits) as float32; past the mask, 0.
 template <typename S>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
-inline __m512 load16_avx512(const S* p) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+inline __m512 load16_avx512(const S* p, __mmask16 mask = 0xFFFF) {
   if constexpr (std::is_same_v<S, float>) {
-    return _mm512_loadu_ps(p);
+    return _mm512_maskz_loadu_ps(mask, p);
   } else {  // bf16: the upper half of a float32
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
 }
@@ -429,17 +430,6 @@ void pack_tile8(const int8_t* w, int64_t ldw, int64_t N, int64_t K, int64_t Kp, 
 // codellama.quantize's int8 of a float weight in one pass (its quantize_int8, bit for bit): per row, the scale
 // max|w| / 127 rounded to the weight's dtype (as it is stored), the codes w / scale (divided by at least the
 // smallest normal float) rounded half to even and clamped to [-127, 127]; a row of zeros gets scale 0, codes 0.
-template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-inline __m512 load16_float(const T* p, __mmask16 mask) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_maskz_loadu_ps(mask, p);
-  } else {  // bf16: the upper half of a float32
-    const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-}
-
 // One row, 16 values a step (the same arithmetic as the scalar loop below: exact max, IEEE division, rounding
 // half to even).
 template <typename T>
@@ -448,7 +438,7 @@ float row_amax_avx512(const T* row, int64_t K) {
   __m512 amax = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1u);
-    amax = _mm512_max_ps(amax, _mm512_abs_ps(load16_float(row + k, mask)));
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(load16_avx512(row + k, mask)));
   }
   return _mm512_reduce_max_ps(amax);
 }
@@ -459,7 +449,7 @@ void row_codes_avx512(const T* row, int64_t K, float div, int8_t* codes) {
   const __m512 d = _mm512_set1_ps(div), hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 mask = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1u);
-    __m512 v = _mm512_div_ps(load16_float(row + k, mask), d);
+    __m512 v = _mm512_div_ps(load16_avx512(row + k, mask), d);
     v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
     _mm_mask_storeu_epi8(codes + k, mask, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
   }
@@ -507,7 +497,7 @@ void group4_avx512(const T* v, int64_t G, float scale, float zero, uint8_t* pack
   for (int64_t j = 0; j < G / 2; j += 16) {
     __m128i nibbles[2];
     for (int half = 0; half < 2; ++half) {
-      __m512 t = scale > 0.f ? _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(load16_float(v + half * G / 2 + j, 0xFFFF), z), s), eight)
+      __m512 t = scale > 0.f ? _mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(load16_avx512(v + half * G / 2 + j, 0xFFFF), z), s), eight)
                              : eight;
       t = _mm512_min_ps(fifteen, _mm512_max_ps(none, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
       nibbles[half] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t));
