@@ -3,6 +3,7 @@
     python benchmarks/bench_7b.py --dir /work/peers/big-models          # 7B: every row, and llama.cpp's
     python benchmarks/bench_7b.py --dir ... --size 13b --rows int4-file --quantized-only   # 13B int4, no bf16 file
     python benchmarks/bench_7b.py --size tiny                             # a smoke run (the slow tests)
+    python benchmarks/bench_7b.py --dir ... --rows int4-g64+out8 --theirs Q4_0 --compiled   # + the compiled step
 
 A random model of the shape (7B: dim 4096, 32 layers, 32 heads, FFN 11008, vocab 32016, rope theta 1e6) is
 written as Hugging Face bf16 safetensors in ~400 MB shards, a tensor at a time (no model-sized memory), with
@@ -34,11 +35,12 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -87,6 +89,21 @@ def sample():  # RssAnon has no kernel high-water mark: poll it
             __import__("os")._exit(3)
         time.sleep(0.005)
 threading.Thread(target=sample, daemon=True).start()
+out = {}
+def decode(measure):
+    # Decode tok/s per batch size, the best of spec["repeat"] measurements; or, serving (--interleave), one
+    # measurement per line the parent sends (a batch size), answered on stdout, until "end".
+    if not spec.get("serve"):
+        for batch in spec["batches"]:
+            out[f"decode{batch}"] = max(measure(batch) for _ in range(spec["repeat"]))
+        return
+    for batch in spec["batches"]:
+        measure(batch)  # (warm-ups: the engines and their caches before the rounds)
+    print(json.dumps(out), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "end":
+            break
+        print(json.dumps(measure(int(line))), flush=True)
 """
 
 CHILD_OURS = MEMORY + r"""
@@ -103,8 +120,8 @@ base_rss, base_anon = status("VmRSS:"), status("RssAnon:")
 start = time.perf_counter()
 model = load_model(sys.argv[2], device="cpu", dtype=spec["dtype"],
                    quantize=QuantConfig(**spec["quantize"]) if spec["quantize"] else None)
-out = {"load_s": time.perf_counter() - start, "load_rss": status("VmHWM:") - base_rss,
-       "load_anon": peak_anon[0] - base_anon}
+out.update(load_s=time.perf_counter() - start, load_rss=status("VmHWM:") - base_rss,
+           load_anon=peak_anon[0] - base_anon)
 out["weights"] = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 out["step_bytes"] = sum(t.numel() * t.element_size() for k, t in [*model.named_parameters(), *model.named_buffers()]
                         if not k.startswith("tok_embeddings"))  # (not state_dict(): it would copy packed weights out)
@@ -119,10 +136,15 @@ for _ in range(2):  # fresh prompts: nothing cached
     prefill.append(time.perf_counter() - t)
 out["prefill_first_s"], out["prefill_s"] = prefill
 del llama
-for batch in spec["batches"]:
-    ours = Ours(model, prompt(batch), N)
-    out[f"decode{batch}"] = batch / min(ours.step_seconds() for _ in range(spec["repeat"]))
-    del ours
+engines = {}
+def measure(batch):  # tok/s of one decode measurement; one engine a batch size, its prompts cached
+    if batch not in engines:
+        if not spec["serve"]:
+            engines.clear()  # (one at a time: their KV caches)
+        engines[batch] = Ours(model, prompt(batch), N, compile=spec["compile"])
+    return batch / engines[batch].step_seconds()
+decode(measure)
+engines.clear()
 out["rss"], out["anon"] = status("VmHWM:") - base_rss, peak_anon[0] - base_anon
 print(json.dumps(out))
 """
@@ -137,8 +159,8 @@ base_rss, base_anon = status("VmRSS:"), status("RssAnon:")
 P, N, batches = spec["prompt_len"], spec["new_tokens"], spec["batches"]
 start = time.perf_counter()
 peer = LlamaCpp(sys.argv[2], max(batches), P + N + 8, torch.get_num_threads())
-out = {"load_s": time.perf_counter() - start, "load_rss": status("VmHWM:") - base_rss,
-       "load_anon": peak_anon[0] - base_anon}
+out.update(load_s=time.perf_counter() - start, load_rss=status("VmHWM:") - base_rss,
+           load_anon=peak_anon[0] - base_anon)
 out["weights"] = os.path.getsize(sys.argv[2])
 out["step_bytes"] = gguf_weight_bytes(sys.argv[2])
 g = torch.Generator().manual_seed(0)
@@ -146,15 +168,17 @@ prompt = lambda rows: torch.randint(3, peer.vocab, (rows, P), generator=g).tolis
 prefill = []
 for _ in range(2):
     p = prompt(1)[0]
-    peer.lib.llama_memory_clear(peer.lib.llama_get_memory(peer.ctx), True)
     t = time.perf_counter()
-    peer._decode([(tok, i, 0, i == P - 1) for i, tok in enumerate(p)])
+    peer.prefill(p)
     prefill.append(time.perf_counter() - t)
 out["prefill_first_s"], out["prefill_s"] = prefill
-for batch in batches:
-    p = prompt(batch)
-    peer.step_seconds(p, 2)  # warm-up
-    out[f"decode{batch}"] = batch / min(peer.step_seconds(p, N) for _ in range(spec["repeat"]))
+prompts = {}
+def measure(batch):  # tok/s of one decode measurement; the batch's prompts prefilled once
+    if batch not in prompts:
+        prompts[batch] = prompt(batch)
+        peer.step_seconds(prompts[batch], 2)  # warm-up
+    return batch / peer.step_seconds(prompts[batch], N)
+decode(measure)
 peer.close()
 out["rss"], out["anon"] = status("VmHWM:") - base_rss, peak_anon[0] - base_anon
 print(json.dumps(out))
@@ -168,13 +192,78 @@ print(read_bandwidth())
 """
 
 
-def run_child(code: str, *argv: str, env: Optional[Dict[str, str]] = None) -> dict:
+def child(code: str, argv, env: Optional[Dict[str, str]]) -> Tuple[List[str], Dict[str, str]]:
+    """The command line and environment of a child process running ``code``."""
     env = {**os.environ, **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    r = subprocess.run([sys.executable, "-c", code, HERE, *argv], capture_output=True, text=True, env=env)
+    return [sys.executable, "-c", code, HERE, *argv], env
+
+
+def run_child(code: str, *argv: str, env: Optional[Dict[str, str]] = None) -> dict:
+    cmd, env = child(code, argv, env)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"child failed ({argv[0]}): {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+class Served:
+    """A row's child kept running (``--interleave``): it loads and measures prefill, then answers one decode
+    measurement (tok/s) per batch size it is sent, so that two rows can take turns under the same conditions."""
+
+    def __init__(self, code: str, *argv: str, env: Optional[Dict[str, str]] = None):
+        cmd, env = child(code, argv, env)
+        self.what, self.log = argv[0], tempfile.TemporaryFile(mode="w+")
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                  env=env)
+        self.result = self._answer()
+
+    def _answer(self):
+        for line in self.p.stdout:
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue  # (anything else the child printed)
+        self.p.wait()
+        self.log.seek(0)
+        lines = self.log.read().strip().splitlines()
+        raise RuntimeError(f"child failed ({self.what}): {lines[-1] if lines else self.p.returncode}")
+
+    def measure(self, batch: int) -> float:
+        self.p.stdin.write(f"{batch}\n")
+        self.p.stdin.flush()
+        return self._answer()
+
+    def end(self) -> dict:
+        """The load/prefill results with the peak memory over the whole run; the process is waited for."""
+        self.p.stdin.write("end\n")
+        self.p.stdin.close()
+        self.result.update(self._answer())
+        self.p.wait()
+        return self.result
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+def interleaved(ours: Served, theirs: Served, batches: List[int], rounds: int) -> Tuple[dict, dict, dict]:
+    """``rounds`` decode measurements of each batch size from both, taking turns (who goes first alternates):
+    each side's results with its median tok/s, and per batch size the rounds' ratios ours / theirs."""
+    runs: Dict[str, Dict[int, List[float]]] = {"ours": {b: [] for b in batches}, "theirs": {b: [] for b in batches}}
+    for r in range(rounds):
+        for i, b in enumerate(batches):
+            order = (("ours", ours), ("theirs", theirs))
+            for side, served in order if (r + i) % 2 == 0 else order[::-1]:
+                runs[side][b].append(served.measure(b))
+    results = []
+    for side, served in (("ours", ours), ("theirs", theirs)):
+        out = served.end()
+        out.update({f"decode{b}": statistics.median(runs[side][b]) for b in batches})
+        results.append(out)
+    ratios = {b: [x / y for x, y in zip(runs["ours"][b], runs["theirs"][b])] for b in batches}
+    return results[0], results[1], ratios
 
 
 # ----------------------------------------------------------------------------- the checkpoints
@@ -225,7 +314,10 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
-def print_tables(results: Dict[str, dict], bandwidth: float, batches: List[int]) -> None:
+def print_tables(results: Dict[str, dict], bandwidth: float, batches: List[int],
+                 partner_runs: Optional[Dict[str, dict]] = None) -> None:
+    """The rows, then ours / llama.cpp per pair: against the llama.cpp run a row took turns with
+    (``partner_runs``, ``--interleave``), else against llama.cpp's own row."""
     cols = " | ".join(f"decode b{b} tok/s" for b in batches)
     print(f"\n| row | weights GiB | load s | peak rss GiB (× weights) | peak anon GiB | first prefill s | "
           f"prefill {{P}} s | {cols} | bytes/step | bw |".replace("{P}", str(results.get("_prompt_len", ""))))
@@ -241,7 +333,8 @@ def print_tables(results: Dict[str, dict], bandwidth: float, batches: List[int])
         print(f"| {name} | {gib(r['weights'])} | {r['load_s']:.1f} | {gib(r['rss'])} ({r['rss'] / r['weights']:.2f}×) | "
               f"{gib(r['anon'])} | {r['prefill_first_s']:.2f} | {r['prefill_s']:.2f} | {decode} | "
               f"{r['step_bytes'] / 1e9:.2f} GB | {util:.0%} |")
-    rows = [(o, t, what) for o, t, what in PAIRS if o in results and t in results
+    pairs = PAIRS + [(o + "+compiled", t, what.replace(", load", "")) for o, t, what in PAIRS]
+    rows = [(o, t, what) for o, t, what in pairs if o in results and t in results
             and "error" not in results[o] and "error" not in results[t]]
     if not rows:
         return
@@ -249,11 +342,28 @@ def print_tables(results: Dict[str, dict], bandwidth: float, batches: List[int])
           " | prefill (warm) | load | peak rss |")
     print("|---|---|" + "---|" * (len(batches) + 3))
     for o, t, what in rows:
-        a, b = results[o], results[t]
+        a, b = results[o], (partner_runs or {}).get(o, results[t])
         decode = " | ".join(f"{a[f'decode{n}'] / b[f'decode{n}']:.2f}×" if "decode" in what else "" for n in batches)
         prefill = f"{b['prefill_s'] / a['prefill_s']:.1f}× faster" if "prefill" in what else ""
         load = f"{a['load_s'] / b['load_s']:.2f}× the time" if "load" in what else ""
         print(f"| {o} | {t} | {decode} | {prefill} | {load} | {a['rss'] / b['rss']:.2f}× |")
+
+
+def print_interleaved(results: Dict[str, dict], paired: List[tuple], batches: List[int],
+                      rounds: int) -> None:
+    if not paired:
+        return
+    print(f"\n{rounds} interleaved rounds a pair: each side's median tok/s, and ours / llama.cpp per round "
+          "(median, min–max)")
+    print("\n| ours | llama.cpp | " + " | ".join(f"decode b{b}" for b in batches) + " |")
+    print("|---|---|" + "---|" * len(batches))
+    for label, partner, ratios, theirs in paired:
+        cells = []
+        for b in batches:
+            r = ratios[b]
+            cells.append(f"{results[label][f'decode{b}']:.2f} / {theirs[f'decode{b}']:.2f}: "
+                         f"**{statistics.median(r):.2f}×** ({min(r):.2f}–{max(r):.2f}×)")
+        print(f"| {label} | {partner} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -269,6 +379,13 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--batch", nargs="+", type=int, default=[1, 4])
     p.add_argument("--repeat", type=int, default=2, help="decode measurements per batch (the best is kept)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also run each of our rows with the compiled decode step (``Llama(..., compile=True)``), "
+                        "as the row's name + '+compiled'")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="decode: each of our rows and its llama.cpp row loaded side by side (both must fit in "
+                        "memory: quantized rows), taking turns for ROUNDS measurements a batch size; the ratio "
+                        "per round shows what a shared machine's changing bandwidth does to one-off rows")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints and GGUF files this run wrote")
     p.add_argument("--meta", default=None, help="an existing Meta-layout copy of the checkpoint for bf16-meta "
                    "(default: converted from the HF one, then deleted)")
@@ -316,6 +433,21 @@ def main() -> None:
             write_random(hf, args, tokenizer)
             print(f"wrote {hf} in {time.perf_counter() - t:.0f} s", flush=True)
         files = {"hf": hf, **({"meta": a.meta} if a.meta else {})}
+
+        def gguf(kind: str) -> str:
+            out = os.path.join(work, f"{a.size}-{kind.lower()}.gguf")
+            if not os.path.exists(out):
+                t = time.perf_counter()
+                created.append(out)
+                make_gguf(a.llama_cpp, hf, kind, out, os.path.join(work, f"{a.size}-bf16.gguf"))
+                print(f"wrote {out} in {time.perf_counter() - t:.0f} s", flush=True)
+            return out
+
+        paired: List[tuple] = []  # (our row, llama.cpp's, the rounds' ratios per batch size, llama.cpp's results)
+        partners = {o: next((t for o2, t, what in PAIRS if o2 == o and "decode" in what and t in a.theirs), None)
+                    for o in a.rows} if a.interleave and problem is None else {}
+        for kind in a.theirs if partners else ():
+            gguf(kind)  # (llama.cpp's files first, in --theirs' order: they take turns with ours)
         for name in a.rows:
             kind = OURS[name][0]
             path = os.path.join(work, kind)
@@ -331,24 +463,37 @@ def main() -> None:
                     quantize_checkpoint(hf, path, QuantConfig(**QUANTIZED_FILES[kind]), force=True)
                 files[kind] = path
                 print(f"wrote {path} in {time.perf_counter() - t:.0f} s", flush=True)
-            row = {**spec, "dtype": OURS[name][1], "quantize": OURS[name][2]}
-            try:
-                results[name] = run_child(CHILD_OURS, files[kind], json.dumps(row))
-            except RuntimeError as e:
-                results[name] = {"error": str(e)}
-            print(f"{name}: {json.dumps(results[name])}", flush=True)
+            for compiled in (False, True) if a.compiled else (False,):
+                label = name + "+compiled" * compiled
+                row = {**spec, "dtype": OURS[name][1], "quantize": OURS[name][2], "compile": compiled}
+                partner = partners.get(name)
+                try:
+                    if partner is None:
+                        results[label] = run_child(CHILD_OURS, files[kind], json.dumps(row))
+                    else:
+                        served = []
+                        try:
+                            served.append(Served(CHILD_OURS, files[kind], json.dumps({**row, "serve": True})))
+                            served.append(Served(CHILD_THEIRS, gguf(partner), json.dumps({**spec, "serve": True}),
+                                                 env=env))
+                            results[label], results[partner], ratios = interleaved(*served, a.batch, a.interleave)
+                        finally:
+                            for s in served:
+                                s.kill()
+                        paired.append((label, partner, ratios, results[partner]))
+                        print(f"{partner}: {json.dumps(results[partner])}", flush=True)
+                except RuntimeError as e:
+                    results[label] = {"error": str(e)}
+                print(f"{label}: {json.dumps(results[label])}", flush=True)
             if kind != "hf" and path in created and not any(OURS[r][0] == kind for r in a.rows[a.rows.index(name) + 1:]) \
                     and not a.keep:
                 shutil.rmtree(path)  # done with it: disk for the next one
                 created.remove(path)
         if problem is None:
             for kind in a.theirs:
-                out = os.path.join(work, f"{a.size}-{kind.lower()}.gguf")
-                if not os.path.exists(out):
-                    t = time.perf_counter()
-                    created.append(out)
-                    make_gguf(a.llama_cpp, hf, kind, out, os.path.join(work, f"{a.size}-bf16.gguf"))
-                    print(f"wrote {out} in {time.perf_counter() - t:.0f} s", flush=True)
+                if kind in partners.values():
+                    continue  # (measured with the rows it took turns with)
+                out = gguf(kind)
                 try:
                     results[kind] = run_child(CHILD_THEIRS, out, json.dumps(spec), env=env)
                 except RuntimeError as e:
@@ -357,7 +502,8 @@ def main() -> None:
                 if kind == "Q8_0" and out in created and not a.keep:
                     os.remove(out)
                     created.remove(out)
-        print_tables(results, bandwidth, a.batch)
+        print_tables(results, bandwidth, a.batch, {label: theirs for label, _, _, theirs in paired})
+        print_interleaved(results, paired, a.batch, a.interleave)
         failed = [name for name, r in results.items() if isinstance(r, dict) and "error" in r]
         if failed:
             sys.exit(f"rows failed: {', '.join(failed)}")

@@ -135,6 +135,8 @@ class LlamaCpp:
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.batch = llama_cpp.llama_batch_init(512, 0, batch)
+        self._prompts: List[List[int]] = []  # what ``greedy`` last prefilled, and the first token of each row
+        self._first: List[int] = []
 
     def close(self) -> None:
         self.lib.llama_batch_free(self.batch)
@@ -151,17 +153,31 @@ class LlamaCpp:
         if self.lib.llama_decode(self.ctx, b) != 0:
             raise RuntimeError("llama_decode failed")
 
+    def prefill(self, prompt: List[int]) -> None:
+        """One prompt's prefill into an emptied cache (as a new request's, nothing reused)."""
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        self._prompts, self._first = [], []
+        self._decode([(t, i, 0, i == len(prompt) - 1) for i, t in enumerate(prompt)])
+
     def _argmax(self, index: int) -> int:
         import numpy as np
         return int(np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, index), shape=(self.vocab,)).argmax())
 
     def greedy(self, prompts: List[List[int]], n: int) -> Tuple[List[List[int]], float]:
-        """``n`` greedy tokens of every row, and the seconds of the ``n - 1`` decode steps after the prefill."""
-        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
-        out = []
-        for s, p in enumerate(prompts):  # each row's prefill gives its first token
-            self._decode([(t, i, s, i == len(p) - 1) for i, t in enumerate(p)])
-            out.append([self._argmax(-1)])
+        """``n`` greedy tokens of every row, and the seconds of the ``n - 1`` decode steps after the prefill.
+        The prompts of the last call stay cached: called again with them, only what it decoded is dropped."""
+        memory = self.lib.llama_get_memory(self.ctx)
+        if prompts == self._prompts:
+            for s, p in enumerate(prompts):
+                self.lib.llama_memory_seq_rm(memory, s, len(p), -1)
+            out = [[t] for t in self._first]
+        else:
+            self.lib.llama_memory_clear(memory, True)
+            out = []
+            for s, p in enumerate(prompts):  # each row's prefill gives its first token
+                self._decode([(t, i, s, i == len(p) - 1) for i, t in enumerate(p)])
+                out.append([self._argmax(-1)])
+            self._prompts, self._first = [list(p) for p in prompts], [row[0] for row in out]
         start = time.perf_counter()
         for step in range(1, n):  # then all rows together, one token each
             self._decode([(row[-1], len(p) + step - 1, s, True) for s, (p, row) in enumerate(zip(prompts, out))])

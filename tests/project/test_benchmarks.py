@@ -36,3 +36,40 @@ def test_benchmarks_run_on_an_avx2_only_cpu(script, args):
                        env=env, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "Traceback" not in r.stderr
+
+
+# A child answering bench_7b's serving protocol: a JSON line when ready, a tok/s per batch size sent, and its
+# memory after "end"; "fail" in its argv makes it die with a message first.
+FAKE_ROW = r"""
+import json, sys
+speed = float(sys.argv[2])
+if speed < 0:
+    sys.exit("could not load the row")
+print("noise a child may print", flush=True)
+print(json.dumps({"load_s": 0.5}), flush=True)
+n = 0
+for line in sys.stdin:
+    if line.strip() == "end":
+        break
+    n += 1
+    print(json.dumps(speed * int(line) * (2 if n == 2 else 1)), flush=True)
+print(json.dumps({"rss": n}), flush=True)
+"""
+
+
+def test_bench_7b_interleaves_two_rows_measurement_by_measurement():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_7b
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    ours, theirs = bench_7b.Served(FAKE_ROW, "3"), bench_7b.Served(FAKE_ROW, "2")
+    assert ours.result == {"load_s": 0.5}
+    a, b, ratios = bench_7b.interleaved(ours, theirs, [1, 4], rounds=3)
+    # each side's second answer is doubled: the medians and the per-round ratios show it
+    assert a == {"load_s": 0.5, "rss": 6, "decode1": 3.0, "decode4": 12.0}
+    assert b == {"load_s": 0.5, "rss": 6, "decode1": 2.0, "decode4": 8.0}
+    assert ratios == {1: [1.5, 1.5, 1.5], 4: [1.5, 1.5, 1.5]}  # (both doubled in the same round: taking turns)
+    assert ours.p.returncode == 0 and theirs.p.returncode == 0
+    with pytest.raises(RuntimeError, match="could not load the row"):
+        bench_7b.Served(FAKE_ROW, "-1")
