@@ -139,7 +139,7 @@ del llama
 engines = {}
 def measure(batch):  # tok/s of one decode measurement; one engine a batch size, its prompts cached
     if batch not in engines:
-        if not spec["serve"]:
+        if not spec.get("serve"):
             engines.clear()  # (one at a time: their KV caches)
         engines[batch] = Ours(model, prompt(batch), N, compile=spec["compile"])
     return batch / engines[batch].step_seconds()
