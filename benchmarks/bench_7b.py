@@ -73,7 +73,8 @@ PAIRS = [("bf16", "BF16", "decode, prefill, load"), ("int8", "Q8_0", "decode, pr
          ("int8-file", "Q8_0", "load"), ("int4-file", "Q4_0", "load")]
 
 # ----------------------------------------------------------------------------- the processes
-MEMORY = r"""
+# What both children start with: the memory sampler, their results (out) and the decode measurements' loop.
+CHILD_PRELUDE = r"""
 import json, sys, threading, time
 def status(key):
     for line in open("/proc/self/status"):
@@ -106,7 +107,7 @@ def decode(measure):
         print(json.dumps(measure(int(line))), flush=True)
 """
 
-CHILD_OURS = MEMORY + r"""
+CHILD_OURS = CHILD_PRELUDE + r"""
 import torch
 sys.path.insert(0, sys.argv[1])
 from bench_generate import _Vocab
@@ -149,7 +150,7 @@ out["rss"], out["anon"] = status("VmHWM:") - base_rss, peak_anon[0] - base_anon
 print(json.dumps(out))
 """
 
-CHILD_THEIRS = MEMORY + r"""
+CHILD_THEIRS = CHILD_PRELUDE + r"""
 import os, torch
 sys.path.insert(0, sys.argv[1])
 from bench_quant import LlamaCpp, gguf_weight_bytes
