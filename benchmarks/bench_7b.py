@@ -4,6 +4,8 @@
     python benchmarks/bench_7b.py --dir ... --size 13b --rows int4-file --quantized-only   # 13B int4, no bf16 file
     python benchmarks/bench_7b.py --size tiny                             # a smoke run (the slow tests)
     python benchmarks/bench_7b.py --dir ... --rows int4-g64+out8 --theirs Q4_0 --compiled   # + the compiled step
+    python benchmarks/bench_7b.py --dir ... --rows int4 --theirs BF16 Q4_1 --interleave 5   # in turns, in one process each
+    python benchmarks/bench_7b.py --dir ... --rows bf16 --theirs BF16 --alternate 4        # whole runs, one after the other
 
 A random model of the shape (7B: dim 4096, 32 layers, 32 heads, FFN 11008, vocab 32016, rope theta 1e6) is
 written as Hugging Face bf16 safetensors in ~400 MB shards, a tensor at a time (no model-sized memory), with
@@ -16,8 +18,10 @@ the Code Llama tokenizer of ``../shared/data``. Each row then runs in its own pr
   checkpoints written by ``python -m codellama quantize`` (``int8-file``, ``int4-file``: int4 g32 +out8);
 * llama.cpp (llama-cpp-python's C API, ``LLAMA_CPP_LIB_PATH`` pointing at a build of it): GGUF files made by
   its own tools from the same safetensors: ``convert_hf_to_gguf.py --outtype bf16`` (BF16) and ``q8_0``
-  (Q8_0), and ``llama-quantize`` of the BF16 file (Q4_0). Found under ``--llama-cpp`` (its source tree,
-  with ``gguf-py`` and ``build/bin``); rows are skipped with a line when it is absent.
+  (Q8_0), and ``llama-quantize`` of the BF16 file (Q4_0; Q4_1, whose blocks of 32 carry an fp16 scale and an
+  fp16 minimum: int4 g32's layout and bytes, so ``int4`` pairs with it when it is asked for). Found under
+  ``--llama-cpp`` (its source tree, with ``gguf-py`` and ``build/bin``); rows are skipped with a line when it
+  is absent.
 
 Per row: load seconds (until the model can run; llama.cpp maps its file and reads pages on first use, so its
 first prefill carries that, ``first prefill``), peak resident memory over the process against the bytes of
@@ -40,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -65,10 +69,11 @@ OURS = {
 }
 QUANTIZED_FILES = {"int8": {"scheme": "int8"},
                    "int4": {"scheme": "int4", "group_size": 32, "include_output": True, "output_scheme": "int8"}}
-THEIRS = {"BF16": "bf16", "Q8_0": "q8_0", "Q4_0": None}  # llama.cpp row → convert_hf_to_gguf --outtype (None: quantized)
+THEIRS = {"BF16": "bf16", "Q8_0": "q8_0", "Q4_0": None, "Q4_1": None}  # llama.cpp row → convert_hf_to_gguf --outtype (None: quantized)
 # (ours, llama.cpp, what the pair compares)
 PAIRS = [("bf16", "BF16", "decode, prefill, load"), ("int8", "Q8_0", "decode, prefill"),
-         ("int4", "Q4_0", "decode, prefill"), ("int4+out8", "Q4_0", "decode, prefill"),
+         ("int4", "Q4_1", "decode, prefill"), ("int4", "Q4_0", "decode, prefill"),
+         ("int4+out8", "Q4_0", "decode, prefill"),
          ("int4-g64+out8", "Q4_0", "decode, prefill"),
          ("int8-file", "Q8_0", "load"), ("int4-file", "Q4_0", "load")]
 
@@ -267,6 +272,24 @@ def interleaved(ours: Served, theirs: Served, batches: List[int], rounds: int) -
     return results[0], results[1], ratios
 
 
+def alternated(ours: Callable[[], dict], theirs: Callable[[], dict], batches: List[int],
+               rounds: int) -> Tuple[dict, dict, dict]:
+    """``rounds`` whole runs of each row, a process each, one after the other (who goes first alternating), for
+    rows that do not fit in memory side by side (bf16 and BF16): each side's median figures, and per batch size
+    the ratios ours / theirs of each round's two runs, minutes apart instead of months."""
+    runs: Dict[str, List[dict]] = {"ours": [], "theirs": []}
+    for r in range(rounds):
+        order = (("ours", ours), ("theirs", theirs))
+        for side, run in order if r % 2 == 0 else order[::-1]:
+            runs[side].append(run())
+            print(f"  round {r + 1}, {side}: " + ", ".join(f"b{b} {runs[side][-1][f'decode{b}']:.2f} tok/s"
+                                                        for b in batches), flush=True)
+    medians = [{key: statistics.median(run[key] for run in runs[side]) for key in runs[side][0]}
+               for side in ("ours", "theirs")]
+    ratios = {b: [x[f"decode{b}"] / y[f"decode{b}"] for x, y in zip(runs["ours"], runs["theirs"])] for b in batches}
+    return medians[0], medians[1], ratios
+
+
 # ----------------------------------------------------------------------------- the checkpoints
 def write_random(path: str, args, tokenizer: Optional[str]) -> None:
     """The random bf16 HF checkpoint (~400 MB shards, a tensor at a time) with the tokenizer files llama.cpp's
@@ -283,7 +306,7 @@ def write_random(path: str, args, tokenizer: Optional[str]) -> None:
 
 
 def make_gguf(llama_cpp: str, hf: str, kind: str, out: str, bf16_gguf: Optional[str]) -> None:
-    """llama.cpp's own tools: its converter for BF16 / Q8_0, its quantizer (of the BF16 file) for Q4_0."""
+    """llama.cpp's own tools: its converter for BF16 / Q8_0, its quantizer (of the BF16 file) for Q4_0 / Q4_1."""
     if THEIRS[kind] is not None:
         cmd = [sys.executable, os.path.join(llama_cpp, "convert_hf_to_gguf.py"), hf, "--outtype", THEIRS[kind],
                "--outfile", out]
@@ -351,10 +374,10 @@ def print_tables(results: Dict[str, dict], bandwidth: float, batches: List[int],
 
 
 def print_interleaved(results: Dict[str, dict], paired: List[tuple], batches: List[int],
-                      rounds: int) -> None:
+                      rounds: int, how: str = "interleaved") -> None:
     if not paired:
         return
-    print(f"\n{rounds} interleaved rounds a pair: each side's median tok/s, and ours / llama.cpp per round "
+    print(f"\n{rounds} {how} rounds a pair: each side's median tok/s, and ours / llama.cpp per round "
           "(median, min–max)")
     print("\n| ours | llama.cpp | " + " | ".join(f"decode b{b}" for b in batches) + " |")
     print("|---|---|" + "---|" * len(batches))
@@ -387,6 +410,10 @@ def main() -> None:
                    help="decode: each of our rows and its llama.cpp row loaded side by side (both must fit in "
                         "memory: quantized rows), taking turns for ROUNDS measurements a batch size; the ratio "
                         "per round shows what a shared machine's changing bandwidth does to one-off rows")
+    p.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
+                   help="each of our rows and its llama.cpp row run whole, a process each, one after the other "
+                        "ROUNDS times (for rows that do not fit in memory together: bf16 and BF16); the ratio "
+                        "per round compares runs minutes apart")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints and GGUF files this run wrote")
     p.add_argument("--meta", default=None, help="an existing Meta-layout copy of the checkpoint for bf16-meta "
                    "(default: converted from the HF one, then deleted)")
@@ -396,6 +423,8 @@ def main() -> None:
     p.add_argument("--max-anon-gb", type=float, default=None,
                    help="stop a row whose process allocates more than this (a machine shared with others)")
     a = p.parse_args()
+    if a.interleave and a.alternate:
+        p.error("--interleave and --alternate are two ways of pairing the same rows: choose one")
     sys.path.insert(0, ROOT)
     from codellama import ModelArgs
     from codellama.quantize import QuantConfig
@@ -411,9 +440,10 @@ def main() -> None:
         f"its converter needs a tokenizer ({TOKENIZER} not found)"
     root = a.dir or tempfile.mkdtemp(prefix="bench_7b_")
     work = os.path.join(root, f"bench-{a.size}")
-    if problem is None and "Q4_0" in a.theirs and a.theirs.index("Q4_0") < (a.theirs + ["BF16"]).index("BF16") \
+    quantized = [k for k in a.theirs if THEIRS[k] is None]
+    if problem is None and quantized and a.theirs.index(quantized[0]) < (a.theirs + ["BF16"]).index("BF16") \
             and not os.path.exists(os.path.join(work, f"{a.size}-bf16.gguf")):
-        p.error("--theirs: Q4_0 is quantized from the BF16 file, which does not exist yet: list BF16 before it")
+        p.error(f"--theirs: {quantized[0]} is quantized from the BF16 file, which does not exist yet: list BF16 before it")
     os.makedirs(work, exist_ok=True)
     spec = {"prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "batches": a.batch, "repeat": a.repeat}
     env = {"LLAMA_CPP_LIB_PATH": os.environ.get("LLAMA_CPP_LIB_PATH") or os.path.join(a.llama_cpp, "build", "bin"),
@@ -446,7 +476,7 @@ def main() -> None:
 
         paired: List[tuple] = []  # (our row, llama.cpp's, the rounds' ratios per batch size, llama.cpp's results)
         partners = {o: next((t for o2, t, what in PAIRS if o2 == o and "decode" in what and t in a.theirs), None)
-                    for o in a.rows} if a.interleave and problem is None else {}
+                    for o in a.rows} if (a.interleave or a.alternate) and problem is None else {}
         for kind in a.theirs if partners else ():
             gguf(kind)  # (llama.cpp's files first, in --theirs' order: they take turns with ours)
         for name in a.rows:
@@ -471,6 +501,13 @@ def main() -> None:
                 try:
                     if partner is None:
                         results[label] = run_child(CHILD_OURS, files[kind], json.dumps(row))
+                    elif a.alternate:
+                        results[label], results[partner], ratios = alternated(
+                            lambda: run_child(CHILD_OURS, files[kind], json.dumps(row)),
+                            lambda: run_child(CHILD_THEIRS, gguf(partner), json.dumps(spec), env=env),
+                            a.batch, a.alternate)
+                        paired.append((label, partner, ratios, results[partner]))
+                        print(f"{partner}: {json.dumps(results[partner])}", flush=True)
                     else:
                         served = []
                         try:
@@ -504,7 +541,7 @@ def main() -> None:
                     os.remove(out)
                     created.remove(out)
         print_tables(results, bandwidth, a.batch, {label: theirs for label, _, _, theirs in paired})
-        print_interleaved(results, paired, a.batch, a.interleave)
+        print_interleaved(results, paired, a.batch, a.interleave or a.alternate, "alternated" if a.alternate else "interleaved")
         failed = [name for name, r in results.items() if isinstance(r, dict) and "error" in r]
         if failed:
             sys.exit(f"rows failed: {', '.join(failed)}")

@@ -73,3 +73,24 @@ def test_bench_7b_interleaves_two_rows_measurement_by_measurement():
     assert ours.p.returncode == 0 and theirs.p.returncode == 0
     with pytest.raises(RuntimeError, match="could not load the row"):
         bench_7b.Served(FAKE_ROW, "-1")
+
+
+def test_bench_7b_alternates_whole_runs_and_pairs_each_round():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_7b
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    calls = []
+
+    def row(side, speeds):  # a whole run of a row: its figures, which change from run to run
+        def run():
+            calls.append(side)
+            n = calls.count(side)
+            return {"load_s": n, "decode1": speeds[n - 1], "decode4": 4 * speeds[n - 1]}
+        return run
+
+    a, b, ratios = bench_7b.alternated(row("ours", [3, 6, 3]), row("theirs", [2, 4, 1]), [1, 4], rounds=3)
+    assert calls == ["ours", "theirs", "theirs", "ours", "ours", "theirs"]  # who goes first alternates
+    assert a == {"load_s": 2, "decode1": 3, "decode4": 12} and b == {"load_s": 2, "decode1": 2, "decode4": 8}
+    assert ratios == {1: [1.5, 1.5, 3.0], 4: [1.5, 1.5, 3.0]}  # each round's two runs against each other
