@@ -5,7 +5,7 @@
 // one activation row, so the weight needs no layout of its own and can stay a view of the memory-mapped
 // checkpoint. Four weight rows and up to four activation rows are computed together (16 float32
 // accumulators: independent chains, each weight load used R times), 32 inputs a step, then each accumulator
-// is summed across its lanes; a single activation row (batch-1 decoding) reads one weight row at a time instead.
+// is summed across its lanes.
 //
 // bytes read per call: N*K*2 + M*K*2 (x stays in L1); written: M*N*4 (float32 out).
 
@@ -66,30 +66,6 @@ void block_avx512(const uint16_t* w, int64_t ldw, int64_t n0, int64_t rows, cons
     }
 }
 
-// One activation row: one weight row at a time, a single stream from memory per thread. On a 7B's layers read
-// in place from the memory-mapped checkpoint this streamed 1.2x faster than four rows side by side (medians of
-// alternating rounds, 2-core Zen 5; on weights in anonymous memory the two were within 3%), and software
-// prefetching only slowed it; with more activation rows the four-row blocks stay (1.0x at two, 0.6x at four
-// this way: each weight load is then worth more than the stream). CHAINS independent sums hide the latency.
-constexpr int CHAINS = 4;
-
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-void row_avx512(const uint16_t* wr, const uint16_t* x, int64_t K, float* out) {
-  __m512 acc[CHAINS];
-  for (int s = 0; s < CHAINS; ++s) acc[s] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 * CHAINS <= K; k += 32 * CHAINS)
-    for (int s = 0; s < CHAINS; ++s)
-      acc[s] = _mm512_dpbf16_ps(acc[s], (__m512bh)_mm512_loadu_si512(wr + k + 32 * s),
-                                (__m512bh)_mm512_loadu_si512(x + k + 32 * s));
-  for (int s = 0; k < K; k += 32, s = (s + 1) % CHAINS) {  // the rest, 32 inputs (or fewer, masked) at a time
-    const __mmask32 mask = K - k >= 32 ? ~0u : (1u << (K - k)) - 1u;
-    acc[s] = _mm512_dpbf16_ps(acc[s], (__m512bh)_mm512_maskz_loadu_epi16(mask, wr + k),
-                              (__m512bh)_mm512_maskz_loadu_epi16(mask, x + k));
-  }
-  *out = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-}
-
 __attribute__((target("avx2,fma")))
 inline __m256 widen(const uint16_t* p) {  // 8 bf16 → 8 float32: the bits shifted to the upper half
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
@@ -136,12 +112,6 @@ at::Tensor bf16_rows_linear(const at::Tensor& x, const at::Tensor& w, int64_t is
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* o = out.data_ptr<float>();
-  if (isa == AVX512 && M == 1) {
-    codellama::parallel_chunks(N, BLOCK * BLOCKS_A_CHUNK, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) row_avx512(wp + n * ldw, xp, K, o + n);
-    });
-    return out;
-  }
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
   codellama::parallel_chunks(blocks, BLOCKS_A_CHUNK, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
