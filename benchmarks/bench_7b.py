@@ -4,8 +4,8 @@
     python benchmarks/bench_7b.py --dir ... --size 13b --rows int4-file --quantized-only   # 13B int4, no bf16 file
     python benchmarks/bench_7b.py --size tiny                             # a smoke run (the slow tests)
     python benchmarks/bench_7b.py --dir ... --rows int4-g64+out8 --theirs Q4_0 --compiled   # + the compiled step
-    python benchmarks/bench_7b.py --dir ... --rows int4 --theirs BF16 Q4_1 --interleave 5   # in turns, in one process each
-    python benchmarks/bench_7b.py --dir ... --rows bf16 --theirs BF16 --alternate 4        # whole runs, one after the other
+    python benchmarks/bench_7b.py --dir ... --rows int4 --theirs BF16 Q4_1 --interleave 5 --batch 1   # its own format
+    python benchmarks/bench_7b.py --dir ... --rows bf16 --theirs BF16 --alternate 4   # whole runs, one after the other
 
 A random model of the shape (7B: dim 4096, 32 layers, 32 heads, FFN 11008, vocab 32016, rope theta 1e6) is
 written as Hugging Face bf16 safetensors in ~400 MB shards, a tensor at a time (no model-sized memory), with
@@ -69,7 +69,8 @@ OURS = {
 }
 QUANTIZED_FILES = {"int8": {"scheme": "int8"},
                    "int4": {"scheme": "int4", "group_size": 32, "include_output": True, "output_scheme": "int8"}}
-THEIRS = {"BF16": "bf16", "Q8_0": "q8_0", "Q4_0": None, "Q4_1": None}  # llama.cpp row → convert_hf_to_gguf --outtype (None: quantized)
+# llama.cpp row → convert_hf_to_gguf --outtype (None: llama-quantize of the BF16 file)
+THEIRS = {"BF16": "bf16", "Q8_0": "q8_0", "Q4_0": None, "Q4_1": None}
 # (ours, llama.cpp, what the pair compares)
 PAIRS = [("bf16", "BF16", "decode, prefill, load"), ("int8", "Q8_0", "decode, prefill"),
          ("int4", "Q4_1", "decode, prefill"), ("int4", "Q4_0", "decode, prefill"),
@@ -443,7 +444,8 @@ def main() -> None:
     quantized = [k for k in a.theirs if THEIRS[k] is None]
     if problem is None and quantized and a.theirs.index(quantized[0]) < (a.theirs + ["BF16"]).index("BF16") \
             and not os.path.exists(os.path.join(work, f"{a.size}-bf16.gguf")):
-        p.error(f"--theirs: {quantized[0]} is quantized from the BF16 file, which does not exist yet: list BF16 before it")
+        p.error(f"--theirs: {quantized[0]} is quantized from the BF16 file, which does not exist yet: "
+                "list BF16 before it")
     os.makedirs(work, exist_ok=True)
     spec = {"prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "batches": a.batch, "repeat": a.repeat}
     env = {"LLAMA_CPP_LIB_PATH": os.environ.get("LLAMA_CPP_LIB_PATH") or os.path.join(a.llama_cpp, "build", "bin"),
@@ -541,7 +543,8 @@ def main() -> None:
                     os.remove(out)
                     created.remove(out)
         print_tables(results, bandwidth, a.batch, {label: theirs for label, _, _, theirs in paired})
-        print_interleaved(results, paired, a.batch, a.interleave or a.alternate, "alternated" if a.alternate else "interleaved")
+        print_interleaved(results, paired, a.batch, a.interleave or a.alternate,
+                          "alternated" if a.alternate else "interleaved")
         failed = [name for name, r in results.items() if isinstance(r, dict) and "error" in r]
         if failed:
             sys.exit(f"rows failed: {', '.join(failed)}")

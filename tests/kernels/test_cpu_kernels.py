@@ -399,7 +399,7 @@ def test_the_bf16_row_kernel_reads_a_weight_with_a_row_stride_in_place():
     """A weight whose rows are contiguous but spaced (a slice of a wider tensor, as a fused or mapped one is)."""
     wide = torch.randn(12, 80).to(torch.bfloat16)
     weight = wide[:, 8:72]  # (12, 64), row stride 80
-    for M in (1, 3):  # (one row: the row-at-a-time path)
+    for M in (1, 3):
         x = torch.randn(M, 64)
         got = cpu_kernels.bf16_rows_linear(x, weight)
         want = cpu_kernels.bf16_rows_reference(x.double(), weight.contiguous())

@@ -57,30 +57,32 @@ print(json.dumps({"rss": n}), flush=True)
 """
 
 
-def test_bench_7b_interleaves_two_rows_measurement_by_measurement():
+def bench_7b():
+    """benchmarks/bench_7b.py as a module (the benchmarks are scripts, not a package)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import bench_7b
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    ours, theirs = bench_7b.Served(FAKE_ROW, "3"), bench_7b.Served(FAKE_ROW, "2")
+    return bench_7b
+
+
+def test_bench_7b_interleaves_two_rows_measurement_by_measurement():
+    bench = bench_7b()
+    ours, theirs = bench.Served(FAKE_ROW, "3"), bench.Served(FAKE_ROW, "2")
     assert ours.result == {"load_s": 0.5}
-    a, b, ratios = bench_7b.interleaved(ours, theirs, [1, 4], rounds=3)
+    a, b, ratios = bench.interleaved(ours, theirs, [1, 4], rounds=3)
     # each side's second answer is doubled: the medians and the per-round ratios show it
     assert a == {"load_s": 0.5, "rss": 6, "decode1": 3.0, "decode4": 12.0}
     assert b == {"load_s": 0.5, "rss": 6, "decode1": 2.0, "decode4": 8.0}
     assert ratios == {1: [1.5, 1.5, 1.5], 4: [1.5, 1.5, 1.5]}  # (both doubled in the same round: taking turns)
     assert ours.p.returncode == 0 and theirs.p.returncode == 0
     with pytest.raises(RuntimeError, match="could not load the row"):
-        bench_7b.Served(FAKE_ROW, "-1")
+        bench.Served(FAKE_ROW, "-1")
 
 
 def test_bench_7b_alternates_whole_runs_and_pairs_each_round():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_7b
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    bench = bench_7b()
     calls = []
 
     def row(side, speeds):  # a whole run of a row: its figures, which change from run to run
@@ -90,7 +92,7 @@ def test_bench_7b_alternates_whole_runs_and_pairs_each_round():
             return {"load_s": n, "decode1": speeds[n - 1], "decode4": 4 * speeds[n - 1]}
         return run
 
-    a, b, ratios = bench_7b.alternated(row("ours", [3, 6, 3]), row("theirs", [2, 4, 1]), [1, 4], rounds=3)
+    a, b, ratios = bench.alternated(row("ours", [3, 6, 3]), row("theirs", [2, 4, 1]), [1, 4], rounds=3)
     assert calls == ["ours", "theirs", "theirs", "ours", "ours", "theirs"]  # who goes first alternates
     assert a == {"load_s": 2, "decode1": 3, "decode4": 12} and b == {"load_s": 2, "decode1": 2, "decode4": 8}
     assert ratios == {1: [1.5, 1.5, 3.0], 4: [1.5, 1.5, 3.0]}  # each round's two runs against each other
