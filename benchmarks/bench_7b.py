@@ -508,8 +508,6 @@ def main() -> None:
                             lambda: run_child(CHILD_OURS, files[kind], json.dumps(row)),
                             lambda: run_child(CHILD_THEIRS, gguf(partner), json.dumps(spec), env=env),
                             a.batch, a.alternate)
-                        paired.append((label, partner, ratios, results[partner]))
-                        print(f"{partner}: {json.dumps(results[partner])}", flush=True)
                     else:
                         served = []
                         try:
@@ -520,6 +518,7 @@ def main() -> None:
                         finally:
                             for s in served:
                                 s.kill()
+                    if partner is not None:
                         paired.append((label, partner, ratios, results[partner]))
                         print(f"{partner}: {json.dumps(results[partner])}", flush=True)
                 except RuntimeError as e:
