@@ -3,6 +3,7 @@ and accuracy against fp32 on random models with Code Llama 7B's proportions.
 
     python benchmarks/bench_quant.py                  # speed, the 194M-parameter model of bench_generate.py
     python benchmarks/bench_quant.py --accuracy       # max logit error, greedy agreement over 256 steps
+    python benchmarks/bench_quant.py --formats        # int4 g32/g64/g128 against llama.cpp's Q4_0 and Q4_1
     python benchmarks/bench_quant.py --batch 1 --schemes bf16 int8
     python benchmarks/bench_quant.py --compile --batch 1  # the compiled decode step (Llama(compile=True))
 
@@ -20,6 +21,14 @@ machine's read bandwidth, measured in the same run (the best of a few streaming 
 **Accuracy.** For random models of 7B's proportions (vocab and head_dim kept, scaled down), fp32 greedily
 generates 256 tokens; each scheme is then run over the same tokens: the largest logit error (over the
 largest fp32 logit) and the fraction of the 256 positions where its argmax is fp32's.
+
+**int4 formats** (``--formats``): this library's int4 (a scale and a zero per group of 32, 64 or 128 inputs)
+against llama.cpp's 4-bit formats of blocks of 32, Q4_0 (one fp16 scale, symmetric) and Q4_1 (an fp16 scale and
+an fp16 minimum), quantized by the ``gguf`` package's reference quantizers (llama.cpp's own ``quantize_row_*_ref``
+in numpy). Each format replaces weights by the values its codes stand for (fake quantization, computed in fp32):
+bits a weight; the relative error (Frobenius norm) on a Gaussian matrix and on a heavy-tailed one (Student's t,
+4 degrees of freedom; trained weights have heavier tails than Gaussian ones); and the bundled model's bits per
+byte on its held-out files (``training/evaluate_tiny.py``), every linear layer but the output in the format.
 """
 
 from __future__ import annotations
@@ -31,11 +40,12 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # training/ (--formats)
 from bench_generate import SIZES, _Vocab, timed  # noqa: E402
 from gguf_export import write_gguf  # noqa: E402
 
@@ -313,9 +323,68 @@ def accuracy(a) -> None:
             print(f"| {size} ({args.num_params() / 1e6:.0f}M) | {scheme} | {err:.3f} | {agree:.1%} |", flush=True)
 
 
+# ----------------------------------------------------------------------------- int4 formats
+def int4_formats() -> Dict[str, Tuple[float, Callable[[torch.Tensor], torch.Tensor]]]:
+    """name → (bits a weight, weight (out, in) fp32 → the values its codes stand for): this library's int4 group
+    sizes and llama.cpp's Q4_0 / Q4_1 (the ``gguf`` package's reference quantizers)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+    from codellama.quantize import GROUP_SIZES, dequantize_int4, quantize_int4
+
+    def ours(group: int):
+        return lambda w: dequantize_int4(*quantize_int4(w, group, torch.bfloat16), dtype=torch.float32)[:, :w.shape[1]]
+
+    def llama_cpp(kind: GGMLQuantizationType):
+        return lambda w: torch.from_numpy(quants.dequantize(quants.quantize(w.float().numpy(), kind), kind))
+
+    table = {f"int4 g{g}": (4 + 2 * 16 / g, ours(g)) for g in GROUP_SIZES}  # bf16 scale and zero a group
+    for kind in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+        block, size = GGML_QUANT_SIZES[kind]
+        table[kind.name] = (size * 8 / block, llama_cpp(kind))
+    return table
+
+
+def relative_error(approx: torch.Tensor, w: torch.Tensor) -> float:
+    return float((approx - w).norm() / w.norm())
+
+
+@torch.inference_mode()
+def formats(a) -> None:
+    from codellama import Tokenizer, load_model
+    from codellama.checkpoint import BUNDLED_CKPT_DIR
+    from training.data import load_corpus
+    from training.evaluate_tiny import measure_loss
+
+    g = torch.Generator().manual_seed(0)
+    matrices = {"Gaussian": torch.randn(a.rows, 4096, generator=g),
+                "Student's t (4)": torch.distributions.StudentT(4.0).sample((a.rows, 4096))}
+    corpus = load_corpus()
+    heldout, train = list(corpus.heldout.values()), list(corpus.library.values())
+    tokenizer = Tokenizer(os.path.join(BUNDLED_CKPT_DIR, "tokenizer.model"))
+
+    def bits_per_byte(fake: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> float:
+        model = load_model(BUNDLED_CKPT_DIR, device="cpu", dtype="fp32", optimize=False)  # plain nn.Linear layers
+        for name, module in model.named_modules():
+            if fake and isinstance(module, torch.nn.Linear) and name != "output":
+                module.weight.copy_(fake(module.weight))
+        return measure_loss(model, tokenizer, heldout, train, seq_len=512).model_bits_per_byte
+
+    full = bits_per_byte(None)
+    print(f"bundled model, fp32: {full:.4f} bits per byte on {len(heldout)} held-out files")
+    print(f"| format | bits a weight | {' | '.join(f'{m}: weight error' for m in matrices)} | bundled model: "
+          "bits per byte (over fp32) |")
+    print("|---|---|" + "---|" * len(matrices) + "---|")
+    for name, (bits, fake) in int4_formats().items():
+        errors = " | ".join(f"{relative_error(fake(w), w):.4f}" for w in matrices.values())
+        bpb = bits_per_byte(fake)
+        print(f"| {name} | {bits:.2f} | {errors} | {bpb:.4f} ({bpb / full - 1:+.2%}) |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--accuracy", action="store_true", help="logit error and greedy agreement instead of speed")
+    p.add_argument("--formats", action="store_true", help="int4 against llama.cpp's 4-bit formats instead of speed")
+    p.add_argument("--rows", type=int, default=4096, help="--formats: rows of the random matrices (4096 inputs)")
     p.add_argument("--size", default="base", choices=sorted(SIZES), help="random model size for speed")
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
@@ -330,7 +399,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    accuracy(a) if a.accuracy else speed(a)
+    formats(a) if a.formats else accuracy(a) if a.accuracy else speed(a)
 
 
 if __name__ == "__main__":

@@ -96,3 +96,26 @@ def test_bench_7b_alternates_whole_runs_and_pairs_each_round():
     assert calls == ["ours", "theirs", "theirs", "ours", "ours", "theirs"]  # who goes first alternates
     assert a == {"load_s": 2, "decode1": 3, "decode4": 12} and b == {"load_s": 2, "decode1": 2, "decode4": 8}
     assert ratios == {1: [1.5, 1.5, 3.0], 4: [1.5, 1.5, 3.0]}  # each round's two runs against each other
+
+
+def test_int4_formats_compare_like_llama_cpps_own_quantizers():
+    """bench_quant.py --formats: llama.cpp's Q4_0 / Q4_1 through the gguf package's reference quantizers, next to
+    this library's group sizes, with the bits a weight each costs."""
+    pytest.importorskip("gguf")
+    import torch
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_quant
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    table = bench_quant.int4_formats()
+    assert {name: bits for name, (bits, _) in table.items()} == {
+        "int4 g32": 5.0, "int4 g64": 4.5, "int4 g128": 4.25, "Q4_0": 4.5, "Q4_1": 5.0}
+    exact = torch.arange(-8.0, 8.0).repeat(64, 4)  # 16 integer levels in every block: each format keeps them exactly
+    for name, (_, fake) in table.items():
+        assert torch.equal(fake(exact), exact), name
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    err = {name: bench_quant.relative_error(fake(w), w) for name, (_, fake) in table.items()}
+    assert err["int4 g32"] < err["Q4_0"] < err["int4 g64"] < err["int4 g128"], err  # more bits, less error
+    assert abs(err["Q4_1"] / err["int4 g32"] - 1) < 0.02, err  # Q4_1 is int4 g32's scheme (fp16 for bf16)
+
