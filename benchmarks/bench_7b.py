@@ -3,6 +3,7 @@
     python benchmarks/bench_7b.py --dir /work/peers/big-models          # 7B: every row, and llama.cpp's
     python benchmarks/bench_7b.py --dir ... --size 13b --rows int4-file --quantized-only   # 13B int4, no bf16 file
     python benchmarks/bench_7b.py --size tiny                             # a smoke run (the slow tests)
+    python benchmarks/bench_7b.py --dir ... --rows int4-g64 --theirs Q4_0 --interleave 5   # the default int4, in turns
     python benchmarks/bench_7b.py --dir ... --rows int4-g64+out8 --theirs Q4_0 --compiled   # + the compiled step
     python benchmarks/bench_7b.py --dir ... --rows int4 --theirs BF16 Q4_1 --interleave 5 --batch 1   # its own format
     python benchmarks/bench_7b.py --dir ... --rows bf16 --theirs BF16 --alternate 4   # whole runs, one after the other
@@ -12,9 +13,10 @@ written as Hugging Face bf16 safetensors in ~400 MB shards, a tensor at a time (
 the Code Llama tokenizer of ``../shared/data``. Each row then runs in its own process, one at a time:
 
 * ours: ``load_model`` of that checkpoint in bf16 (``bf16``), of its Meta-layout copy (``bf16-meta``),
-  quantized on load (``int8``; ``int4`` = int4 g32, the output layer in bf16, the library's default;
-  ``int4+out8`` = int4 g32 with the output layer in int8, as llama.cpp's Q4_0 keeps it in Q6_K;
-  ``int4-g64+out8`` = int4 g64, 4.5 bits a weight as Q4_0's blocks of 32 with one fp16 scale), and of
+  quantized on load (``int8``; ``int4-g64`` = ``quantize="int4"`` as it comes, the library's default: g64, 4.5
+  bits a weight as Q4_0's blocks of 32 with one fp16 scale, the output layer in bf16; ``int4`` = int4 g32 (5
+  bits a weight, Q4_1's); ``int4+out8`` = int4 g32 with the output layer in int8, as llama.cpp's Q4_0 keeps it
+  in Q6_K; ``int4-g64+out8``), and of
   checkpoints written by ``python -m codellama quantize`` (``int8-file``, ``int4-file``: int4 g32 +out8);
 * llama.cpp (llama-cpp-python's C API, ``LLAMA_CPP_LIB_PATH`` pointing at a build of it): GGUF files made by
   its own tools from the same safetensors: ``convert_hf_to_gguf.py --outtype bf16`` (BF16) and ``q8_0``
@@ -60,6 +62,7 @@ OURS = {
     "bf16": ("hf", "bf16", None),
     "bf16-meta": ("meta", "bf16", None),
     "int8": ("hf", "bf16", {"scheme": "int8"}),
+    "int4-g64": ("hf", "bf16", {"scheme": "int4", "group_size": 64}),  # the library's default (tested)
     "int4": ("hf", "bf16", {"scheme": "int4", "group_size": 32}),
     "int4+out8": ("hf", "bf16", {"scheme": "int4", "group_size": 32, "include_output": True, "output_scheme": "int8"}),
     "int4-g64+out8": ("hf", "bf16", {"scheme": "int4", "group_size": 64, "include_output": True,
@@ -73,6 +76,7 @@ QUANTIZED_FILES = {"int8": {"scheme": "int8"},
 THEIRS = {"BF16": "bf16", "Q8_0": "q8_0", "Q4_0": None, "Q4_1": None}
 # (ours, llama.cpp, what the pair compares)
 PAIRS = [("bf16", "BF16", "decode, prefill, load"), ("int8", "Q8_0", "decode, prefill"),
+         ("int4-g64", "Q4_0", "decode, prefill"),
          ("int4", "Q4_1", "decode, prefill"), ("int4", "Q4_0", "decode, prefill"),
          ("int4+out8", "Q4_0", "decode, prefill"),
          ("int4-g64+out8", "Q4_0", "decode, prefill"),

@@ -119,3 +119,9 @@ def test_int4_formats_compare_like_llama_cpps_own_quantizers():
     assert err["int4 g32"] < err["Q4_0"] < err["int4 g64"] < err["int4 g128"], err  # more bits, less error
     assert abs(err["Q4_1"] / err["int4 g32"] - 1) < 0.02, err  # Q4_1 is int4 g32's scheme (fp16 for bf16)
 
+
+def test_bench_7b_names_the_librarys_default_int4_row():
+    from codellama.quantize import QuantConfig
+    rows = bench_7b().OURS
+    assert QuantConfig(**rows["int4-g64"][2]) == QuantConfig("int4")  # the row the docs call the default
+    assert QuantConfig(**rows["int4"][2]) != QuantConfig("int4")
