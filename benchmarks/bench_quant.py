@@ -356,8 +356,8 @@ def formats(a) -> None:
     from training.evaluate_tiny import measure_loss
 
     g = torch.Generator().manual_seed(0)
-    matrices = {"Gaussian": torch.randn(a.rows, 4096, generator=g),
-                "Student's t (4)": torch.distributions.StudentT(4.0).sample((a.rows, 4096))}
+    matrices = {"Gaussian": torch.randn(a.matrix_rows, 4096, generator=g),
+                "Student's t (4)": torch.distributions.StudentT(4.0).sample((a.matrix_rows, 4096))}
     corpus = load_corpus()
     heldout, train = list(corpus.heldout.values()), list(corpus.library.values())
     tokenizer = Tokenizer(os.path.join(BUNDLED_CKPT_DIR, "tokenizer.model"))
@@ -384,7 +384,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--accuracy", action="store_true", help="logit error and greedy agreement instead of speed")
     p.add_argument("--formats", action="store_true", help="int4 against llama.cpp's 4-bit formats instead of speed")
-    p.add_argument("--rows", type=int, default=4096, help="--formats: rows of the random matrices (4096 inputs)")
+    p.add_argument("--matrix-rows", type=int, default=4096, help="--formats: rows of the random matrices (of 4096 "
+                   "inputs)")
     p.add_argument("--size", default="base", choices=sorted(SIZES), help="random model size for speed")
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])

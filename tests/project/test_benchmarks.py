@@ -1,6 +1,7 @@
 """Every benchmark script runs on any x86-64 CPU: here on an emulated AVX2-only one (no oneDNN bf16), with tiny
 settings. The figures themselves come from the README's commands on a quiet machine."""
 
+import importlib
 import os
 import py_compile
 import subprocess
@@ -57,14 +58,17 @@ print(json.dumps({"rss": n}), flush=True)
 """
 
 
-def bench_7b():
-    """benchmarks/bench_7b.py as a module (the benchmarks are scripts, not a package)."""
+def benchmark(name):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import bench_7b
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    return bench_7b
+
+
+def bench_7b():
+    return benchmark("bench_7b")
 
 
 def test_bench_7b_interleaves_two_rows_measurement_by_measurement():
@@ -103,11 +107,7 @@ def test_int4_formats_compare_like_llama_cpps_own_quantizers():
     this library's group sizes, with the bits a weight each costs."""
     pytest.importorskip("gguf")
     import torch
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_quant
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    bench_quant = benchmark("bench_quant")
     table = bench_quant.int4_formats()
     assert {name: bits for name, (bits, _) in table.items()} == {
         "int4 g32": 5.0, "int4 g64": 4.5, "int4 g128": 4.25, "Q4_0": 4.5, "Q4_1": 5.0}
