@@ -590,6 +590,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if a.model_dir:
             tmp = os.path.join(a.model_dir, f"{a.size}-{a.dtype}")
+            os.makedirs(tmp, exist_ok=True)  # (with --ckpt_dir nothing else makes it before the GGUF is written)
         ckpt = a.ckpt_dir or os.path.join(tmp, "ckpt")
         if a.ckpt_dir:
             makers = {k: v.load for k, v in open_checkpoint(a.ckpt_dir).tensors.items()}
