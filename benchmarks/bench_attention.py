@@ -4,6 +4,7 @@
     python benchmarks/bench_attention.py --only decode --dtype fp16
     python benchmarks/bench_attention.py --sweep         # try other block sizes / split counts too
     python benchmarks/bench_attention.py --cpu           # the compiled CPU decode step's attention (no GPU needed)
+    python benchmarks/bench_attention.py --cpu-prefill   # a CPU prompt chunk's attention: native kernel vs torch's
 
 Tables (each measures its baseline in the same run, with triton.testing.do_bench):
   prefill  causal flash attention, head_dim 128, 7B heads (32/32), 1k–16k tokens: TFLOP/s vs
@@ -18,13 +19,21 @@ compiled decode step attends (``TorchOps.attention``: sums Inductor fuses, readi
 against the eager path's way compiled the same way (SDPA over float32 copies of the cache), batch 1 and 4,
 the 194M benchmark model's heads (8/8) and 7B's (32/32), ragged positions; each timed over several layers'
 caches (together larger than the CPU's caches) and checked against the other before timing.
+
+``--cpu-prefill``: a prompt chunk of ``--chunk`` queries after ``--cpu-prefix`` cached positions (bf16, no
+compile), as the engine's prefill attends on a CPU with AVX-512 BF16 (``cpu_kernels/attention.cpp``) against
+the path it replaced, torch's CPU flash attention (``is_causal`` SDPA for a first chunk, the chunk's keys and
+the cached ones merged by log-sum-exp after it), the 194M benchmark model's heads and 7B's: ms per layer,
+GFLOP/s (the causal products' 4·T·(prefix + T/2)·hd a head) and the ratio; each checked against float32 first.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -144,24 +153,26 @@ def bench_decode(dtype: torch.dtype, lengths: Sequence[int], peak: Optional[floa
 
 
 # ----------------------------------------------------------------------------- CPU: the compiled decode step
-def bench_cpu_decode(dtype: torch.dtype, lengths: Sequence[int], batches: Sequence[int], repeat: int = 20) -> None:
-    import statistics
-    import time
+def cpu_timed(fn: Callable, *args, repeat: int, warmup: int = 3) -> float:
+    """Median seconds of ``fn(*args)`` over ``repeat`` calls after ``warmup`` (CPU: wall time)."""
+    for _ in range(warmup):
+        fn(*args)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
+
+def bench_cpu_decode(dtype: torch.dtype, lengths: Sequence[int], batches: Sequence[int], repeat: int = 20) -> None:
     from codellama.ops import TorchOps
 
     def copies(q, k, v, pos):  # the eager path: float32 copies of the cache, then SDPA
         return TorchOps.attention(q.float(), k.float(), v.float(), pos).to(q.dtype)
 
     def timed(fn, *args) -> float:
-        for _ in range(3):
-            fn(*args)
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn(*args)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return cpu_timed(fn, *args, repeat=repeat)
 
     def over_layers(attend):
         return lambda q, pos, *kv: [attend(q, kv[i], kv[i + len(kv) // 2], pos) for i in range(len(kv) // 2)]
@@ -191,6 +202,42 @@ def bench_cpu_decode(dtype: torch.dtype, lengths: Sequence[int], batches: Sequen
           f"{torch.get_num_threads()} threads",
           ["model", "heads", "rows", "cached tokens", "SDPA on float32 copies µs", "ours µs", "ours GB/s (k+v)",
            "speedup"], rows)
+
+
+def bench_cpu_prefill(prefixes: Sequence[int], chunk: int, repeat: int = 5) -> None:
+    from codellama import cpu_kernels, ops
+
+    if cpu_kernels.native_isa("bf16") != 2:
+        raise SystemExit(f"--cpu-prefill: the native prefill attention needs AVX-512 BF16; this CPU's kernels: "
+                         f"{cpu_kernels.isa('bf16')}")
+
+    def torchs(q, k, v, start):  # the path the native kernel replaced
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return ops._chunk_attention_cpu(q, k, v, start)
+
+    hd, T, rows = 128, chunk, []
+    with torch.inference_mode():
+        for label, H in (("194M", 8), ("7B", 32)):
+            for prefix in prefixes:
+                g = torch.Generator().manual_seed(prefix)
+                q = torch.randn(1, H, T, hd, generator=g).to(torch.bfloat16)
+                k, v = (torch.randn(1, H, prefix + T, hd, generator=g).to(torch.bfloat16) for _ in "kv")
+                native = ops._native_prefill_attention(q, k, v, prefix)
+                want = ops.TorchOps.attention(q.float(), k.float(), v.float(), prefix)
+                for name, got in (("native", native), ("torch", torchs(q, k, v, prefix))):
+                    err = (got.float() - want).abs().max().item()
+                    if not err <= 0.03:  # bf16 probabilities and output
+                        raise SystemExit(f"cpu prefill {label} prefix {prefix}: {name} differs from float32 by "
+                                         f"{err:.3g}; not timing")
+                t_base = cpu_timed(torchs, q, k, v, prefix, repeat=repeat, warmup=1)
+                t_ours = cpu_timed(ops._native_prefill_attention, q, k, v, prefix, repeat=repeat, warmup=1)
+                flops = 4 * H * T * (prefix + T / 2) * hd
+                rows.append([label, f"{H}/{H}", f"{prefix:,}", f"{T:,}", f"{t_base * 1e3:.1f}", f"{t_ours * 1e3:.1f}",
+                             f"{flops / t_base * 1e-9:.0f}", f"{flops / t_ours * 1e-9:.0f}", f"{t_base / t_ours:.2f}×"])
+    table(f"CPU prompt-chunk attention, one layer, head_dim {hd}, bf16, {torch.get_num_threads()} threads",
+          ["model", "heads", "cached tokens", "chunk", "torch's flash ms", "native ms", "torch GFLOP/s",
+           "native GFLOP/s", "speedup"], rows)
 
 
 # ----------------------------------------------------------------------------- RMSNorm and RoPE
@@ -237,7 +284,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--cpu", action="store_true", help="the compiled CPU decode attention table instead")
     parser.add_argument("--cpu-lengths", type=int, nargs="+", default=[160, 512, 2048])
     parser.add_argument("--cpu-batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--cpu-prefill", action="store_true", help="the CPU prompt-chunk attention table instead")
+    parser.add_argument("--cpu-prefix", type=int, nargs="+", default=[0, 1536, 3584], help="cached positions")
+    parser.add_argument("--chunk", type=int, default=512, help="queries a prompt chunk (the engine's default "
+                        "max_tokens_per_step)")
     args = parser.parse_args(argv)
+
+    if args.cpu_prefill:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+              f"{torch.backends.cpu.get_cpu_capability()}")
+        bench_cpu_prefill(args.cpu_prefix, args.chunk)
+        return
 
     if args.cpu:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "

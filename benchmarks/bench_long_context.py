@@ -7,7 +7,7 @@ The eager CPU decode step attends over float32 copies of each layer's cached key
 faster in float32 there, copies included). Made fresh every layer and step, those copies are fresh pages: the
 attended length grows by one each step, so glibc maps every new, slightly larger block anew and each page
 faults in. ``codellama.ops.float_copies`` writes them into buffers it keeps. Where AVX-512 is available, the
-native kernel (``cpu_kernels/decode_attention.cpp``) reads the bf16 cache itself and makes no copies. This
+native kernel (``cpu_kernels/attention.cpp``) reads the bf16 cache itself and makes no copies. This
 times one greedy decode step (``(time for N tokens − time for 1) / (N − 1)``, the prompt cached) all three
 ways, in rotating rounds, on a random model with 7B's width and heads (dim 4096, 32 heads of 128, FFN 11008)
 and fewer layers, and prints the ratios. Each layer's attention costs what a 7B's does, so the difference per

@@ -4,8 +4,8 @@
 implementation every other backend is measured against and falls back to; ``select_ops`` picks one for a
 device. ``codellama.kernels.TritonOps`` implements the same interface with Triton kernels. Dependencies
 point one way: the model and the kernels import this module; this module imports nothing of the library but
-``cpu_kernels`` (the CPU decode step's native attention), and ``select_ops`` loads the Triton side only when
-it is asked for, never at import time.
+``cpu_kernels`` (the native CPU attention of decode steps and prompt chunks), and ``select_ops`` loads the
+Triton side only when it is asked for, never at import time.
 
 Shapes: B batch, T queries in this call, L attended length, H query heads, Hkv key/value heads, hd head dim.
 """
@@ -76,6 +76,10 @@ class TorchOps:
             # when the copies go to memory already mapped (``float_copies``).
             kf, vf = float_copies(k, v)
             return TorchOps.attention(q.float(), kf, vf, start_pos).to(q.dtype)
+        if T > 1 and q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
+            native = _native_prefill_attention(q, k, v, start_pos)
+            if native is not None:
+                return native
         if isinstance(start_pos, int):
             if start_pos == 0 and L == T:  # plain causal self-attention: no mask tensor at all
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
@@ -92,7 +96,7 @@ class TorchOps:
 
 def _native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              start_pos: StartPos) -> Optional[torch.Tensor]:
-    """A CPU decode step over a bf16 cache with the native kernel (``cpu_kernels/decode_attention.cpp``: the
+    """A CPU decode step over a bf16 cache with the native kernel (``cpu_kernels/attention.cpp``: the
     cache read in place, float32 sums), or None where it does not run (no AVX-512, another dtype or head size,
     a backward pass to come). The float32 copies it replaces wrote and read the cache's bytes twice more: at
     7B and 256 positions about a tenth of an int4 decode step."""
@@ -106,6 +110,24 @@ def _native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q2 = q.reshape(B, H, hd).contiguous()
     out = torch.ops.codellama_native.decode_attention_bf16(q2, k, v, lengths, hd ** -0.5)
     return out.to(q.dtype).view(B, H, 1, hd)
+
+
+def _native_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              start_pos: StartPos) -> Optional[torch.Tensor]:
+    """A CPU prompt chunk over a bf16 cache with the native kernel (``cpu_kernels/attention.cpp``: AVX-512 BF16
+    dot products, blocks of 64 keys at absolute positions, so a prompt fed in chunks of any size gives the same
+    bits), or None where it does not run (no AVX-512 BF16, another dtype or head size, a row whose queries
+    pass the cache's end, a backward pass to come). torch's CPU flash attention, which it replaces, ran at a
+    third of the machine's bf16 matrix-product rate: 45% of a 2,000-token prefill of the 194M model."""
+    B, H, T, hd = q.shape
+    if (any(t.dtype != torch.bfloat16 or t.stride(-1) != 1 for t in (q, k, v)) or hd not in (32, 64, 128)
+            or cpu_kernels.native_isa("bf16") != 2
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return None
+    starts = torch.as_tensor(start_pos, dtype=torch.int64).reshape(-1).expand(B).contiguous()
+    if int(starts.min()) < 0 or int(starts.max()) + T > k.shape[2]:
+        return None
+    return torch.ops.codellama_native.prefill_attention_bf16(q, k, v, starts, hd ** -0.5).to(q.dtype)
 
 
 _scratch = threading.local()  # per thread: engines on different threads may decode at once

@@ -14,9 +14,11 @@ streams its weights at:
                                 ``vdpbf16ps``): oneDNN is as fast, but only on its packed copy of the weight,
                                 which takes ~2 s a GB to make (a minute of a 7B's load) and a second copy of
                                 the file's pages; this reads the memory-mapped checkpoint itself
-    decode_attention.cpp        one decode step's attention read from the bf16 KV cache in place (AVX-512;
-                                used by ``codellama.ops``): SDPA would need float32 copies of every layer's
-                                keys and values, three times the cache's bytes through memory a step
+    attention.cpp               attention read from the bf16 KV cache in place (AVX-512; used by
+                                ``codellama.ops``): a decode step's, where SDPA would need float32 copies of
+                                every layer's keys and values (three times the cache's bytes through memory a
+                                step), and a prompt chunk's (AVX-512 BF16 ``vdpbf16ps``, 2.2-4.9× torch's CPU
+                                flash attention a layer, ``benchmarks/bench_attention.py --cpu-prefill``)
 
 The extension is compiled with the system's C++ compiler against torch's headers (under a minute, once per
 torch version, cached in ``$CODELLAMA_KERNEL_CACHE`` or ``~/.cache/codellama/kernels``; no ninja, no
@@ -42,8 +44,8 @@ TILE = 16  # output rows per tile (the int32 lanes of a 512-bit register)
 DISABLE_ENV = "CODELLAMA_NATIVE_KERNELS"  # "0": never build or use the extension
 CACHE_ENV = "CODELLAMA_KERNEL_CACHE"
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = [os.path.join(_HERE, name) for name in ("tiles.cpp", "bf16_rows.cpp", "decode_attention.cpp")]
-_HEADERS = [os.path.join(_HERE, "parallel.h")]  # (part of the build's key: a change rebuilds)
+_SOURCES = [os.path.join(_HERE, name) for name in ("tiles.cpp", "bf16_rows.cpp", "attention.cpp")]
+_HEADERS = [os.path.join(_HERE, name) for name in ("parallel.h", "library.h")]  # (part of the build's key: a change rebuilds)
 
 
 # ----------------------------------------------------------------------------- building

@@ -16,6 +16,7 @@
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
+#include "library.h"
 #include "parallel.h"
 
 #include <atomic>
@@ -142,8 +143,6 @@ bool bf16_all_finite(const at::Tensor& w) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(codellama_native, m) {
-  m.def("bf16_rows_linear(Tensor x, Tensor w, int isa) -> Tensor");
-  m.impl("bf16_rows_linear", c10::DispatchKey::CPU, &bf16_rows_linear);
-  m.def("bf16_all_finite(Tensor w) -> bool");
-  m.impl("bf16_all_finite", c10::DispatchKey::CPU, &bf16_all_finite);
+  codellama::cpu_op(m, "bf16_rows_linear(Tensor x, Tensor w, int isa) -> Tensor", bf16_rows_linear);
+  codellama::cpu_op(m, "bf16_all_finite(Tensor w) -> bool", bf16_all_finite);
 }

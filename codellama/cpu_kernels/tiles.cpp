@@ -36,6 +36,7 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
+#include "library.h"
 #include "parallel.h"
 
 #include <cstdint>
@@ -710,14 +711,11 @@ int64_t supported_isa() {
 }  // namespace
 
 TORCH_LIBRARY(codellama_native, m) {
-  m.def("int4_tiles_linear(Tensor x, Tensor tiles, Tensor sz, int group_size, int out_features, int isa) -> Tensor");
-  m.impl("int4_tiles_linear", c10::DispatchKey::CPU, &int4_tiles_linear);
-  m.def("int8_rows_linear(Tensor x, Tensor w, Tensor scales, int isa) -> Tensor");
-  m.impl("int8_rows_linear", c10::DispatchKey::CPU, &int8_rows_linear);
-  m.def("quantize_int8(Tensor w, int isa) -> (Tensor, Tensor)");
-  m.def("quantize_int4(Tensor w, int group_size, int isa) -> (Tensor, Tensor, Tensor)");
-  m.impl("quantize_int4", c10::DispatchKey::CPU, &quantize_int4);
-  m.impl("quantize_int8", c10::DispatchKey::CPU, &quantize_int8);
+  codellama::cpu_op(m, "int4_tiles_linear(Tensor x, Tensor tiles, Tensor sz, int group_size, int out_features, "
+                       "int isa) -> Tensor", int4_tiles_linear);
+  codellama::cpu_op(m, "int8_rows_linear(Tensor x, Tensor w, Tensor scales, int isa) -> Tensor", int8_rows_linear);
+  codellama::cpu_op(m, "quantize_int8(Tensor w, int isa) -> (Tensor, Tensor)", quantize_int8);
+  codellama::cpu_op(m, "quantize_int4(Tensor w, int group_size, int isa) -> (Tensor, Tensor, Tensor)", quantize_int4);
   m.def("supported_isa() -> int", &supported_isa);
   m.def("bf16_supported_isa() -> int", &bf16_supported_isa);
 }

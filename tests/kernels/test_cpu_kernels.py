@@ -512,6 +512,79 @@ def test_a_bf16_decode_step_attends_with_the_native_kernel_and_training_does_not
     assert qg.grad is not None and qg.grad.abs().sum() > 0
 
 
+# ----------------------------------------------------------------------------- prefill attention
+def prefill_float64(q, k, v, starts):
+    """Row b's query t at position starts[b] + t over keys 0 .. starts[b] + t, grouped heads, in float64;
+    also sum_l p_l |v_l| (rounding the probabilities to bf16 moves an output by at most 2^-8 of it)."""
+    B, H, T, hd = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    out, scale = torch.empty(B, H, T, hd, dtype=torch.float64), torch.empty(B, H, T, hd, dtype=torch.float64)
+    for b in range(B):
+        qb = q[b].double().reshape(Hkv, H // Hkv, T, hd)
+        s = torch.einsum("grtd,gld->grtl", qb, k[b].double()) * hd ** -0.5
+        later = torch.arange(L).view(1, L) > (int(starts[b]) + torch.arange(T)).view(T, 1)  # (T, L)
+        p = torch.softmax(s.masked_fill(later, float("-inf")), -1)
+        out[b] = torch.einsum("grtl,gld->grtd", p, v[b].double()).reshape(H, T, hd)
+        scale[b] = torch.einsum("grtl,gld->grtd", p, v[b].double().abs()).reshape(H, T, hd)
+    return out, scale
+
+
+@native_attention
+@pytest.mark.parametrize("B, H, Hkv, hd, T, starts", [(1, 8, 8, 128, 100, [200]), (2, 4, 2, 64, 70, [0, 130]),
+                                                       (1, 6, 3, 32, 33, [0]), (3, 4, 1, 64, 1, [5, 63, 64])])
+def test_the_prefill_attention_kernel_matches_float64_and_gives_the_same_bits_in_any_chunks(B, H, Hkv, hd, T, starts):
+    """Grouped heads, ragged rows, queries and keys as views (the model's transposed q, a longer cache); a
+    chunk's queries split anyhow, or a row alone, give the same bits: a prompt cached in pieces is exact."""
+    g = torch.Generator().manual_seed(B * H + hd + T)
+    L = max(starts) + T + 7
+    cache = torch.randn(2, B, Hkv, L + 9, hd, generator=g).to(torch.bfloat16)
+    k, v = cache[0, :, :, :L], cache[1, :, :, :L]
+    q = (torch.randn(B, T, H, hd, generator=g) * 3).to(torch.bfloat16).transpose(1, 2)  # (B, H, T, hd) view
+    starts = torch.tensor(starts)
+    op = torch.ops.codellama_native.prefill_attention_bf16
+    got = op(q, k, v, starts, hd ** -0.5)
+    assert got.dtype == torch.float32 and got.shape == (B, H, T, hd)
+    want, scale = prefill_float64(q, k, v, starts)
+    assert ((got.double() - want).abs() <= 2.0 ** -8 * scale + 1e-5).all()  # bf16 probabilities
+    pieces = [op(q[:, :, t0:t0 + 17], k, v, starts + t0, hd ** -0.5) for t0 in range(0, T, 17)]
+    assert torch.equal(torch.cat(pieces, 2), got)
+    alone = [op(q[b:b + 1], k[b:b + 1], v[b:b + 1], starts[b:b + 1], hd ** -0.5) for b in range(B)]
+    assert torch.equal(torch.cat(alone), got)
+
+
+@native_attention
+def test_the_prefill_attention_kernel_refuses_what_it_cannot_read():
+    q, k = torch.randn(1, 4, 3, 64).to(torch.bfloat16), torch.randn(1, 4, 9, 64).to(torch.bfloat16)
+    op = torch.ops.codellama_native.prefill_attention_bf16
+    with pytest.raises(RuntimeError, match="q must be"):
+        op(q.float(), k, k, torch.tensor([0]), 0.1)
+    with pytest.raises(RuntimeError, match=r"starts\[0\] = 7: its queries' positions 7..9 need keys up to there, "
+                                           "and there are 9"):
+        op(q, k, k, torch.tensor([7]), 0.1)
+    with pytest.raises(RuntimeError, match="head size must be 32, 64 or 128, not 16"):
+        op(q[..., :16].contiguous(), k[..., :16].contiguous(), k[..., :16].contiguous(), torch.tensor([0]), 0.1)
+
+
+@native_attention
+def test_a_bf16_prompt_chunk_attends_with_the_native_kernel_and_training_does_not():
+    """TorchOps.attention for a prompt chunk over a bf16 cache (at 0, after a prefix, ragged rows): the native
+    kernel, within bf16 rounding of float32 SDPA; queries past the cache's end, or gradients wanted: torch's."""
+    from codellama import ops
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 8, 40, 64, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(2, 2, 100, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    for start, keys in ((0, 40), (60, 100), (torch.tensor([60, 10]), 100)):
+        kk, vv = k[:, :, :keys], v[:, :, :keys]
+        assert ops._native_prefill_attention(q, kk, vv, start) is not None
+        want = ops.TorchOps.attention(q.float(), kk.float(), vv.float(), start)
+        torch.testing.assert_close(ops.TorchOps.attention(q, kk, vv, start).float(), want, atol=2e-2, rtol=0)
+    assert ops._native_prefill_attention(q, k, v, 61) is None  # (queries up to 100: past the 100 keys)
+    qg = q.clone().requires_grad_()
+    assert ops._native_prefill_attention(qg, k, v, 60) is None
+    ops.TorchOps.attention(qg, k, v, 60).float().sum().backward()
+    assert qg.grad is not None and qg.grad.abs().sum() > 0
+
+
 AVX2_BF16_CHECK = """
 import torch
 from codellama import cpu_kernels
@@ -521,9 +594,11 @@ x = torch.randn(6, 203)
 got = cpu_kernels.bf16_rows_linear(x, w).double()
 want = cpu_kernels.bf16_rows_reference(x.double(), w)
 bound = 203 * 2.0 ** -23 * (x.to(torch.bfloat16).double().abs() @ w.double().abs().T)
-from codellama import ops  # the decode attention needs AVX-512: the float32 copies' SDPA here
+from codellama import ops  # the native attention needs AVX-512: torch's SDPA here
 q, k = torch.randn(1, 4, 1, 64).to(torch.bfloat16), torch.randn(1, 4, 9, 64).to(torch.bfloat16)
 assert ops._native_decode_attention(q, k, k, 8) is None and ops.TorchOps.attention(q, k, k, 8).shape == q.shape
+q = torch.randn(1, 4, 3, 64).to(torch.bfloat16)  # (and so does a prompt chunk's)
+assert ops._native_prefill_attention(q, k, k, 6) is None and ops.TorchOps.attention(q, k, k, 6).shape == q.shape
 print("ok" if bool(((got - want).abs() <= bound + 1e-30).all()) else "worse", float((got - want).abs().max()))
 """
 

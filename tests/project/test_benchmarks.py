@@ -125,3 +125,14 @@ def test_bench_7b_names_the_librarys_default_int4_row():
     rows = bench_7b().OURS
     assert QuantConfig(**rows["int4-g64"][2]) == QuantConfig("int4")  # the row the docs call the default
     assert QuantConfig(**rows["int4"][2]) != QuantConfig("int4")
+
+
+def test_the_cpu_prompt_attention_table_times_the_kernel_against_torchs(capsys):
+    from codellama import cpu_kernels
+    if cpu_kernels.native_isa("bf16") != 2:
+        pytest.skip("the native prompt attention needs AVX-512 BF16")
+    benchmark("bench_attention").main(["--cpu-prefill", "--cpu-prefix", "0", "70", "--chunk", "40"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| 194M", "| 7B"))]
+    assert [row.split(" | ")[2:4] for row in rows] == [["0", "40"], ["70", "40"]] * 2
+    assert all(row.rstrip(" |").endswith("×") for row in rows)
