@@ -153,8 +153,9 @@ inline uint32_t pair_at(const uint16_t* p) {  // two bf16 as one 32-bit value (a
   return x;
 }
 
-// One kv head's values in pairs along the keys: vp[(l / 2) * hd + d] = v[l][d] | v[l + 1][d] << 16, rows past
-// L zero (their probabilities are zero too: no NaN from stale bytes).
+// One kv head's values in pairs along the keys: vp[(l / 2) * hd + d] = v[l][d] | v[l + 1][d] << 16, rows from
+// L on zero: no query of the row sees them, and a NaN or inf left there by an earlier request of the slot would
+// make 0 * NaN in the products.
 AVX512BF16 void pack_values(const uint16_t* v, int64_t v_step, int64_t L, int64_t Lp, int64_t hd, uint32_t* vp) {
   alignas(64) uint16_t lo_idx[32], hi_idx[32];
   for (int j = 0; j < 16; ++j) {
@@ -310,8 +311,8 @@ at::Tensor prefill_attention_bf16(const at::Tensor& q, const at::Tensor& k, cons
   uint32_t* vp = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
-      pack_values(vsrc + (i / Hkv) * v.stride(0) + (i % Hkv) * v.stride(1), v.stride(2), L, Lp, hd,
-                  vp + i * (Lp / 2) * hd);
+      pack_values(vsrc + (i / Hkv) * v.stride(0) + (i % Hkv) * v.stride(1), v.stride(2), st[i / Hkv] + T, Lp,
+                  hd, vp + i * (Lp / 2) * hd);
   });
   float* o = out.data_ptr<float>();
   const int64_t groups = (T + QN - 1) / QN, group = H / Hkv;
