@@ -47,11 +47,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import random
 import re
-import shutil
 import socket
 import statistics
 import subprocess
@@ -59,7 +57,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -69,12 +66,9 @@ import torch
 from bench_generate import SIZES
 from bench_serve import SHARED_TOKENIZER, ServerProcess, percentile
 from codellama import ModelArgs, Tokenizer
-from codellama.checkpoint import build_on_meta
-from codellama.config import write_json
 from codellama.runtime import parse_dtype
-from codellama.distributed import split_dim
 from codellama.formats import open_checkpoint
-from codellama.formats.meta import check_num_shards
+from codellama.testing import write_checkpoint
 
 STDLIB_FILES = ("argparse.py", "dataclasses.py", "subprocess.py", "tarfile.py")
 LLAMA_SERVER = "/work/peers/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server"
@@ -488,45 +482,6 @@ def llama_server_missing(path: str) -> Optional[str]:
     return None
 
 
-class RandomModel:
-    """The random model of ``args`` as a Meta checkpoint in shards of at most ~2 GB (a 7B model fits a machine
-    that cannot hold it twice): each shard's piece of each weight is made from its name and shard alone, scaled
-    as ``codellama.testing.random_state_dict`` scales weights, so any weight can be made again, in any order,
-    for the GGUF."""
-
-    def __init__(self, args: ModelArgs, dtype: torch.dtype):
-        self.args, self.dtype = args, dtype
-        self.shapes = {k: tuple(v.shape) for k, v in build_on_meta(args).state_dict().items()}
-        size = sum(math.prod(v) for v in self.shapes.values()) * torch.empty((), dtype=dtype).element_size()
-        self.shards = next(n for n in (1, 2, 4, 8, 16, 32) if size / n <= 2**31 or n == args.kv_heads)
-        check_num_shards(args, self.shards)
-
-    def piece(self, key: str, shard: int) -> torch.Tensor:
-        shape, dim = list(self.shapes[key]), split_dim(key, len(self.shapes[key]))
-        if dim is not None:
-            shape[dim] //= self.shards
-        g = torch.Generator().manual_seed(zlib.crc32(f"{key}#{shard if dim is not None else 0}".encode()))
-        if key.endswith("norm.weight"):
-            return (1.0 + 0.1 * torch.randn(shape, generator=g)).to(self.dtype)
-        return (torch.randn(shape, generator=g) * self.shapes[key][-1] ** -0.5).to(self.dtype)
-
-    def tensor(self, key: str) -> torch.Tensor:
-        dim = split_dim(key, len(self.shapes[key]))
-        if dim is None:
-            return self.piece(key, 0)
-        return torch.cat([self.piece(key, i) for i in range(self.shards)], dim)
-
-    def makers(self) -> Dict[str, Callable[[], torch.Tensor]]:
-        return {k: (lambda k=k: self.tensor(k)) for k in self.shapes}
-
-    def write(self, out: str, tokenizer_path: str) -> None:
-        os.makedirs(out, exist_ok=True)
-        for i in range(self.shards):
-            torch.save({k: self.piece(k, i) for k in self.shapes}, os.path.join(out, f"consolidated.{i:02d}.pth"))
-        write_json(os.path.join(out, "params.json"), self.args.to_params())
-        shutil.copyfile(tokenizer_path, os.path.join(out, "tokenizer.model"))
-
-
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -591,14 +546,11 @@ def main() -> None:
         if a.model_dir:
             tmp = os.path.join(a.model_dir, f"{a.size}-{a.dtype}")
             os.makedirs(tmp, exist_ok=True)  # (with --ckpt_dir nothing else makes it before the GGUF is written)
-        ckpt = a.ckpt_dir or os.path.join(tmp, "ckpt")
-        if a.ckpt_dir:
-            makers = {k: v.load for k, v in open_checkpoint(a.ckpt_dir).tensors.items()}
-        else:
-            model = RandomModel(args, parse_dtype(a.dtype))
-            if not os.path.isfile(os.path.join(ckpt, "params.json")):
-                model.write(ckpt, tokenizer_path)
-            makers = model.makers()
+        ckpt = a.ckpt_dir or os.path.join(tmp, "ckpt-hf")
+        if not a.ckpt_dir and not os.path.isfile(os.path.join(ckpt, "config.json")):
+            # the random model in the HF layout, a tensor at a time (a 7B one needs no 7B of memory)
+            write_checkpoint(ckpt, args, "hf", dtype=parse_dtype(a.dtype), tokenizer=tokenizer_path)
+        makers = {k: v.load for k, v in open_checkpoint(ckpt).tensors.items()}  # (the GGUF, a tensor at a time)
         for mode in a.modes:
             command = [sys.executable, "-m", "codellama.serve", "--ckpt_dir", a.server_ckpt or ckpt, "--port", "0",
                        "--dtype", a.dtype,
@@ -617,7 +569,7 @@ def main() -> None:
         else:
             from gguf_export import write_gguf
             gguf_path = os.path.join(tmp, "model.gguf")
-            if not os.path.isfile(gguf_path):
+            if not os.path.isfile(gguf_path) or os.path.getmtime(gguf_path) < os.path.getmtime(ckpt):
                 bf16 = a.dtype == "bf16" and not a.ckpt_dir
                 write_gguf(gguf_path, makers, args, tokenizer_path, a.ctx, bf16=bf16)
             if a.quantize == "int8":  # llama.cpp's 8-bit scheme for our int8

@@ -136,3 +136,24 @@ def test_the_cpu_prompt_attention_table_times_the_kernel_against_torchs(capsys):
     rows = [line for line in out.splitlines() if line.startswith(("| 194M", "| 7B"))]
     assert [row.split(" | ")[2:4] for row in rows] == [["0", "40"], ["70", "40"]] * 2
     assert all(row.rstrip(" |").endswith("×") for row in rows)
+
+
+@pytest.mark.slow
+def test_the_editor_replay_runs_against_a_random_checkpoint_it_writes(tmp_path):
+    """bench_editor end to end at a small random model: the HF checkpoint it writes, our server in three modes,
+    every request answered, and the prompt cache's answers the same as without it (it is exact)."""
+    tokenizer = ROOT.parent / "shared" / "data" / "tokenizers" / "codellama-like.model"
+    if not tokenizer.is_file():
+        pytest.skip(f"needs ../shared/data: {tokenizer} is absent")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_editor.py"), "--size", "small", "--requests",
+                        "8", "--modes", "base", "cache", "spm+shift", "--skip-llama-cpp", "--ctx", "1024", "--batch",
+                        "512", "--key-ms", "20", "--move-ms", "50", "--pause-ms", "1000", "--model-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    table = r.stdout[r.stdout.index("| server |"):]
+    cells = [[c.strip("| ") for c in line.split(" | ")] for line in table.splitlines()[2:5]]
+    rows = {row[0]: row for row in cells}
+    assert sorted(rows) == ["base", "cache", "spm+shift"]
+    assert all(row[8] == "8/8" for row in rows.values())  # answered
+    assert rows["cache"][10] == "8/8"  # the same answers as without the cache
+    assert (tmp_path / "small-bf16" / "ckpt-hf" / "config.json").is_file()
