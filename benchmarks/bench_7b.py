@@ -48,6 +48,8 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+from memory_sampler import MEMORY_SAMPLER
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SIZES = {
@@ -84,22 +86,9 @@ PAIRS = [("bf16", "BF16", "decode, prefill, load"), ("int8", "Q8_0", "decode, pr
 
 # ----------------------------------------------------------------------------- the processes
 # What both children start with: the memory sampler, their results (out) and the decode measurements' loop.
-CHILD_PRELUDE = r"""
-import json, sys, threading, time
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-peak_anon = [0]
-LIMIT = float(__import__("os").environ.get("BENCH_MAX_ANON_GB", "inf")) * 2**30
-def sample():  # RssAnon has no kernel high-water mark: poll it
-    while True:
-        peak_anon[0] = max(peak_anon[0], status("RssAnon:"))
-        if peak_anon[0] > LIMIT:  # a shared machine: stop before the kernel's OOM killer picks someone
-            print(f"stopped: anonymous memory passed {LIMIT / 2**30:.1f} GiB", file=sys.stderr, flush=True)
-            __import__("os")._exit(3)
-        time.sleep(0.005)
-threading.Thread(target=sample, daemon=True).start()
+CHILD_PRELUDE = MEMORY_SAMPLER + r"""
+import json
+start_sampler(0.005)
 out = {}
 def decode(measure):
     # Decode tok/s per batch size, the best of spec["repeat"] measurements; or, serving (--interleave), one

@@ -26,22 +26,15 @@ import subprocess
 import sys
 import tempfile
 
-CHILD = r"""
-import json, os, sys, threading, time, torch
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-peak_anon, done = [0], [False]
-def sample():  # RssAnon has no kernel high-water mark: poll it
-    while not done[0]:
-        peak_anon[0] = max(peak_anon[0], status("RssAnon:"))
-        time.sleep(0.002)
+from memory_sampler import MEMORY_SAMPLER
+
+CHILD = MEMORY_SAMPLER + r"""
+import json, torch
 from codellama import Llama, load_model
 from codellama.cpu import native_kernel_available
 native_kernel_available()  # (builds or loads the native kernels before the baseline)
 base_rss, base_anon = status("VmRSS:"), status("RssAnon:")
-t = threading.Thread(target=sample); t.start()
+start_sampler()
 start = time.perf_counter()
 quantize = None if sys.argv[3] == "none" else sys.argv[3]
 if "RANK" in os.environ:  # under torchrun: each rank joins the group and loads its part
@@ -49,7 +42,6 @@ if "RANK" in os.environ:  # under torchrun: each rank joins the group and loads 
 else:
     model = load_model(sys.argv[1], device="cpu", dtype=sys.argv[2], quantize=quantize)
 seconds = time.perf_counter() - start
-done[0] = True; t.join()
 nbytes = sum(x.numel() * x.element_size() for x in [*model.parameters(), *model.buffers()])  # packed weights are buffers
 print(json.dumps({"rank": int(os.environ.get("RANK", 0)), "rss": status("VmHWM:") - base_rss,
                   "anon": peak_anon[0] - base_anon, "weights": nbytes, "seconds": seconds}), flush=True)

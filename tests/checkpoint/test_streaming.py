@@ -19,7 +19,7 @@ from codellama.formats.source import file_backed, release_pages
 from codellama.quantize import QUANTIZE_CHUNK, QuantConfig
 
 from conftest import ROOT
-from helpers import CONFIGS, random_state_dict, write_checkpoint
+from helpers import CONFIGS, benchmark, random_state_dict, write_checkpoint
 
 
 def resident_bytes(path) -> int:
@@ -182,18 +182,8 @@ def test_a_random_checkpoint_written_quantized_is_the_float_one_quantized(tmp_pa
 
 
 # ----------------------------------------------------------------------------- the memory ceiling
-MEASURE = r"""
-import json, sys, threading, time
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-peak = [0]
-def sample():
-    while True:
-        peak[0] = max(peak[0], status("RssAnon:"))
-        time.sleep(0.002)
-import gc, os, tempfile, torch
+MEASURE = benchmark("memory_sampler").MEMORY_SAMPLER + r"""
+import gc, json, tempfile, torch
 from codellama import ModelArgs, load_model
 from codellama.save import quantize_checkpoint
 from codellama.testing import write_checkpoint
@@ -209,14 +199,14 @@ gc.collect()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # VmHWM := VmRSS
 base_rss, base_anon = status("VmRSS:"), status("RssAnon:")
-threading.Thread(target=sample, daemon=True).start()
+start_sampler()
 if what == "quantize_checkpoint":
     quantize_checkpoint(path, path + "-int4", "int4")
     nbytes = 0
 else:
     model = load_model(path, device="cpu", dtype=dtype, quantize=None if quantize == "-" else quantize)
     nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-print(json.dumps({"rss": status("VmHWM:") - base_rss, "anon": peak[0] - base_anon, "weights": nbytes}))
+print(json.dumps({"rss": status("VmHWM:") - base_rss, "anon": peak_anon[0] - base_anon, "weights": nbytes}))
 """
 
 

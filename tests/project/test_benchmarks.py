@@ -1,7 +1,6 @@
 """Every benchmark script runs on any x86-64 CPU: here on an emulated AVX2-only one (no oneDNN bf16), with tiny
 settings. The figures themselves come from the README's commands on a quiet machine."""
 
-import importlib
 import os
 import py_compile
 import subprocess
@@ -10,6 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from helpers import benchmark
 
 BENCHMARKS = sorted((ROOT / "benchmarks").glob("*.py"))
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
@@ -56,15 +56,6 @@ for line in sys.stdin:
     print(json.dumps(speed * int(line) * (2 if n == 2 else 1)), flush=True)
 print(json.dumps({"rss": n}), flush=True)
 """
-
-
-def benchmark(name):
-    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def bench_7b():
