@@ -547,8 +547,9 @@ def main() -> None:
             tmp = os.path.join(a.model_dir, f"{a.size}-{a.dtype}")
             os.makedirs(tmp, exist_ok=True)  # (with --ckpt_dir nothing else makes it before the GGUF is written)
         ckpt = a.ckpt_dir or os.path.join(tmp, "ckpt-hf")
-        if not a.ckpt_dir and not os.path.isfile(os.path.join(ckpt, "config.json")):
-            # the random model in the HF layout, a tensor at a time (a 7B one needs no 7B of memory)
+        if not a.ckpt_dir and not os.path.isfile(os.path.join(ckpt, "tokenizer.model")):
+            # the random model in the HF layout, a tensor at a time (a 7B one needs no 7B of memory); the
+            # tokenizer is copied last, so a write cut short is written again
             write_checkpoint(ckpt, args, "hf", dtype=parse_dtype(a.dtype), tokenizer=tokenizer_path)
         makers = {k: v.load for k, v in open_checkpoint(ckpt).tensors.items()}  # (the GGUF, a tensor at a time)
         for mode in a.modes:
