@@ -49,7 +49,8 @@ AVX512 inline __m512 widen16(const uint16_t* p) {  // 16 bf16 → 16 float32 (th
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// exp(x) for x ≤ 0 (scores less their maximum); below -87.3, 0.
+// exp(x) for x ≤ 0 (scores less their maximum); below -87.3, exp(-87.3) ≈ 1.2e-38, not 0 (the prefill zeroes what
+// must be 0 itself).
 AVX512 inline __m512 exp_nonpositive(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),

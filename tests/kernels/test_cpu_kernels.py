@@ -443,22 +443,25 @@ def test_an_in_place_bf16_model_decodes_as_the_plain_one():
         assert (got - want).abs().max() < 0.05 * want.abs().max()
 
 
-# ----------------------------------------------------------------------------- decode attention
+# ----------------------------------------------------------------------------- native attention (decode, prefill)
 native_attention = pytest.mark.skipif(cpu_kernels.native_isa("bf16") != 2,
-                                      reason="the native decode attention needs AVX-512 (with BF16)")
+                                      reason="the native attention kernels need AVX-512 (with BF16)")
 
 
-def attention_float64(q, k, v, lengths):
-    """One query per row over the first ``lengths[b]`` keys of row b, grouped heads, in float64."""
-    B, H, hd = q.shape
-    Hkv = k.shape[1]
-    out = torch.empty(B, H, hd, dtype=torch.float64)
+def attention_float64(q, k, v, starts):
+    """Row b's query t at position starts[b] + t over keys 0 .. starts[b] + t, grouped heads, in float64;
+    also sum_l p_l |v_l| (rounding the probabilities to bf16 moves an output by at most 2^-8 of it)."""
+    B, H, T, hd = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    out, scale = torch.empty(B, H, T, hd, dtype=torch.float64), torch.empty(B, H, T, hd, dtype=torch.float64)
     for b in range(B):
-        n = int(lengths[b])
-        qb = q[b].double().view(Hkv, H // Hkv, hd)
-        p = torch.softmax(torch.einsum("grd,gld->grl", qb, k[b, :, :n].double()) * hd ** -0.5, -1)
-        out[b] = torch.einsum("grl,gld->grd", p, v[b, :, :n].double()).reshape(H, hd)
-    return out
+        qb = q[b].double().reshape(Hkv, H // Hkv, T, hd)
+        s = torch.einsum("grtd,gld->grtl", qb, k[b].double()) * hd ** -0.5
+        later = torch.arange(L).view(1, L) > (int(starts[b]) + torch.arange(T)).view(T, 1)  # (T, L)
+        p = torch.softmax(s.masked_fill(later, float("-inf")), -1)
+        out[b] = torch.einsum("grtl,gld->grtd", p, v[b].double()).reshape(H, T, hd)
+        scale[b] = torch.einsum("grtl,gld->grtd", p, v[b].double().abs()).reshape(H, T, hd)
+    return out, scale
 
 
 @native_attention
@@ -472,7 +475,8 @@ def test_the_decode_attention_kernel_matches_float64(B, H, Hkv, hd):
     k, v = cache[0, :, :, :257], cache[1, :, :, :257]
     got = torch.ops.codellama_native.decode_attention_bf16(q, k, v, lengths, hd ** -0.5)
     assert got.dtype == torch.float32 and got.shape == (B, H, hd)
-    assert (got.double() - attention_float64(q, k, v, lengths)).abs().max() < 1e-5
+    want = attention_float64(q.unsqueeze(2), k, v, lengths - 1)[0].squeeze(2)  # one query at position length - 1
+    assert (got.double() - want).abs().max() < 1e-5
     alone = [torch.ops.codellama_native.decode_attention_bf16(q[b:b + 1], k[b:b + 1], v[b:b + 1], lengths[b:b + 1],
                                                                hd ** -0.5) for b in range(B)]
     assert torch.equal(torch.cat(alone), got)  # a row's result is its own
@@ -513,22 +517,6 @@ def test_a_bf16_decode_step_attends_with_the_native_kernel_and_training_does_not
 
 
 # ----------------------------------------------------------------------------- prefill attention
-def prefill_float64(q, k, v, starts):
-    """Row b's query t at position starts[b] + t over keys 0 .. starts[b] + t, grouped heads, in float64;
-    also sum_l p_l |v_l| (rounding the probabilities to bf16 moves an output by at most 2^-8 of it)."""
-    B, H, T, hd = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
-    out, scale = torch.empty(B, H, T, hd, dtype=torch.float64), torch.empty(B, H, T, hd, dtype=torch.float64)
-    for b in range(B):
-        qb = q[b].double().reshape(Hkv, H // Hkv, T, hd)
-        s = torch.einsum("grtd,gld->grtl", qb, k[b].double()) * hd ** -0.5
-        later = torch.arange(L).view(1, L) > (int(starts[b]) + torch.arange(T)).view(T, 1)  # (T, L)
-        p = torch.softmax(s.masked_fill(later, float("-inf")), -1)
-        out[b] = torch.einsum("grtl,gld->grtd", p, v[b].double()).reshape(H, T, hd)
-        scale[b] = torch.einsum("grtl,gld->grtd", p, v[b].double().abs()).reshape(H, T, hd)
-    return out, scale
-
-
 @native_attention
 @pytest.mark.parametrize("B, H, Hkv, hd, T, starts", [(1, 8, 8, 128, 100, [200]), (2, 4, 2, 64, 70, [0, 130]),
                                                        (1, 6, 3, 32, 33, [0]), (3, 4, 1, 64, 1, [5, 63, 64])])
@@ -544,7 +532,7 @@ def test_the_prefill_attention_kernel_matches_float64_and_gives_the_same_bits_in
     op = torch.ops.codellama_native.prefill_attention_bf16
     got = op(q, k, v, starts, hd ** -0.5)
     assert got.dtype == torch.float32 and got.shape == (B, H, T, hd)
-    want, scale = prefill_float64(q, k, v, starts)
+    want, scale = attention_float64(q, k, v, starts)
     assert ((got.double() - want).abs() <= 2.0 ** -8 * scale + 1e-5).all()  # bf16 probabilities
     pieces = [op(q[:, :, t0:t0 + 17], k, v, starts + t0, hd ** -0.5) for t0 in range(0, T, 17)]
     assert torch.equal(torch.cat(pieces, 2), got)
