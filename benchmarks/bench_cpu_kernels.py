@@ -3,6 +3,7 @@
     python benchmarks/bench_cpu_kernels.py                    # Code Llama 7B's layer shapes, 2 layers
     python benchmarks/bench_cpu_kernels.py --layers 4 --rows 1 4 64 --schemes int8
     python benchmarks/bench_cpu_kernels.py --quantizers       # the one-pass quantizers against PyTorch's
+    python benchmarks/bench_cpu_kernels.py --schemes bf16-order --rows 1 --layers 32   # batch-1 read order, 13 GB
 
 For each scheme, a stack of layers of Code Llama 7B's shapes (wq|wk|wv fused 12288×4096, wo 4096×4096, w1|w3
 fused 22016×4096, w2 4096×11008: more bytes than any cache) is multiplied with ``rows`` activation rows,
@@ -14,6 +15,8 @@ same codes, in alternating rounds:
     int4  int4 tiles g32 (int8 activations)     vs  aten._weight_int4pack_mm_for_cpu (bf16 activations)
     bf16  bf16 rows, the weight in place        vs  oneDNN on its packed copy of the weight
           (above 8 rows, as the layers do: F.linear on the weight in place)
+    bf16-order  the bf16 row kernel's own choice vs  the same kernel reading four weight rows side by side
+          (for one activation row it reads one weight row at a time; the outputs are the same bits)
 
 ``--quantizers`` times quantizing those weights instead: the native one-pass quantizers
 (``cpu_kernels.quantize_int8`` / ``quantize_int4``) against ``codellama.quantize``'s PyTorch arithmetic, whose
@@ -31,7 +34,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -66,6 +69,14 @@ def layers_for(scheme: str, count: int, seed: int) -> Tuple[List[Tuple[Callable,
                 ours_bytes += tiles.numel() + sz.numel() * sz.element_size()
                 theirs_bytes += tp.numel() * tp.element_size() + tsz.numel() * tsz.element_size()
                 exact = dequantize_int4(packed, scales.double(), zeros.double())
+            elif scheme == "bf16-order":
+                isa = cpu_kernels.native_isa("bf16")
+                kernel = torch.ops.codellama_native.bf16_rows_linear
+                ours = lambda x, w=w: kernel(x, w, isa, 0)
+                theirs = lambda x, w=w: kernel(x, w, isa, 4)
+                ours_bytes += w.numel() * 2
+                theirs_bytes += w.numel() * 2
+                exact = w.double()
             else:
                 packed = cpu.pack_weight(w)
                 ours = lambda x, w=w: (cpu_kernels.bf16_rows_linear(x, w) if x.shape[0] <= cpu.ROWS_KERNEL_MAX
@@ -111,15 +122,16 @@ def time_quantizers(layers: int, rounds: int) -> None:
         print(f"| {name} | {t:.2f} | {o:.2f} | **{t / o:.1f}×** | {same} |", flush=True)
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--schemes", nargs="+", default=["int8", "int4", "bf16"], choices=["int8", "int4", "bf16"])
+    p.add_argument("--schemes", nargs="+", default=["int8", "int4", "bf16"],
+                   choices=["int8", "int4", "bf16", "bf16-order"])
     p.add_argument("--rows", nargs="+", type=int, default=[1, 4, 64])
     p.add_argument("--layers", type=int, default=2, help="7B layers' worth of weights per pass")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quantizers", action="store_true", help="time the quantizers instead of the products")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     from codellama import cpu, cpu_kernels
@@ -133,11 +145,14 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"{torch.get_num_threads()} threads; int8/int4: {cpu_kernels.isa('int8')}, bf16: {cpu_kernels.isa('bf16')} "
           f"(baseline: {cpu.bf16_path()}); load average {load:.2f}; {a.layers} layers of 7B's shapes a pass")
-    print("| scheme | rows | ours GB/s | torch GB/s | ours / torch | err ours | err torch |")
+    print("| scheme | rows | ours GB/s | baseline GB/s | ours / baseline | err ours | err baseline |")
     print("|---|---|---|---|---|---|---|")
     for scheme in a.schemes:
         if scheme == "bf16" and not cpu.bf16_packing_supported():
             print("| bf16 | | | | oneDNN cannot pack bf16 here | | |")
+            continue
+        if scheme == "bf16-order" and cpu_kernels.native_isa("bf16") != 2:
+            print("| bf16-order | | | | the bf16 kernel has one order on AVX2 | | |")
             continue
         layers, ours_bytes, theirs_bytes, exact = layers_for(scheme, a.layers, seed=0)
         for rows in a.rows:

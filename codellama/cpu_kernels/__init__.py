@@ -142,7 +142,7 @@ def _register_fake() -> None:
         return w.new_empty((w.shape[0], w.shape[1] // 2), dtype=torch.uint8), w.new_empty(groups), w.new_empty(groups)
 
     @torch.library.register_fake("codellama_native::bf16_rows_linear")
-    def _(x, w, isa):
+    def _(x, w, isa, rows_a_step=0):
         return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
 
 

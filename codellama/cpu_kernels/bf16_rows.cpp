@@ -5,7 +5,10 @@
 // one activation row, so the weight needs no layout of its own and can stay a view of the memory-mapped
 // checkpoint. Four weight rows and up to four activation rows are computed together (16 float32
 // accumulators: independent chains, each weight load used R times), 32 inputs a step, then each accumulator
-// is summed across its lanes.
+// is summed across its lanes. One activation row (batch-1 decoding) takes one weight row at a time instead, as
+// llama.cpp's ggml_vec_dot_bf16 does: a thread then reads one memory stream, not four rows 8 KB apart, which
+// streams a 7B's 13 GB about 8% faster on this 2-core Zen 5 (benchmarks/bench_bf16_rows.py). With more
+// activation rows the weight is read less often than it is multiplied, and four rows a step win.
 //
 // bytes read per call: N*K*2 + M*K*2 (x stays in L1); written: M*N*4 (float32 out).
 
@@ -25,26 +28,26 @@
 
 namespace {
 
-constexpr int64_t BLOCK = 4;  // weight rows computed together
-constexpr int64_t BLOCKS_A_CHUNK = 16;  // blocks a thread takes at a time (64 weight rows)
+constexpr int64_t BLOCK = 4;  // weight rows computed together (one when there is one activation row)
+constexpr int64_t ROWS_A_CHUNK = 64;  // weight rows a thread takes at a time
 
-template <int R>
+template <int B, int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 void block_avx512(const uint16_t* w, int64_t ldw, int64_t n0, int64_t rows, const uint16_t* x, int64_t m, int64_t K,
                   float* out, int64_t N) {
   constexpr int SPLIT = R <= 2 ? 2 : 1;  // accumulators per (row, row) pair: independent chains for vdpbf16ps
-  __m512 acc[SPLIT][BLOCK][R];
+  __m512 acc[SPLIT][B][R];
   for (int s = 0; s < SPLIT; ++s)
-    for (int i = 0; i < BLOCK; ++i)
+    for (int i = 0; i < B; ++i)
       for (int r = 0; r < R; ++r) acc[s][i][r] = _mm512_setzero_ps();
-  const uint16_t* wr[BLOCK];
-  for (int i = 0; i < BLOCK; ++i) wr[i] = w + (n0 + std::min<int64_t>(i, rows - 1)) * ldw;  // (repeats: discarded)
+  const uint16_t* wr[B];
+  for (int i = 0; i < B; ++i) wr[i] = w + (n0 + std::min<int64_t>(i, rows - 1)) * ldw;  // (repeats: discarded)
   int64_t k = 0;
   for (; k + 32 * SPLIT <= K; k += 32 * SPLIT) {
     for (int s = 0; s < SPLIT; ++s) {
       __m512bh xs[R];
       for (int r = 0; r < R; ++r) xs[r] = (__m512bh)_mm512_loadu_si512(x + (m + r) * K + k + 32 * s);
-      for (int i = 0; i < BLOCK; ++i) {
+      for (int i = 0; i < B; ++i) {
         const __m512bh wi = (__m512bh)_mm512_loadu_si512(wr[i] + k + 32 * s);
         for (int r = 0; r < R; ++r) acc[s][i][r] = _mm512_dpbf16_ps(acc[s][i][r], wi, xs[r]);
       }
@@ -54,7 +57,7 @@ void block_avx512(const uint16_t* w, int64_t ldw, int64_t n0, int64_t rows, cons
     const __mmask32 mask = K - k >= 32 ? ~0u : (1u << (K - k)) - 1u;
     __m512bh xs[R];
     for (int r = 0; r < R; ++r) xs[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + (m + r) * K + k);
-    for (int i = 0; i < BLOCK; ++i) {
+    for (int i = 0; i < B; ++i) {
       const __m512bh wi = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr[i] + k);
       for (int r = 0; r < R; ++r) acc[0][i][r] = _mm512_dpbf16_ps(acc[0][i][r], wi, xs[r]);
     }
@@ -102,24 +105,32 @@ void block_avx2(const uint16_t* w, int64_t ldw, int64_t n0, int64_t rows, const 
 
 enum Isa : int64_t { AVX2 = 1, AVX512 = 2 };
 
-at::Tensor bf16_rows_linear(const at::Tensor& x, const at::Tensor& w, int64_t isa) {
+// rows_a_step: weight rows computed together, 1 or 4; 0 chooses (1 for one activation row on AVX-512, else 4).
+// Every output's arithmetic is the same either way: the choice moves only the order memory is read in.
+at::Tensor bf16_rows_linear(const at::Tensor& x, const at::Tensor& w, int64_t isa, int64_t rows_a_step) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "x must be contiguous (M, K) bf16");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.stride(1) == 1, "w must be (N, K) bf16 with contiguous rows");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldw = w.stride(0);
   TORCH_CHECK(w.size(1) == K, "x has ", K, " inputs, w ", w.size(1));
   TORCH_CHECK(isa == AVX2 || isa == AVX512, "isa must be 1 (AVX2) or 2 (AVX-512 BF16)");
+  TORCH_CHECK(rows_a_step == 0 || rows_a_step == BLOCK || (rows_a_step == 1 && isa == AVX512 && M == 1),
+              "rows_a_step must be 0 (chosen), ", BLOCK, ", or 1 (AVX-512 BF16 with one row of x)");
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return out;
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* o = out.data_ptr<float>();
-  const int64_t blocks = (N + BLOCK - 1) / BLOCK;
-  codellama::parallel_chunks(blocks, BLOCKS_A_CHUNK, [&](int64_t b0, int64_t b1) {
+  const int64_t block = rows_a_step ? rows_a_step : isa == AVX512 && M == 1 ? 1 : BLOCK, blocks = (N + block - 1) / block;
+  codellama::parallel_chunks(blocks, ROWS_A_CHUNK / block, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * BLOCK, rows = std::min<int64_t>(BLOCK, N - n0);
+      const int64_t n0 = b * block, rows = std::min<int64_t>(block, N - n0);
+      if (block == 1) {
+        block_avx512<1, 1>(wp, ldw, n0, rows, xp, 0, K, o, N);
+        continue;
+      }
       codellama::in_fours(M, [&](auto r, int64_t m) {
         constexpr int R = decltype(r)::value;
-        if (isa == AVX512) block_avx512<R>(wp, ldw, n0, rows, xp, m, K, o, N);
+        if (isa == AVX512) block_avx512<BLOCK, R>(wp, ldw, n0, rows, xp, m, K, o, N);
         else block_avx2<R>(wp, ldw, n0, rows, xp, m, K, o, N);
       });
     }
@@ -143,6 +154,6 @@ bool bf16_all_finite(const at::Tensor& w) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(codellama_native, m) {
-  codellama::cpu_op(m, "bf16_rows_linear(Tensor x, Tensor w, int isa) -> Tensor", bf16_rows_linear);
+  codellama::cpu_op(m, "bf16_rows_linear(Tensor x, Tensor w, int isa, int rows_a_step=0) -> Tensor", bf16_rows_linear);
   codellama::cpu_op(m, "bf16_all_finite(Tensor w) -> bool", bf16_all_finite);
 }

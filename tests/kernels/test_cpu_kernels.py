@@ -395,6 +395,28 @@ def test_the_bf16_row_kernel_matches_its_reference_and_float64(N, K):
 
 
 @native_bf16
+def test_the_bf16_row_kernels_read_orders_give_the_same_bits():
+    """One activation row reads one weight row at a time on AVX-512 (one memory stream a thread), more rows read
+    four side by side: every output's arithmetic is the same, so the two orders must agree bit for bit."""
+    kernel, isa = torch.ops.codellama_native.bf16_rows_linear, cpu_kernels.native_isa("bf16")
+    g = torch.Generator().manual_seed(0)
+    for N, K in [(1, 32), (7, 100), (131, 4096 + 40), (64, 3)]:  # rows not a multiple of four; inputs left over
+        w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+        x = torch.randn(1, K, generator=g).to(torch.bfloat16)
+        chosen = kernel(x, w, isa, 0)
+        assert torch.equal(chosen, kernel(x, w, isa, 4))
+        assert torch.equal(chosen, cpu_kernels.bf16_rows_linear(x.float(), w))
+        if isa == 2:  # one weight row at a time, also over a row stride with NaN just past each row's end
+            wide = torch.full((N, K + 40), float("nan"), dtype=torch.bfloat16)
+            wide[:, :K] = w
+            assert torch.equal(kernel(x, w, isa, 1), chosen) and torch.equal(kernel(x, wide[:, :K], isa, 1), chosen)
+    with pytest.raises(RuntimeError, match=r"rows_a_step must be 0 \(chosen\), 4, or 1 \(AVX-512 BF16 with one row"):
+        kernel(torch.randn(2, 32).to(torch.bfloat16), torch.randn(4, 32).to(torch.bfloat16), isa, 1)
+    with pytest.raises(RuntimeError, match="rows_a_step must be"):
+        kernel(torch.randn(1, 32).to(torch.bfloat16), torch.randn(4, 32).to(torch.bfloat16), isa, 3)
+
+
+@native_bf16
 def test_the_bf16_row_kernel_reads_a_weight_with_a_row_stride_in_place():
     """A weight whose rows are contiguous but spaced (a slice of a wider tensor, as a fused or mapped one is)."""
     wide = torch.randn(12, 80).to(torch.bfloat16)

@@ -129,6 +129,16 @@ def test_the_cpu_prompt_attention_table_times_the_kernel_against_torchs(capsys):
     assert all(row.rstrip(" |").endswith("×") for row in rows)
 
 
+def test_the_bf16_read_order_table_times_the_row_kernels_two_orders(capsys):
+    from codellama import cpu_kernels
+    if cpu_kernels.native_isa("bf16") != 2:
+        pytest.skip("the bf16 row kernel has one read order without AVX-512 BF16")
+    benchmark("bench_cpu_kernels").main(["--schemes", "bf16-order", "--rows", "1", "--layers", "1", "--rounds", "2"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| bf16-order")]
+    assert len(rows) == 1 and rows[0][1] == "1" and rows[0][4].endswith("×**")
+    assert rows[0][5] == rows[0][6].rstrip(" |")  # the same outputs, so the same error against float64
+
+
 @pytest.mark.slow
 def test_the_editor_replay_runs_against_a_random_checkpoint_it_writes(tmp_path):
     """bench_editor end to end at a small random model: the HF checkpoint it writes, our server in three modes,
