@@ -7,6 +7,7 @@
     python benchmarks/bench_7b.py --dir ... --rows int4-g64+out8 --theirs Q4_0 --compiled   # + the compiled step
     python benchmarks/bench_7b.py --dir ... --rows int4 --theirs BF16 Q4_1 --interleave 5 --batch 1   # its own format
     python benchmarks/bench_7b.py --dir ... --rows bf16 --theirs BF16 --alternate 4   # whole runs, one after the other
+    python benchmarks/bench_7b.py --dir ... --rows bf16-gguf --theirs BF16 --interleave 5   # in turns, on one file
 
 A random model of the shape (7B: dim 4096, 32 layers, 32 heads, FFN 11008, vocab 32016, rope theta 1e6) is
 written as Hugging Face bf16 safetensors in ~400 MB shards, a tensor at a time (no model-sized memory), with
@@ -17,7 +18,10 @@ the Code Llama tokenizer of ``../shared/data``. Each row then runs in its own pr
   bits a weight as Q4_0's blocks of 32 with one fp16 scale, the output layer in bf16; ``int4`` = int4 g32 (5
   bits a weight, Q4_1's); ``int4+out8`` = int4 g32 with the output layer in int8, as llama.cpp's Q4_0 keeps it
   in Q6_K; ``int4-g64+out8``), and of
-  checkpoints written by ``python -m codellama quantize`` (``int8-file``, ``int4-file``: int4 g32 +out8);
+  checkpoints written by ``python -m codellama quantize`` (``int8-file``, ``int4-file``: int4 g32 +out8), and
+  of llama.cpp's own BF16 file (``bf16-gguf``: the GGUF loader reads its tensors in place, so with BF16 the two
+  processes map the same pages of the page cache and fit in memory side by side: ``--interleave`` then times
+  bf16 against BF16 on the very same bytes, taking turns);
 * llama.cpp (llama-cpp-python's C API, ``LLAMA_CPP_LIB_PATH`` pointing at a build of it): GGUF files made by
   its own tools from the same safetensors: ``convert_hf_to_gguf.py --outtype bf16`` (BF16) and ``q8_0``
   (Q8_0), and ``llama-quantize`` of the BF16 file (Q4_0; Q4_1, whose blocks of 32 carry an fp16 scale and an
@@ -71,13 +75,15 @@ OURS = {
                                      "output_scheme": "int8"}),
     "int8-file": ("int8", "bf16", None),
     "int4-file": ("int4", "bf16", None),
+    "bf16-gguf": ("gguf-BF16", "bf16", None),  # llama.cpp's own BF16 file, read in place
 }
 QUANTIZED_FILES = {"int8": {"scheme": "int8"},
                    "int4": {"scheme": "int4", "group_size": 32, "include_output": True, "output_scheme": "int8"}}
 # llama.cpp row → convert_hf_to_gguf --outtype (None: llama-quantize of the BF16 file)
 THEIRS = {"BF16": "bf16", "Q8_0": "q8_0", "Q4_0": None, "Q4_1": None}
 # (ours, llama.cpp, what the pair compares)
-PAIRS = [("bf16", "BF16", "decode, prefill, load"), ("int8", "Q8_0", "decode, prefill"),
+PAIRS = [("bf16", "BF16", "decode, prefill, load"), ("bf16-gguf", "BF16", "decode, prefill, load"),
+         ("int8", "Q8_0", "decode, prefill"),
          ("int4-g64", "Q4_0", "decode, prefill"),
          ("int4", "Q4_1", "decode, prefill"), ("int4", "Q4_0", "decode, prefill"),
          ("int4+out8", "Q4_0", "decode, prefill"),
@@ -477,6 +483,11 @@ def main() -> None:
         for name in a.rows:
             kind = OURS[name][0]
             path = os.path.join(work, kind)
+            if kind.startswith("gguf-"):
+                if problem is not None:
+                    print(f"{name}: skipped (it reads llama.cpp's {kind[5:]} file: {problem})", flush=True)
+                    continue
+                files[kind] = gguf(kind[5:])
             if kind not in files:
                 t = time.perf_counter()
                 created.append(path)
