@@ -142,8 +142,8 @@ def _register_fake() -> None:
         return w.new_empty((w.shape[0], w.shape[1] // 2), dtype=torch.uint8), w.new_empty(groups), w.new_empty(groups)
 
     @torch.library.register_fake("codellama_native::bf16_rows_linear")
-    def _(x, w, isa, rows_a_step=0):
-        return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+    def _(x, w, isa, rows_a_step=0, out_dtype=None):
+        return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype or torch.float32)
 
 
 _told = []

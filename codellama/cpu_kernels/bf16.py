@@ -25,8 +25,9 @@ def bf16_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     K = x.shape[-1]
     isa = native_isa("bf16")  # (loads the extension: the operator exists after this)
     x2 = x.reshape(-1, K).to(torch.bfloat16).contiguous()
-    out = torch.ops.codellama_native.bf16_rows_linear(x2, weight, isa)
-    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    bf16_out = x.dtype == torch.bfloat16  # (the kernel rounds its sums as .to(bf16) would: no separate pass)
+    out = torch.ops.codellama_native.bf16_rows_linear(x2, weight, isa, 0, torch.bfloat16 if bf16_out else None)
+    return (out if bf16_out else out.to(x.dtype)).view(*x.shape[:-1], weight.shape[0])
 
 
 def bf16_rows_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

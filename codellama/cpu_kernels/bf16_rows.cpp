@@ -10,7 +10,7 @@
 // streams a 7B's 13 GB about 8% faster on this 2-core Zen 5 (benchmarks/bench_bf16_rows.py). With more
 // activation rows the weight is read less often than it is multiplied, and four rows a step win.
 //
-// bytes read per call: N*K*2 + M*K*2 (x stays in L1); written: M*N*4 (float32 out).
+// bytes read per call: N*K*2 + M*K*2 (x stays in L1); written: M*N*4 (float32 out) or M*N*2 (bf16 out).
 
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -25,16 +25,17 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 
 namespace {
 
 constexpr int64_t BLOCK = 4;  // weight rows computed together (one when there is one activation row)
 constexpr int64_t ROWS_A_CHUNK = 64;  // weight rows a thread takes at a time
 
-template <int B, int R>
+template <int B, int R, typename Out>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 void block_avx512(const uint16_t* w, int64_t ldw, int64_t n0, int64_t rows, const uint16_t* x, int64_t m, int64_t K,
-                  float* out, int64_t N) {
+                  Out* out, int64_t N) {
   constexpr int SPLIT = R <= 2 ? 2 : 1;  // accumulators per (row, row) pair: independent chains for vdpbf16ps
   __m512 acc[SPLIT][B][R];
   for (int s = 0; s < SPLIT; ++s)
@@ -66,7 +67,7 @@ void block_avx512(const uint16_t* w, int64_t ldw, int64_t n0, int64_t rows, cons
     for (int r = 0; r < R; ++r) {
       __m512 sum = acc[0][i][r];
       for (int s = 1; s < SPLIT; ++s) sum = _mm512_add_ps(sum, acc[s][i][r]);
-      out[(m + r) * N + n0 + i] = _mm512_reduce_add_ps(sum);
+      out[(m + r) * N + n0 + i] = Out(_mm512_reduce_add_ps(sum));  // (bf16: rounded to nearest even, as .to())
     }
 }
 
@@ -75,10 +76,10 @@ inline __m256 widen(const uint16_t* p) {  // 8 bf16 → 8 float32: the bits shif
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
-template <int R>
+template <int R, typename Out>
 __attribute__((target("avx2,fma")))
 void block_avx2(const uint16_t* w, int64_t ldw, int64_t n0, int64_t rows, const uint16_t* x, int64_t m, int64_t K,
-                float* out, int64_t N) {
+                Out* out, int64_t N) {
   __m256 acc[BLOCK][R];
   for (int i = 0; i < BLOCK; ++i)
     for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
@@ -99,28 +100,16 @@ void block_avx2(const uint16_t* w, int64_t ldw, int64_t n0, int64_t rows, const 
       for (float v : lanes) sum += v;
       for (int64_t kk = k; kk < K; ++kk)  // the last K % 8 inputs
         sum += c10::detail::f32_from_bits(w[(n0 + i) * ldw + kk]) * c10::detail::f32_from_bits(x[(m + r) * K + kk]);
-      out[(m + r) * N + n0 + i] = sum;
+      out[(m + r) * N + n0 + i] = Out(sum);
     }
 }
 
 enum Isa : int64_t { AVX2 = 1, AVX512 = 2 };
 
-// rows_a_step: weight rows computed together, 1 or 4; 0 chooses (1 for one activation row on AVX-512, else 4).
-// Every output's arithmetic is the same either way: the choice moves only the order memory is read in.
-at::Tensor bf16_rows_linear(const at::Tensor& x, const at::Tensor& w, int64_t isa, int64_t rows_a_step) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "x must be contiguous (M, K) bf16");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.stride(1) == 1, "w must be (N, K) bf16 with contiguous rows");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldw = w.stride(0);
-  TORCH_CHECK(w.size(1) == K, "x has ", K, " inputs, w ", w.size(1));
-  TORCH_CHECK(isa == AVX2 || isa == AVX512, "isa must be 1 (AVX2) or 2 (AVX-512 BF16)");
-  TORCH_CHECK(rows_a_step == 0 || rows_a_step == BLOCK || (rows_a_step == 1 && isa == AVX512 && M == 1),
-              "rows_a_step must be 0 (chosen), ", BLOCK, ", or 1 (AVX-512 BF16 with one row of x)");
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (M == 0 || N == 0) return out;
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* o = out.data_ptr<float>();
-  const int64_t block = rows_a_step ? rows_a_step : isa == AVX512 && M == 1 ? 1 : BLOCK, blocks = (N + block - 1) / block;
+template <typename Out>
+void rows_linear(const uint16_t* xp, const uint16_t* wp, int64_t ldw, int64_t M, int64_t K, int64_t N, int64_t isa,
+                 int64_t block, Out* o) {
+  const int64_t blocks = (N + block - 1) / block;
   codellama::parallel_chunks(blocks, ROWS_A_CHUNK / block, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * block, rows = std::min<int64_t>(block, N - n0);
@@ -135,6 +124,29 @@ at::Tensor bf16_rows_linear(const at::Tensor& x, const at::Tensor& w, int64_t is
       });
     }
   });
+}
+
+// rows_a_step: weight rows computed together, 1 or 4; 0 chooses (1 for one activation row on AVX-512, else 4).
+// Every output's arithmetic is the same either way: the choice moves only the order memory is read in.
+// out_dtype: float32 (the sums as they are; the default) or bf16 (each sum rounded as .to(torch.bfloat16) does).
+at::Tensor bf16_rows_linear(const at::Tensor& x, const at::Tensor& w, int64_t isa, int64_t rows_a_step,
+                            std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "x must be contiguous (M, K) bf16");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.stride(1) == 1, "w must be (N, K) bf16 with contiguous rows");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldw = w.stride(0);
+  TORCH_CHECK(w.size(1) == K, "x has ", K, " inputs, w ", w.size(1));
+  TORCH_CHECK(isa == AVX2 || isa == AVX512, "isa must be 1 (AVX2) or 2 (AVX-512 BF16)");
+  TORCH_CHECK(rows_a_step == 0 || rows_a_step == BLOCK || (rows_a_step == 1 && isa == AVX512 && M == 1),
+              "rows_a_step must be 0 (chosen), ", BLOCK, ", or 1 (AVX-512 BF16 with one row of x)");
+  const at::ScalarType dtype = out_dtype.value_or(at::kFloat);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "out_dtype must be float32 or bfloat16, not ", dtype);
+  at::Tensor out = at::empty({M, N}, x.options().dtype(dtype));
+  if (M == 0 || N == 0) return out;
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const int64_t block = rows_a_step ? rows_a_step : isa == AVX512 && M == 1 ? 1 : BLOCK;
+  if (dtype == at::kFloat) rows_linear(xp, wp, ldw, M, K, N, isa, block, out.data_ptr<float>());
+  else rows_linear(xp, wp, ldw, M, K, N, isa, block, out.data_ptr<at::BFloat16>());
   return out;
 }
 
@@ -154,6 +166,7 @@ bool bf16_all_finite(const at::Tensor& w) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(codellama_native, m) {
-  codellama::cpu_op(m, "bf16_rows_linear(Tensor x, Tensor w, int isa, int rows_a_step=0) -> Tensor", bf16_rows_linear);
+  codellama::cpu_op(m, "bf16_rows_linear(Tensor x, Tensor w, int isa, int rows_a_step=0, ScalarType? out_dtype=None) -> Tensor",
+                    bf16_rows_linear);
   codellama::cpu_op(m, "bf16_all_finite(Tensor w) -> bool", bf16_all_finite);
 }

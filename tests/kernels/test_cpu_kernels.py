@@ -417,6 +417,23 @@ def test_the_bf16_row_kernels_read_orders_give_the_same_bits():
 
 
 @native_bf16
+def test_the_bf16_row_kernel_rounds_bf16_outputs_as_torch_does():
+    """A bf16 model's layers take the kernel's sums in bf16, rounded in the kernel: the bits of .to(bf16)."""
+    kernel, isa = torch.ops.codellama_native.bf16_rows_linear, cpu_kernels.native_isa("bf16")
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(67, 100, generator=g).to(torch.bfloat16)
+    w[3, 5], w[4, :2] = float("inf"), torch.tensor([float("inf"), -float("inf")])  # inf and NaN sums
+    for M in (1, 3, 6):
+        x = torch.randn(M, 100, generator=g).to(torch.bfloat16)
+        want = kernel(x, w, isa).to(torch.bfloat16)
+        got = kernel(x, w, isa, 0, torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
+        assert torch.equal(got[~got.isnan()].view(torch.int16), want[~want.isnan()].view(torch.int16))
+    with pytest.raises(RuntimeError, match="out_dtype must be float32 or bfloat16, not Half"):
+        kernel(x, w, isa, 0, torch.float16)
+
+
+@native_bf16
 def test_the_bf16_row_kernel_reads_a_weight_with_a_row_stride_in_place():
     """A weight whose rows are contiguous but spaced (a slice of a wider tensor, as a fused or mapped one is)."""
     wide = torch.randn(12, 80).to(torch.bfloat16)
